@@ -1,0 +1,60 @@
+"""The EfficientNet family (B0-B8, L2, Lite0-Lite4) in PyTorch.
+
+Checkpoint-compatible with ``efficientnet_pytorch`` 0.7.1, exportable to ONNX, and free of any serving
+concern: the service uses only what is exported here.
+"""
+
+from .config import (
+    VARIANTS,
+    BlockConfig,
+    GlobalConfig,
+    PreprocessConfig,
+    VariantConfig,
+    get_efficientnet_config,
+    round_filters,
+    round_repeats,
+)
+from .efficientnet import EfficientNet, MBConvBlock
+from .layers import (
+    Conv2dDynamicSamePadding,
+    Conv2dStaticSamePadding,
+    DropConnect,
+    MemoryEfficientSwish,
+    Swish,
+    calculate_output_image_size,
+    drop_connect,
+    get_activation,
+    get_same_padding_conv2d,
+)
+from .weights import WeightsError, default_weights_path, guess_variant, imagenet_classes, read_state_dict
+
+__all__ = [
+    "VARIANTS",
+    "BlockConfig",
+    "Conv2dDynamicSamePadding",
+    "Conv2dStaticSamePadding",
+    "DropConnect",
+    "EfficientNet",
+    "GlobalConfig",
+    "MBConvBlock",
+    "MemoryEfficientSwish",
+    "PreprocessConfig",
+    "Swish",
+    "VariantConfig",
+    "WeightsError",
+    "calculate_output_image_size",
+    "default_weights_path",
+    "drop_connect",
+    "get_activation",
+    "get_efficientnet_config",
+    "get_same_padding_conv2d",
+    "guess_variant",
+    "imagenet_classes",
+    "read_state_dict",
+    "round_filters",
+    "round_repeats",
+]
+
+from .preprocess import normalize, preprocess, resize_and_crop  # noqa: E402
+
+__all__ += ["normalize", "preprocess", "resize_and_crop"]

