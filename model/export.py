@@ -1,0 +1,144 @@
+"""Export to ONNX (verified with onnxruntime) and TorchScript.
+
+Both exports use the network's export form: static "SAME" padding for one image size (no shape arithmetic
+in the graph) and plain Swish (a custom autograd Function neither exports nor scripts).
+
+Command line::
+
+    python -m model.export --variant efficientnet-lite0 --output lite0.onnx [--weights PATH] [--image-size N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .efficientnet import EfficientNet
+
+
+class ExportError(RuntimeError):
+    """An export that failed or whose result does not match PyTorch."""
+
+
+class _FeaturesAndLogits(nn.Module):
+    def __init__(self, net: EfficientNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.forward_features_and_logits(x)
+
+
+def export_form(net: EfficientNet, image_size: int | None = None) -> EfficientNet:
+    """A float32, eval-mode copy of ``net`` with static padding for ``image_size`` and plain Swish.
+
+    ``image_size`` defaults to the size ``net`` was built for, else the variant's resolution.
+    """
+    size = image_size or net.image_size or net.variant.resolution
+    static = EfficientNet(net.variant, image_size=size, memory_efficient=False)
+    static.load_state_dict(net.state_dict())
+    return static.float().eval()
+
+
+def _image_size(module: EfficientNet) -> int:
+    size = module.image_size
+    return size if isinstance(size, int) else int(size[0])
+
+
+def check_onnx(path: str | Path, reference: nn.Module, image_size: int, batch_sizes=(1, 4),
+               atol: float = 1e-4, rtol: float = 1e-4) -> float:
+    """Run the ONNX file in onnxruntime and compare every output with ``reference``; the largest error."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("onnxruntime is needed to verify the export: pip install 'effnet-serve[onnx]'") from exc
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    in_channels = reference.net.in_channels if isinstance(reference, _FeaturesAndLogits) else reference.in_channels
+    worst = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for batch in batch_sizes:
+        x = torch.randn(batch, in_channels, image_size, image_size, generator=generator)
+        with torch.inference_mode():
+            expected = reference(x)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = session.run(None, {"input": x.numpy()})
+        for e, g in zip(expected, got, strict=True):
+            e = e.numpy()
+            if e.shape != g.shape or not np.allclose(g, e, atol=atol, rtol=rtol):
+                err = float(np.abs(g - e).max()) if e.shape == g.shape else float("inf")
+                raise ExportError(f"onnxruntime output differs from PyTorch at batch {batch}: max abs error {err:.3g}")
+            worst = max(worst, float(np.abs(g - e).max()))
+    return worst
+
+
+def export_onnx(net: EfficientNet, path: str | Path, image_size: int | None = None, opset: int = 17,
+                with_features: bool = False, check: bool = True) -> Path:
+    """Export ``net`` to an ONNX file with a dynamic batch axis; verify it with onnxruntime when ``check``.
+
+    The input is named ``input`` (N, 3, S, S) float32. The outputs are ``logits``, or ``features`` (the
+    pooled embedding) and ``logits`` when ``with_features``.
+    """
+    path = Path(path)
+    form = export_form(net, image_size)
+    size = _image_size(form)
+    # eval() on the wrapper too: the exporter restores the top module's mode afterwards, recursively.
+    module: nn.Module = (_FeaturesAndLogits(form) if with_features else form).eval()
+    outputs = ["features", "logits"] if with_features else ["logits"]
+    dummy = torch.zeros(1, form.in_channels, size, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings on the static size check are expected
+            torch.onnx.export(
+                module, (dummy,), str(path), input_names=["input"], output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]},
+                opset_version=opset, dynamo=False,
+            )
+    except Exception as exc:  # the exporter raises many types; one clear error for the caller
+        raise ExportError(f"ONNX export of {net.variant.name} failed: {exc}") from exc
+    if check:
+        check_onnx(path, module, size)
+    return path
+
+
+def export_torchscript(net: EfficientNet, image_size: int | None = None) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of the export form of ``net``."""
+    return torch.jit.script(export_form(net, image_size))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import VARIANTS
+    from .weights import WeightsError
+
+    parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", required=True, help=f"one of: {', '.join(VARIANTS)}")
+    parser.add_argument("--weights", help="local checkpoint file (default: random initialisation)")
+    parser.add_argument("--output", required=True, help="ONNX file to write")
+    parser.add_argument("--image-size", type=int, help="static input size (default: the variant's resolution)")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--with-features", action="store_true", help="also output the pooled features")
+    args = parser.parse_args(argv)
+    try:
+        if args.weights:
+            net = EfficientNet.from_pretrained(args.variant, args.weights)
+        else:
+            net = EfficientNet.from_name(args.variant)
+        path = export_onnx(net, args.output, image_size=args.image_size, opset=args.opset,
+                           with_features=args.with_features)
+    except (ValueError, FileNotFoundError, WeightsError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    size = args.image_size or net.variant.resolution
+    print(f"exported {args.variant} ({'weights ' + args.weights if args.weights else 'random weights'}) "
+          f"at {size}x{size} to {path}; onnxruntime matches PyTorch to 1e-4 at batch 1 and 4")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
