@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BlockConfig, GlobalConfig, VariantConfig, get_efficientnet_config, round_filters, round_repeats
+from .config import (
+    BlockConfig,
+    GlobalConfig,
+    VariantConfig,
+    get_efficientnet_config,
+    round_filters,
+    round_repeats,
+)
 from .layers import (
     MemoryEfficientSwish,
     Swish,

@@ -11,6 +11,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import warnings
 from pathlib import Path
@@ -51,14 +52,18 @@ def _image_size(module: EfficientNet) -> int:
     return size if isinstance(size, int) else int(size[0])
 
 
-def check_onnx(path: str | Path, reference: nn.Module, image_size: int, batch_sizes=(1, 4),
+def check_onnx(model: str | Path | bytes, reference: nn.Module, image_size: int, batch_sizes=(1, 4),
                atol: float = 1e-4, rtol: float = 1e-4) -> float:
-    """Run the ONNX file in onnxruntime and compare every output with ``reference``; the largest error."""
+    """Run an ONNX model (file or bytes) in onnxruntime, compare each output with ``reference``.
+
+    Returns the largest absolute error; raises :class:`ExportError` beyond the tolerance.
+    """
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise ExportError("onnxruntime is needed to verify the export: pip install 'effnet-serve[onnx]'") from exc
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     in_channels = reference.net.in_channels if isinstance(reference, _FeaturesAndLogits) else reference.in_channels
     worst = 0.0
     generator = torch.Generator().manual_seed(0)
@@ -77,34 +82,48 @@ def check_onnx(path: str | Path, reference: nn.Module, image_size: int, batch_si
     return worst
 
 
-def export_onnx(net: EfficientNet, path: str | Path, image_size: int | None = None, opset: int = 17,
-                with_features: bool = False, check: bool = True) -> Path:
-    """Export ``net`` to an ONNX file with a dynamic batch axis; verify it with onnxruntime when ``check``.
-
-    The input is named ``input`` (N, 3, S, S) float32. The outputs are ``logits``, or ``features`` (the
-    pooled embedding) and ``logits`` when ``with_features``.
-    """
-    path = Path(path)
+def _to_onnx(net: EfficientNet, target, image_size: int | None, opset: int,
+             with_features: bool, check: bool) -> None:
     form = export_form(net, image_size)
     size = _image_size(form)
     # eval() on the wrapper too: the exporter restores the top module's mode afterwards, recursively.
     module: nn.Module = (_FeaturesAndLogits(form) if with_features else form).eval()
     outputs = ["features", "logits"] if with_features else ["logits"]
     dummy = torch.zeros(1, form.in_channels, size, size)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings on the static size check are expected
             torch.onnx.export(
-                module, (dummy,), str(path), input_names=["input"], output_names=outputs,
+                module, (dummy,), target, input_names=["input"], output_names=outputs,
                 dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]},
                 opset_version=opset, dynamo=False,
             )
     except Exception as exc:  # the exporter raises many types; one clear error for the caller
         raise ExportError(f"ONNX export of {net.variant.name} failed: {exc}") from exc
     if check:
-        check_onnx(path, module, size)
+        check_onnx(target.getvalue() if isinstance(target, io.BytesIO) else target, module, size)
+
+
+def export_onnx(net: EfficientNet, path: str | Path, image_size: int | None = None, opset: int = 17,
+                with_features: bool = False, check: bool = True) -> Path:
+    """Export ``net`` to an ONNX file with a dynamic batch axis; verify it with onnxruntime when ``check``.
+
+    The input is named ``input`` (N, C, S, S) float32. The outputs are ``logits``, or ``features`` (the
+    pooled embedding) and ``logits`` when ``with_features``. ``image_size`` defaults to the size ``net``
+    was built for, else the variant's resolution.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _to_onnx(net, str(path), image_size, opset, with_features, check)
     return path
+
+
+def export_onnx_bytes(net: EfficientNet, image_size: int | None = None, opset: int = 17,
+                      with_features: bool = True, check: bool = True) -> bytes:
+    """Like :func:`export_onnx`, in memory: for a server whose file system is read-only."""
+    buffer = io.BytesIO()
+    _to_onnx(net, buffer, image_size, opset, with_features, check)
+    return buffer.getvalue()
 
 
 def export_torchscript(net: EfficientNet, image_size: int | None = None) -> torch.jit.ScriptModule:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
-import zipfile
+import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -65,16 +65,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise WeightsError(f"refused to load {path}: it is not a plain tensor checkpoint "
-                           f"(weights_only=True rejected it: {str(exc).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise WeightsError(f"cannot read {path} as a PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        found = re.search(r"unsupported GLOBAL [\w.]+", plain, re.IGNORECASE)
+        reason = found.group(0) if found else _first_line(exc)
+        raise WeightsError(f"refused to load {path}: it is not a plain tensor checkpoint and would need "
+                           f"code to unpickle (weights_only=True rejected it: {reason})") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt file can fail in many ways inside torch.load
+        raise WeightsError(f"cannot read {path} as a PyTorch checkpoint "
+                           f"({type(exc).__name__}: {_first_line(exc)})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__})")
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without the terminal colour codes torch adds."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
