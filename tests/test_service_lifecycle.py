@@ -1,0 +1,161 @@
+"""Start-up and shutdown of the real server process: bad starts exit non-zero with one clear line,
+SIGTERM drains admitted work and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from model import default_weights_path
+
+
+def queue_depth(url: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name == "effnet_queue_depth":
+            return family.samples[0].value
+    raise KeyError("effnet_queue_depth")
+
+
+def test_sigterm_drains_queued_requests_then_exits_zero(start_service, photos):
+    # Batches of 4 that wait up to 2 s for company: three lone requests sit in the queue when SIGTERM comes.
+    service = start_service(
+        {
+            "EFFNET_MAX_BATCH_SIZE": "4",
+            "EFFNET_MAX_BATCH_DELAY_MS": "2000",
+            "EFFNET_SHUTDOWN_DRAIN_S": "20",
+        }
+    )
+    names = ["coffee.jpg", "chelsea.jpg", "coffee.jpg"]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=service.url, timeout=30.0) as client:
+            pending = [
+                asyncio.ensure_future(client.post("/predict", files={"file": (n, photos[n])})) for n in names
+            ]
+            deadline = time.monotonic() + 5
+            while queue_depth(service.url) < 3:
+                assert time.monotonic() < deadline, "requests never reached the queue"
+                await asyncio.sleep(0.02)
+            service.proc.send_signal(15)
+            signalled = time.monotonic()
+            readiness = None
+            while time.monotonic() - signalled < 1.5:
+                readiness = (await client.get("/readyz")).status_code
+                if readiness == 503:
+                    break
+                await asyncio.sleep(0.02)
+            refused = await client.post("/predict", files={"file": ("late.jpg", photos["coffee.jpg"])})
+            answered = await asyncio.gather(*pending)
+            return readiness, refused, answered, signalled
+
+    readiness, refused, answered, signalled = asyncio.run(scenario())
+    assert readiness == 503
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert "retry-after" in refused.headers
+    assert [r.status_code for r in answered] == [200, 200, 200]
+    assert answered[0].json()["results"][0]["top_k"][0]["label"] == "espresso"
+    assert service.wait_exit(timeout=30) == 0
+    assert time.monotonic() - signalled < 15
+    assert "drain complete" in service.logs()
+
+
+def _weights_that_run_code(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (marker,))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"_fc.weight": Payload()}, path)
+    return path, marker
+
+
+def _bad_starts(tmp_path: pathlib.Path) -> dict[str, tuple[dict[str, str], int, str]]:
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint" * 10)
+    evil, _ = _weights_that_run_code(tmp_path)
+    cases = {
+        "unknown model": ({"EFFNET_MODEL": "efficientnet-b99"}, 1, "unknown EFFNET_MODEL"),
+        "no default weights": ({"EFFNET_MODEL": "efficientnet-b0"}, 1, "no weights for efficientnet-b0"),
+        "missing weights file": (
+            {"EFFNET_WEIGHTS": str(tmp_path / "absent.pth")},
+            1,
+            "weights file not found",
+        ),
+        "corrupt weights": ({"EFFNET_WEIGHTS": str(garbage)}, 1, "bad weights"),
+        "pickled code": ({"EFFNET_WEIGHTS": str(evil)}, 1, "bad weights"),
+        "weights of another variant": (
+            {
+                "EFFNET_MODEL": "efficientnet-lite1",
+                "EFFNET_WEIGHTS": str(default_weights_path("efficientnet-lite0")),
+            },
+            1,
+            "bad weights for efficientnet-lite1",
+        ),
+        "cuda absent": ({"EFFNET_DEVICE": "cuda"}, 1, "CUDA is not available"),
+        "unavailable backend": ({"EFFNET_BACKEND": "onnxruntime"}, 1, "not available"),
+        "invalid setting": (
+            {"EFFNET_MAX_BATCH_SIZE": "8", "EFFNET_MAX_QUEUE": "4"},
+            2,
+            "invalid configuration",
+        ),
+    }
+    return cases
+
+
+BAD_STARTS = [
+    "unknown model",
+    "no default weights",
+    "missing weights file",
+    "corrupt weights",
+    "pickled code",
+    "weights of another variant",
+    "cuda absent",
+    "unavailable backend",
+    "invalid setting",
+]
+
+
+@pytest.fixture(scope="module")
+def bad_starts(tmp_path_factory, start_service):
+    """Every bad start launched at once (each is a cold Python + torch start; together they are faster)."""
+    tmp_path = tmp_path_factory.mktemp("bad-starts")
+    cases = _bad_starts(tmp_path)
+    processes = {name: start_service(env, wait=False) for name, (env, _, _) in cases.items()}
+    for process in processes.values():
+        process.wait_exit(timeout=180)
+    return {name: (processes[name], *cases[name][1:]) for name in cases}, tmp_path
+
+
+@pytest.mark.parametrize("case", BAD_STARTS)
+def test_bad_start_exits_non_zero_with_one_clear_line(bad_starts, case):
+    if case == "cuda absent" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    processes, tmp_path = bad_starts
+    service, code, text = processes[case]
+    logs = service.logs()
+    assert service.proc.returncode == code, logs
+    errors = [line for line in logs.splitlines() if '"level": "ERROR"' in line]
+    assert len(errors) == 1, logs
+    assert text in errors[0], errors[0]
+    assert "Traceback" not in logs
+    if case == "pickled code":
+        assert not (tmp_path / "code-ran").exists(), "the checkpoint ran code"
+
+
+def test_random_weights_only_when_asked_and_info_says_so(start_service):
+    service = start_service(
+        {"EFFNET_MODEL": "efficientnet-b0", "EFFNET_WEIGHTS": "random", "EFFNET_WARMUP": "false"}
+    )
+    info = httpx.get(f"{service.url}/info").json()
+    assert info["model"] == "efficientnet-b0"
+    assert info["weights_source"] == "random" and info["weights_file"] is None
+    assert "RANDOM weights" in service.logs()
+    assert service.terminate() == 0
