@@ -1,0 +1,56 @@
+# Two commands for a fresh machine: `make run` serves the default model, `make test` runs everything CI runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+# torch first and pinned: anything that asks for plain "torch" would otherwise pull a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
+
+.PHONY: run test lint bench export clean help
+
+help:
+	@echo "make run     - create .venv if needed and serve $${EFFNET_MODEL:-efficientnet-lite0} at http://$(HOST):$(PORT)"
+	@echo "make test    - install the dev extras and run the tests, linters and validators"
+	@echo "make lint    - ruff and the deployment validators only"
+	@echo "make bench   - the benchmark suite (writes docs/benchmarks.md)"
+	@echo "make export  - export the default model to ONNX (artifacts/)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-run: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) $(TORCH)
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-run
+	$(PIP) -e '.[dev]'
+	@touch $@
+
+# checkov has many pinned dependencies of its own: it lives in its own venv so it cannot move ours.
+.venv-checkov/.stamp: constraints-checkov.txt
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install --disable-pip-version-check -r constraints-checkov.txt
+	@touch $@
+
+run: $(VENV)/.stamp-run
+	$(BIN)/efficientnet-serve --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.stamp-dev .venv-checkov/.stamp
+	$(BIN)/ruff check model service tests benchmarks
+	bash scripts/validate_deploy.sh
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.stamp-dev
+	$(BIN)/python benchmarks/run_all.py
+
+export: $(VENV)/.stamp-dev
+	$(BIN)/python -m model.export --variant $${EFFNET_MODEL:-efficientnet-lite0} --output artifacts/model.onnx --with-features \
+		$$( [ -z "$${EFFNET_WEIGHTS:-}" ] || echo --weights $$EFFNET_WEIGHTS )
+
+clean:
+	rm -rf $(VENV) .venv-checkov .pytest_cache artifacts
