@@ -78,7 +78,7 @@ def main() -> int:
         print(json.dumps(one_step(args.child, args.batch, args.size)))
         return 0
 
-    from common import markdown_table, save_json
+    from common import SUMMARY_MARKER, markdown_table, save_json
 
     rows = []
     for mode in MODES:
@@ -89,6 +89,7 @@ def main() -> int:
     table = markdown_table(rows, [("activation", "activation", ""), ("batch", "batch", "d"), ("size", "size", "d"),
                                   ("saved_for_backward_mib", "saved for backward (MiB)", ".0f"),
                                   ("peak_rss_mib", "peak RSS (MiB)", ".0f"), ("step_s", "step (s)", ".1f")])
+    print(SUMMARY_MARKER)
     print(table)
     for ref in (naive, plain):
         print(f"MemoryEfficientSwish / {ref['activation']}: saved for backward "

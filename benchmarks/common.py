@@ -12,6 +12,8 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 RESULTS = Path(__file__).resolve().parent / "results"
+# Printed by each benchmark before its summary; run_all.py copies what follows into docs/benchmarks.md.
+SUMMARY_MARKER = "----- summary -----"
 
 
 def time_callable(fn: Callable[[], object], min_seconds: float = 3.0, min_iters: int = 5,

@@ -61,7 +61,7 @@ def check_onnx(model: str | Path | bytes, reference: nn.Module, image_size: int,
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise ExportError("onnxruntime is needed to verify the export: pip install 'effnet-serve[onnx]'") from exc
+        raise ExportError("onnxruntime is needed to verify the export: pip install onnx onnxruntime") from exc
     source = model if isinstance(model, bytes) else str(model)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     in_channels = reference.net.in_channels if isinstance(reference, _FeaturesAndLogits) else reference.in_channels
@@ -75,7 +75,9 @@ def check_onnx(model: str | Path | bytes, reference: nn.Module, image_size: int,
         got = session.run(None, {"input": x.numpy()})
         for e, g in zip(expected, got, strict=True):
             e = e.numpy()
-            if e.shape != g.shape or not np.allclose(g, e, atol=atol, rtol=rtol):
+            # Absolute tolerance in units of the output's scale: a random network's logits can be ~100.
+            scaled_atol = atol * max(1.0, float(np.abs(e).max()))
+            if e.shape != g.shape or not np.allclose(g, e, atol=scaled_atol, rtol=rtol):
                 err = float(np.abs(g - e).max()) if e.shape == g.shape else float("inf")
                 raise ExportError(f"onnxruntime output differs from PyTorch at batch {batch}: max abs error {err:.3g}")
             worst = max(worst, float(np.abs(g - e).max()))

@@ -1,8 +1,10 @@
 """Inference engines and model loading.
 
 An ``Engine`` turns one float32 NCHW batch into pooled features and logits, both from the same forward
-pass, so /predict and /features share batches. ``TorchEngine`` is the PyTorch implementation; the
-``EFFNET_BACKEND`` setting chooses the engine (``auto`` is torch until an onnxruntime engine exists).
+pass, so /predict and /features share batches. ``EFFNET_BACKEND`` chooses the engine: ``torch``
+(eager PyTorch, BatchNorm folded, channels-last; every device and dtype), ``onnxruntime`` (the model's
+own static-padding ONNX export, float32; CPU, or CUDA where its provider is installed), or ``auto``:
+onnxruntime on CPU when it is installed (2-3x faster there, see docs/benchmarks.md), torch on a GPU.
 
 ``load_model`` does everything that can make a start fail (unknown variant, missing or bad weights,
 absent GPU, bad labels file, an unsupported dtype on the device) and raises ``StartupError`` with one
@@ -45,7 +47,11 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    """PyTorch eager inference: BatchNorm folded into the convolutions, channels-last memory format.
+    """PyTorch inference in the form that runs fastest in eager mode.
+
+    Static "SAME" padding for the served input size (no per-call shape arithmetic), plain Swish,
+    BatchNorm folded into the convolutions, channels-last memory format, ``inference_mode``. On CUDA:
+    cuDNN autotuning, pinned host memory and non-blocking copies.
 
     ``run`` is called from one dedicated thread only (the batcher's); it is not re-entrant.
     """
@@ -53,35 +59,70 @@ class TorchEngine:
     backend = "torch"
 
     def __init__(
-        self, net: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, fuse: bool = True
+        self, net: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, image_size: int | None = None
     ) -> None:
-        net = net.eval()
-        if fuse:
-            try:
-                from model import fold_batchnorm
+        from model import fold_batchnorm
+        from model.export import export_form
 
-                net = fold_batchnorm(net)
-            except ImportError:  # pragma: no cover - older model package
-                pass
         self._torch_device = device
         self._torch_dtype = dtype
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            torch.backends.cudnn.benchmark = True
+        net = fold_batchnorm(export_form(net, image_size))
         self.net = net.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            if isinstance(batch, torch.Tensor):
-                x = batch
-            else:
-                x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-            x = x.to(device=self._torch_device, dtype=self._torch_dtype, non_blocking=True)
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+            if self._cuda:
+                # Pinned memory lets the copy to the GPU run asynchronously.
+                x = x.pin_memory().to(self._torch_device, non_blocking=True)
+            x = x.to(dtype=self._torch_dtype).contiguous(memory_format=torch.channels_last)
             pooled, logits = self.net.forward_features_and_logits(x)
-            return (
-                pooled.float().cpu().numpy(),
-                logits.float().cpu().numpy(),
-            )
+            return pooled.float().cpu().numpy(), logits.float().cpu().numpy()
+
+
+class OnnxRuntimeEngine:
+    """onnxruntime on the model's own ONNX export (static padding, features and logits as outputs).
+
+    The export is made in memory at start-up (a read-only root file system is fine) and checked against
+    PyTorch before it serves. One intra-op pool of ``num_threads``; no inter-op parallelism, since the
+    graph is a chain.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, net: torch.nn.Module, device: torch.device, num_threads: int,
+                 *, image_size: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from model.export import export_onnx_bytes
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        # Spinning threads would take the cores that decode images between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise StartupError("EFFNET_BACKEND=onnxruntime on cuda needs onnxruntime-gpu (CUDAExecutionProvider)")
+            providers: list = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, check=True)
+        self.session = ort.InferenceSession(onnx_bytes, options, providers=providers)
+        self.device = str(device)
+        self.dtype = "float32"
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        features, logits = self.session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})
+        return features, logits
 
 
 @dataclass(frozen=True)
@@ -120,10 +161,28 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_backend(name: str) -> str:
-    if name in ("auto", "torch"):
+def _onnxruntime_installed() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device, dtype: str = "float32") -> str:
+    """The engine to build: ``auto`` is onnxruntime for float32 on CPU when installed, else torch."""
+    if name == "auto":
+        if device.type == "cpu" and dtype == "float32" and _onnxruntime_installed():
+            return "onnxruntime"
         return "torch"
-    raise StartupError(f"EFFNET_BACKEND={name} is not available in this version; use torch or auto")
+    if name == "onnxruntime":
+        if not _onnxruntime_installed():
+            raise StartupError("EFFNET_BACKEND=onnxruntime but onnxruntime is not installed "
+                               "(pip install onnx onnxruntime), or use torch or auto")
+        if dtype != "float32":
+            raise StartupError(f"EFFNET_BACKEND=onnxruntime serves float32 only, not {dtype}; "
+                               "use EFFNET_BACKEND=torch for float16/bfloat16")
+    return name
 
 
 def load_labels(path: str | None, num_classes: int) -> list[str]:
@@ -174,8 +233,8 @@ def load_model(settings: Settings) -> LoadedModel:
         variant = get_efficientnet_config(settings.model)
     except (ValueError, KeyError) as exc:
         raise StartupError(f"unknown EFFNET_MODEL {settings.model!r}: {exc}") from None
-    backend = resolve_backend(settings.backend)
     device = resolve_device(settings.device)
+    backend = resolve_backend(settings.backend, device, settings.dtype)
     dtype = _DTYPES[settings.dtype]
     torch.set_num_threads(settings.effective_num_threads)
 
@@ -214,10 +273,13 @@ def load_model(settings: Settings) -> LoadedModel:
     num_features = int(net.num_features)
     labels = load_labels(settings.labels, variant.global_config.num_classes)
 
-    assert backend == "torch"
+    size = variant.preprocess.input_size
     try:
-        engine = TorchEngine(net, device, dtype)
-        size = variant.preprocess.input_size
+        engine: Engine
+        if backend == "onnxruntime":
+            engine = OnnxRuntimeEngine(net, device, settings.effective_num_threads, image_size=size)
+        else:
+            engine = TorchEngine(net, device, dtype, image_size=size)
         features, logits = engine.run(np.zeros((1, 3, size, size), dtype=np.float32))
     except StartupError:
         raise
@@ -253,6 +315,7 @@ def variant_config_dict(variant: Any) -> dict[str, Any]:
 __all__ = [
     "Engine",
     "LoadedModel",
+    "OnnxRuntimeEngine",
     "TorchEngine",
     "load_labels",
     "load_model",

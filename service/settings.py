@@ -54,7 +54,10 @@ class Settings(BaseSettings):
     )
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto",
-        description="Inference engine: torch, onnxruntime (not available yet) or auto (currently torch).",
+        description=(
+            "Inference engine: torch (eager, any device and dtype), onnxruntime (float32; CPU, or CUDA with "
+            "onnxruntime-gpu) or auto: onnxruntime for float32 on CPU when installed, else torch."
+        ),
     )
     max_batch_size: int = Field(8, ge=1, le=1024, description="Largest batch the dynamic batcher forms.")
     max_batch_delay_ms: float = Field(

@@ -100,7 +100,7 @@ def test_health_and_info(client):
     assert info["num_classes"] == 1000 and info["num_features"] == 1280
     assert info["parameters"] > 4_000_000
     assert info["preprocessing"]["input_size"] == 224
-    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["backend"] == "torch"
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["backend"] == "onnxruntime"
     assert info["batching"]["max_batch_size"] == 8
     assert info["limits"]["max_body_bytes"] == MAX_BODY
     assert "torch" in info["versions"]
@@ -415,7 +415,7 @@ def test_metrics_have_the_documented_names(client, photos):
         "model": "efficientnet-lite0",
         "device": "cpu",
         "dtype": "float32",
-        "backend": "torch",
+        "backend": "onnxruntime",
     }
     assert info.value == 1
     codes = {(s.labels["endpoint"], s.labels["code"]) for s in samples["effnet_requests_total"]}

@@ -100,7 +100,11 @@ def _bad_starts(tmp_path: pathlib.Path) -> dict[str, tuple[dict[str, str], int, 
             "bad weights for efficientnet-lite1",
         ),
         "cuda absent": ({"EFFNET_DEVICE": "cuda"}, 1, "CUDA is not available"),
-        "unavailable backend": ({"EFFNET_BACKEND": "onnxruntime"}, 1, "not available"),
+        "backend without the dtype": (
+            {"EFFNET_BACKEND": "onnxruntime", "EFFNET_DTYPE": "float16"},
+            1,
+            "serves float32 only",
+        ),
         "invalid setting": (
             {"EFFNET_MAX_BATCH_SIZE": "8", "EFFNET_MAX_QUEUE": "4"},
             2,
@@ -118,7 +122,7 @@ BAD_STARTS = [
     "pickled code",
     "weights of another variant",
     "cuda absent",
-    "unavailable backend",
+    "backend without the dtype",
     "invalid setting",
 ]
 
