@@ -46,6 +46,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.stamp-dev
+	$(PIP) -e ".[dev,bench]"
 	$(BIN)/python benchmarks/run_all.py
 
 export: $(VENV)/.stamp-dev
