@@ -4,9 +4,10 @@ The queue is bounded and counted in images. A request first *reserves* room for 
 (before it spends CPU decoding them), so overload is refused at once with ``QueueFull`` rather than
 queued forever. Its decoded images then become queue items, each with its own future.
 
-A batch closes when it holds ``max_batch_size`` images or ``max_batch_delay`` after its oldest image
-was queued, whichever comes first; under load the queue is already full when the previous batch ends,
-so batches close at once. Inference runs in one dedicated thread, off the event loop. A batch that raises
+A batch closes when it holds ``max_batch_size`` images, or ``max_batch_delay`` after its oldest image
+was queued, or as soon as every admitted image is queued (none is still decoding, so none is about to
+join): a lone request never waits out the delay, and under load the queue is already full when the
+previous batch ends, so batches close at once. Inference runs in one dedicated thread, off the event loop. A batch that raises
 fails only its own items. Items of a request that timed out or was cancelled (client gone) are removed
 from the queue, freeing their slots, and their results are dropped if their batch is already running.
 """
@@ -260,7 +261,9 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             deadline = self._queue[0].enqueued_at + self.max_delay_s
-            while 0 < len(self._queue) < self.max_batch_size:
+            # Wait for more images only while some are on their way (admitted, still decoding): when
+            # everything admitted is already queued, waiting could only add latency.
+            while 0 < len(self._queue) < self.max_batch_size and self._admitted > len(self._queue):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

@@ -107,7 +107,12 @@ class Settings(BaseSettings):
         ),
     )
     num_threads: int | None = Field(
-        None, ge=1, description="PyTorch intra-op threads. Default: the number of CPUs this process may use."
+        None,
+        ge=1,
+        description=(
+            "Inference threads (the intra-op pool of PyTorch or onnxruntime). Default: the number of CPUs "
+            "this process may use."
+        ),
     )
     decode_threads: int | None = Field(
         None,

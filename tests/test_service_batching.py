@@ -65,23 +65,62 @@ def test_batch_closes_when_full_without_waiting_for_the_delay():
 
 
 def test_batch_closes_after_the_delay_from_its_first_item():
+    # Another request has reserved room (it is still decoding) but its image never arrives in time:
+    # the batch waits for it no longer than the delay.
     engine = RecordingEngine()
 
     async def main():
         batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_s=0.2, max_queue=16)
         batcher.start()
+        slow = batcher.reserve(1)
         started = time.perf_counter()
-        first = asyncio.ensure_future(submit(batcher, [1.0]))
-        await asyncio.sleep(0.05)
-        second = asyncio.ensure_future(submit(batcher, [2.0, 3.0]))
-        await asyncio.gather(first, second)
+        await submit(batcher, [1.0])
         elapsed = time.perf_counter() - started
+        slow.release()
         await batcher.close()
         return elapsed
 
     elapsed = run(main())
     assert 0.18 <= elapsed < 1.5
+    assert engine.batches == [[1.0]]
+
+
+def test_images_still_decoding_join_the_batch_within_the_delay():
+    engine = RecordingEngine()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_s=2.0, max_queue=16)
+        batcher.start()
+        started = time.perf_counter()
+        with batcher.reserve(2) as second:  # reserved first, decoded 50 ms later
+            first = asyncio.ensure_future(submit(batcher, [1.0]))
+            await asyncio.sleep(0.05)
+            await second.run([item(2.0), item(3.0)], timeout=10.0)
+        await first
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return elapsed
+
+    elapsed = run(main())
+    assert elapsed < 1.0, "the batch must close once every admitted image is queued, not wait the delay"
     assert engine.batches == [[1.0, 2.0, 3.0]]
+
+
+def test_a_lone_request_does_not_wait_for_the_delay():
+    # Nothing else admitted: waiting could only add latency, so the batch runs at once.
+    engine = RecordingEngine()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_s=5.0, max_queue=16)
+        batcher.start()
+        started = time.perf_counter()
+        await submit(batcher, [1.0])
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return elapsed
+
+    assert run(main()) < 1.0
+    assert engine.batches == [[1.0]]
 
 
 def test_a_request_with_many_images_gets_them_back_in_order_across_batches():
