@@ -7,9 +7,10 @@ queued forever. Its decoded images then become queue items, each with its own fu
 A batch closes when it holds ``max_batch_size`` images, or ``max_batch_delay`` after its oldest image
 was queued, or as soon as every admitted image is queued (none is still decoding, so none is about to
 join): a lone request never waits out the delay, and under load the queue is already full when the
-previous batch ends, so batches close at once. Inference runs in one dedicated thread, off the event loop. A batch that raises
-fails only its own items. Items of a request that timed out or was cancelled (client gone) are removed
-from the queue, freeing their slots, and their results are dropped if their batch is already running.
+previous batch ends, so batches close at once. Inference runs in one dedicated thread, off the event
+loop. A batch that raises fails only its own items. Items of a request that timed out or was cancelled
+(client gone) are removed from the queue, freeing their slots, and their results are dropped if their
+batch is already running.
 """
 
 from __future__ import annotations
