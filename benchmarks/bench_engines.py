@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["efficientnet-b0", "efficientnet-lite0"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16])
-    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per measurement")
+    parser.add_argument("--seconds", type=float, default=4.5, help="minimum timed seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each engine takes; its best one counts")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,11 +114,18 @@ def main() -> int:
         size = EfficientNet.from_name(name).variant.resolution
         for batch in args.batches:
             x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
-            results = {}
-            for label, run in runners.items():
-                results[label] = summarize(time_callable(lambda run=run, x=x: run(x), args.seconds), batch)
-                print(f"{name} batch {batch:3d} {label:50s} {results[label]['images_per_s']:7.1f} img/s "
-                      f"p50 {results[label]['p50_ms']:7.1f} ms", flush=True)
+            # Engines take turns over several rounds and each keeps its best round: a burst of load from
+            # elsewhere on a 2-core machine then hurts one round, not one engine.
+            results: dict[str, dict] = {}
+            for _ in range(args.rounds):
+                for label, run in runners.items():
+                    time.sleep(0.5)  # let the previous engine's worker threads go idle
+                    r = summarize(time_callable(lambda run=run, x=x: run(x), args.seconds / args.rounds), batch)
+                    if label not in results or r["images_per_s"] > results[label]["images_per_s"]:
+                        results[label] = r
+            for label, r in results.items():
+                print(f"{name} batch {batch:3d} {label:50s} {r['images_per_s']:7.1f} img/s "
+                      f"p50 {r['p50_ms']:7.1f} ms", flush=True)
             peers = [r["images_per_s"] for k, r in results.items() if k.startswith("peer:")]
             best_peer = max(peers)
             for label, r in results.items():

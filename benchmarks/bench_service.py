@@ -169,6 +169,10 @@ def main() -> int:
                         "(default: the service's own default)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--env", nargs="*", default=[], metavar="EFFNET_X=VALUE",
+                        help="extra settings for the server, e.g. EFFNET_DECODE_THREADS=2")
+    parser.add_argument("--only-batching", action="store_true", help="skip the batching-off runs")
+    parser.add_argument("--skip-offline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     photos = [p.read_bytes() for p in PHOTOS]
 
@@ -176,12 +180,15 @@ def main() -> int:
     print("offline:", offline, flush=True)
 
     modes = {"batching on": {}, "batching off": {"EFFNET_MAX_BATCH_SIZE": "1", "EFFNET_MAX_BATCH_DELAY_MS": "0"}}
+    if args.only_batching:
+        del modes["batching off"]
     if args.batch_size:
         modes["batching on"]["EFFNET_MAX_BATCH_SIZE"] = str(args.batch_size)
     rows = []
     for mode, extra in modes.items():
         env = {"EFFNET_MODEL": args.model, "EFFNET_BACKEND": args.backend, "EFFNET_MAX_QUEUE": "256",
-               "EFFNET_NUM_THREADS": str(args.threads), **extra}
+               "EFFNET_NUM_THREADS": str(args.threads), **extra,
+               **dict(kv.split("=", 1) for kv in args.env)}
         server = Server(env)
         try:
             for clients in args.concurrency:

@@ -55,6 +55,7 @@ class _Item:
     array: np.ndarray
     future: asyncio.Future[tuple[np.ndarray, ...]]
     enqueued_at: float
+    queued: bool = True  # still in the batcher's queue (not yet taken into a batch)
 
 
 class Reservation:
@@ -202,6 +203,7 @@ class DynamicBatcher:
             self._worker = None
         while self._queue:
             item = self._queue.popleft()
+            item.queued = False
             self._admitted -= 1
             if not item.future.done():
                 item.future.set_exception(ShuttingDown("server is shutting down"))
@@ -245,11 +247,12 @@ class DynamicBatcher:
         for item in items:
             if not item.future.done():
                 item.future.cancel()
-            try:
+            # Not a try/except around remove(): its ValueError message holds repr(item), and formatting
+            # a 150k-float array cost several milliseconds per request.
+            if item.queued:
                 self._queue.remove(item)
-            except ValueError:
-                continue  # already taken into a batch (or failed at close)
-            removed += 1
+                item.queued = False
+                removed += 1
         if removed:
             self._admitted -= removed
             self._observer.queue_depth_changed(self._admitted)
@@ -276,6 +279,8 @@ class DynamicBatcher:
             if not self._queue:
                 continue  # everything waiting was withdrawn
             batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+            for item in batch:
+                item.queued = False
             self._admitted -= len(batch)
             self._running = len(batch)
             self._observer.queue_depth_changed(self._admitted)

@@ -7,6 +7,7 @@ description is written out in ``IMAGE_REQUEST_BODY``.
 """
 
 import asyncio
+import functools
 import hmac
 import importlib.metadata
 import platform
@@ -272,7 +273,9 @@ def inference_router(num_classes: int, *, require_auth: bool = False) -> APIRout
     return router
 
 
+@functools.cache
 def _versions() -> dict[str, str]:
+    # Read once: importlib.metadata parses each package's METADATA file, ~1 ms a package.
     versions = {"python": platform.python_version()}
     for dist in ("effnet-serve", "torch", "numpy", "pillow", "fastapi", "uvicorn", "onnxruntime"):
         try:
