@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from service import batching
 from service.batching import ClientGone, DynamicBatcher
 from service.errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
 
@@ -298,3 +299,22 @@ def test_configuration_is_validated():
         DynamicBatcher(RecordingEngine(), max_batch_size=8, max_delay_s=0.0, max_queue=4)
     with pytest.raises(ValueError):
         DynamicBatcher(RecordingEngine(), max_batch_size=0, max_delay_s=0.0, max_queue=4)
+
+
+def test_answering_a_request_never_formats_its_images(monkeypatch):
+    # Formatting a queued image (a 150k-float array) on the hot path cost milliseconds per request.
+    def no_repr(self):
+        raise AssertionError("the batcher formatted a queued image")
+
+    monkeypatch.setattr(batching._Item, "__repr__", no_repr)
+    engine = RecordingEngine()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=4, max_delay_s=0.0, max_queue=8)
+        batcher.start()
+        with batcher.reserve(2) as slot:
+            out = await slot.run([item(1.0), item(2.0)], timeout=10.0)
+        await batcher.close()
+        return out
+
+    assert [float(o[1]) for o in run(main())] == [2.0, 4.0]
