@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -125,6 +126,41 @@ class OnnxRuntimeEngine:
         return features, logits
 
 
+class OpenVinoEngine:
+    """OpenVINO on the same in-memory ONNX export, CPU only, forced to f32 precision.
+
+    On CPUs with bf16 support OpenVINO would otherwise pick bf16 by itself, which is not the same model:
+    ``INFERENCE_PRECISION_HINT=f32`` keeps it float32 (checked against PyTorch at start-up).
+    """
+
+    backend = "openvino"
+
+    def __init__(self, net: torch.nn.Module, device: torch.device, num_threads: int,
+                 *, image_size: int | None = None) -> None:
+        import openvino as ov
+
+        from model.export import export_onnx_bytes
+
+        if device.type != "cpu":
+            raise StartupError("EFFNET_BACKEND=openvino runs on cpu only; use torch on a GPU")
+        core = ov.Core()
+        graph = core.read_model(export_onnx_bytes(net.eval(), image_size=image_size, with_features=True))
+        self._compiled = core.compile_model(graph, "CPU", {
+            "INFERENCE_NUM_THREADS": num_threads,
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        })
+        self._request = self._compiled.create_infer_request()
+        self._outputs = [self._compiled.output("features"), self._compiled.output("logits")]
+        self.device = str(device)
+        self.dtype = "float32"
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        result = self._request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A ready engine plus the facts /info reports."""
@@ -161,26 +197,31 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def _onnxruntime_installed() -> bool:
+def _installed(module: str) -> bool:
     try:
-        import onnxruntime  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
 
 
+# What each optional backend needs installed, and how to get it.
+_BACKEND_MODULES = {"onnxruntime": ("onnxruntime", "pip install onnx onnxruntime"),
+                    "openvino": ("openvino", "pip install 'effnet-serve[openvino]'")}
+
+
 def resolve_backend(name: str, device: torch.device, dtype: str = "float32") -> str:
     """The engine to build: ``auto`` is onnxruntime for float32 on CPU when installed, else torch."""
     if name == "auto":
-        if device.type == "cpu" and dtype == "float32" and _onnxruntime_installed():
+        if device.type == "cpu" and dtype == "float32" and _installed("onnxruntime"):
             return "onnxruntime"
         return "torch"
-    if name == "onnxruntime":
-        if not _onnxruntime_installed():
-            raise StartupError("EFFNET_BACKEND=onnxruntime but onnxruntime is not installed "
-                               "(pip install onnx onnxruntime), or use torch or auto")
+    if name in _BACKEND_MODULES:
+        module, how = _BACKEND_MODULES[name]
+        if not _installed(module):
+            raise StartupError(f"EFFNET_BACKEND={name} but {module} is not installed ({how}), or use torch or auto")
         if dtype != "float32":
-            raise StartupError(f"EFFNET_BACKEND=onnxruntime serves float32 only, not {dtype}; "
+            raise StartupError(f"EFFNET_BACKEND={name} serves float32 only, not {dtype}; "
                                "use EFFNET_BACKEND=torch for float16/bfloat16")
     return name
 
@@ -278,6 +319,8 @@ def load_model(settings: Settings) -> LoadedModel:
         engine: Engine
         if backend == "onnxruntime":
             engine = OnnxRuntimeEngine(net, device, settings.effective_num_threads, image_size=size)
+        elif backend == "openvino":
+            engine = OpenVinoEngine(net, device, settings.effective_num_threads, image_size=size)
         else:
             engine = TorchEngine(net, device, dtype, image_size=size)
         features, logits = engine.run(np.zeros((1, 3, size, size), dtype=np.float32))
@@ -316,6 +359,7 @@ __all__ = [
     "Engine",
     "LoadedModel",
     "OnnxRuntimeEngine",
+    "OpenVinoEngine",
     "TorchEngine",
     "load_labels",
     "load_model",

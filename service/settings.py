@@ -52,11 +52,12 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Compute dtype of the model: float32, float16 or bfloat16."
     )
-    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description=(
             "Inference engine: torch (eager, any device and dtype), onnxruntime (float32; CPU, or CUDA with "
-            "onnxruntime-gpu) or auto: onnxruntime for float32 on CPU when installed, else torch."
+            "onnxruntime-gpu), openvino (float32, CPU; the 'openvino' extra) or auto: onnxruntime for float32 "
+            "on CPU when installed, else torch."
         ),
     )
     max_batch_size: int = Field(8, ge=1, le=1024, description="Largest batch the dynamic batcher forms.")
