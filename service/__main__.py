@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # the service writes its own structured access log
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_TAIL_S,
+        timeout_keep_alive=int(settings.keep_alive_s),
     )
     server = DrainingServer(config, app, settings.shutdown_drain_s)
     app.state.on_fatal = server.fail

@@ -142,6 +142,15 @@ class Settings(BaseSettings):
             "this long for admitted requests to be answered before it exits."
         ),
     )
+    keep_alive_s: float = Field(
+        75.0,
+        ge=1,
+        description=(
+            "Idle time before the server closes a kept-alive connection. Keep it above the idle timeout "
+            "of any load balancer in front (often 60 s): with uvicorn's 5 s default, a proxy or client can "
+            "reuse a connection at the instant it is closed, and its request fails at connection level."
+        ),
+    )
     warmup: bool = Field(
         True,
         description=(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import shutil
 import struct
 import subprocess
+import time
 import zlib
 
 import httpx
@@ -432,3 +434,20 @@ def test_promtool_accepts_the_metrics(client, photos):
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_idle_kept_alive_connection_outlives_uvicorns_default(service):
+    # uvicorn closes idle connections after 5 s by default; behind a load balancer with a longer idle
+    # timeout that races with reuse. EFFNET_KEEP_ALIVE_S (default 75) keeps the connection open.
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b'{"status":"ok"}'
+        sock = conn.sock
+        time.sleep(6.0)
+        conn.request("GET", "/healthz")  # on the same socket: http.client does not reconnect by itself
+        assert conn.sock is sock
+        response = conn.getresponse()  # RemoteDisconnected if the server closed the idle connection
+        assert response.status == 200 and response.read() == b'{"status":"ok"}'
+    finally:
+        conn.close()
