@@ -43,6 +43,26 @@ def photos() -> dict[str, bytes]:
     return {name: (DATA / name).read_bytes() for name in PHOTOS}
 
 
+def app_with_engine(engine, *, labels: list[str] | None = None, **settings):
+    """The service app, in-process, around a stand-in ``engine`` (no weights): Lite0's config and labels."""
+    from model import get_efficientnet_config, imagenet_classes
+    from service.app import create_app
+    from service.engine import LoadedModel
+    from service.settings import Settings
+
+    model = LoadedModel(
+        engine=engine,
+        variant=get_efficientnet_config("efficientnet-lite0"),
+        labels=labels if labels is not None else list(imagenet_classes()),
+        num_features=1280,
+        num_parameters=1,
+        weights_source="random",
+        weights_file=None,
+        weights_sha256=None,
+    )
+    return create_app(Settings(**settings), model=model)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -17,14 +17,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import schemathesis
+from conftest import app_with_engine
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.core.parameters import ParameterLocation
-
-from model import get_efficientnet_config, imagenet_classes
-from service.app import create_app
-from service.engine import LoadedModel
-from service.settings import Settings
 
 EXAMPLES = 150
 KEY = "fuzz-key-0123456789"
@@ -39,19 +35,9 @@ class StandInEngine:
 
 
 def stand_in_app(**overrides):
-    model = LoadedModel(
-        engine=StandInEngine(),
-        variant=get_efficientnet_config("efficientnet-lite0"),
-        labels=list(imagenet_classes()),
-        num_features=1280,
-        num_parameters=1,
-        weights_source="random",
-        weights_file=None,
-        weights_sha256=None,
-    )
     # Small limits, so generated bodies also reach the 413 paths.
     limits = {"max_body_bytes": 64 * 1024, "max_images_per_request": 4, "max_batch_delay_ms": 0}
-    return create_app(Settings(warmup=False, **limits, **overrides), model=model)
+    return app_with_engine(StandInEngine(), warmup=False, **limits, **overrides)
 
 
 # The service accepts raw bodies in these image types too; schemathesis has no serializer of its own for

@@ -26,14 +26,9 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from conftest import free_port
+from conftest import app_with_engine, free_port
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from model import get_efficientnet_config, imagenet_classes
-from service.app import create_app
-from service.engine import LoadedModel
-from service.settings import Settings
 
 SECRET = "engine exploded at /srv/secret/model.onnx"
 
@@ -63,17 +58,7 @@ class GatedEngine:
 
 
 def stand_in_app(engine: GatedEngine, **settings):
-    model = LoadedModel(
-        engine=engine,
-        variant=get_efficientnet_config("efficientnet-lite0"),
-        labels=list(imagenet_classes()),
-        num_features=1280,
-        num_parameters=1,
-        weights_source="random",
-        weights_file=None,
-        weights_sha256=None,
-    )
-    return create_app(Settings(warmup=False, **settings), model=model)
+    return app_with_engine(engine, warmup=False, **settings)
 
 
 def png(colour: tuple[int, int, int]) -> bytes:

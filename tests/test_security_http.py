@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import app_with_engine
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model import get_efficientnet_config, imagenet_classes
-from service.app import create_app
-from service.engine import LoadedModel
-from service.settings import Settings
+from model import imagenet_classes
 
 KEY = "k3y-with-enough-entropy-0123456789"
 
@@ -38,17 +36,7 @@ class StandInEngine:
 
 
 def stand_in_app(labels: list[str] | None = None, **settings):
-    model = LoadedModel(
-        engine=StandInEngine(),
-        variant=get_efficientnet_config("efficientnet-lite0"),
-        labels=labels if labels is not None else list(imagenet_classes()),
-        num_features=1280,
-        num_parameters=1,
-        weights_source="random",
-        weights_file=None,
-        weights_sha256=None,
-    )
-    return create_app(Settings(warmup=False, **settings), model=model)
+    return app_with_engine(StandInEngine(), labels=labels, warmup=False, **settings)
 
 
 @pytest.fixture(scope="module")

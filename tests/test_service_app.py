@@ -8,13 +8,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import app_with_engine
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from model import get_efficientnet_config, imagenet_classes
-from service.app import create_app
-from service.engine import LoadedModel
-from service.settings import Settings
 
 SECRET_DETAIL = "secret-internal-detail-/srv/model.pth"
 
@@ -39,17 +35,7 @@ class FakeEngine:
 
 
 def make_app(engine: FakeEngine, **settings):
-    model = LoadedModel(
-        engine=engine,
-        variant=get_efficientnet_config("efficientnet-lite0"),
-        labels=list(imagenet_classes()),
-        num_features=1280,
-        num_parameters=1,
-        weights_source="random",
-        weights_file=None,
-        weights_sha256=None,
-    )
-    return create_app(Settings(**settings), model=model)
+    return app_with_engine(engine, **settings)
 
 
 def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
