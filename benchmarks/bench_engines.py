@@ -88,6 +88,8 @@ def engines_for(name: str, threads: int) -> dict[str, object]:
         "ours: TorchEngine (folded BN, channels-last)": TorchEngine(net, torch.device("cpu"), torch.float32,
                                                                     image_size=size).run,
         "ours: OnnxRuntimeEngine": OnnxRuntimeEngine(net, torch.device("cpu"), threads, image_size=size).run,
+        "ours: OnnxRuntimeEngine, spinning threads": OnnxRuntimeEngine(net, torch.device("cpu"), threads,
+                                                                        image_size=size, spinning=True).run,
         "ours: eager, NCHW, unfused": _torch_runner(EfficientNet.from_name(name, memory_efficient=False), False),
         f"peer: {ref.__class__.__module__.split('.')[0]} eager NCHW": _torch_runner(ref, False),
         f"peer: {ref.__class__.__module__.split('.')[0]} eager channels-last": _torch_runner(ref, True),

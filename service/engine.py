@@ -97,7 +97,7 @@ class OnnxRuntimeEngine:
     backend = "onnxruntime"
 
     def __init__(self, net: torch.nn.Module, device: torch.device, num_threads: int,
-                 *, image_size: int | None = None) -> None:
+                 *, image_size: int | None = None, spinning: bool = False) -> None:
         import onnxruntime as ort
 
         from model.export import export_onnx_bytes
@@ -107,8 +107,10 @@ class OnnxRuntimeEngine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
-        # Spinning threads would take the cores that decode images between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Off by default: spinning threads burn CPU between operators and batches, which under a
+        # container CPU limit is quota taken from decoding (and throttling). It buys batch-1 latency in
+        # isolation; benchmarks/bench_engines.py measures both.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise StartupError("EFFNET_BACKEND=onnxruntime on cuda needs onnxruntime-gpu (CUDAExecutionProvider)")
