@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +63,27 @@ def app_with_engine(engine, *, labels: list[str] | None = None, **settings):
         weights_sha256=None,
     )
     return create_app(Settings(**settings), model=model)
+
+
+def png_declaring(width: int, height: int, rows: int = 1) -> bytes:
+    """A valid-looking RGB PNG header declaring ``width`` x ``height``, followed by a zlib stream of only
+    ``rows`` rows of pixels: a few KB that would inflate to width*height*3 bytes if decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * ((3 * width + 1) * rows), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc/<pid>/status (VmRSS, in kB)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
 
 
 def free_port() -> int:

@@ -14,15 +14,14 @@ import os
 import random
 import select
 import socket
-import struct
 import time
 import zipfile
-import zlib
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
+from conftest import png_declaring, rss_bytes
 from PIL import Image
 
 MAX_BODY = 1_000_000  # small, so the limit tests are cheap
@@ -41,15 +40,6 @@ def service(start_service):
 def client(service):
     with httpx.Client(base_url=service.url, timeout=60.0) as c:
         yield c
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc/<pid>/status (VmRSS, in kB)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def encode(image: Image.Image, fmt: str, **save_args) -> bytes:
@@ -197,18 +187,6 @@ def test_animated_gif_is_classified_by_its_first_frame(client, coffee, cat):
 
 
 # -- hostile ------------------------------------------------------------------------------------------------
-def png_declaring(width: int, height: int, rows: int = 20) -> bytes:
-    """A valid-looking RGB PNG header declaring ``width`` x ``height``, followed by a zlib stream of only
-    ``rows`` rows of pixels: a few KB that would inflate to width*height*3 bytes if decoded."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * ((3 * width + 1) * rows), 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def _zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -224,7 +202,7 @@ SVG = (
 
 def hostile_corpus(photos: dict[str, bytes]) -> dict[str, tuple[dict, int, str]]:
     """name -> (httpx request arguments, status, error code)."""
-    bomb = png_declaring(60000, 60000)
+    bomb = png_declaring(60000, 60000, rows=20)
     assert 1000 < len(bomb) < 10_000, len(bomb)
     jpeg = photos["coffee.jpg"]
     noise = random.Random(6).randbytes(4096)
@@ -296,7 +274,7 @@ def test_hostile_inputs_get_their_4xx_json_quickly_without_memory_growth(service
 
 def test_header_declaring_too_many_pixels_is_refused_before_decoding(service, client):
     # 60000x60000 RGB would be 10.8 GB decoded; a refusal from the header takes milliseconds and no memory.
-    bomb = png_declaring(60000, 60000)
+    bomb = png_declaring(60000, 60000, rows=20)
     rss_before = rss_bytes(service.proc.pid)
     started = time.perf_counter()
     response = client.post("/predict", content=bomb, headers={"Content-Type": "image/png"})

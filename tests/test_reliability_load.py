@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from conftest import rss_bytes
 from prometheus_client.parser import text_string_to_metric_families
 
 MAX_QUEUE = 8
@@ -46,14 +47,6 @@ def metric(values: dict, name: str, **labels: str) -> float:
     return sum(
         v for (n, lbl), v in values.items() if n == name and all(dict(lbl).get(k) == x for k, x in labels.items())
     )
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def test_a_flood_gets_only_200s_and_503s_with_retry_after(service, photos, photo_classes):

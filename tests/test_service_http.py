@@ -6,14 +6,13 @@ import asyncio
 import http.client
 import io
 import shutil
-import struct
 import subprocess
 import time
-import zlib
 
 import httpx
 import numpy as np
 import pytest
+from conftest import png_declaring
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,19 +70,6 @@ def metric_samples(text: str) -> dict[str, list]:
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(sample)
     return samples
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 # -- readiness and info -------------------------------------------------------------------------------------
@@ -271,7 +257,7 @@ ERROR_CASES = {
         "body_too_large",
     ),
     "too many pixels (header only)": (
-        dict(content=png_header_only(60000, 60000), headers={"Content-Type": "image/png"}),
+        dict(content=png_declaring(60000, 60000), headers={"Content-Type": "image/png"}),
         413,
         "image_too_large",
     ),
