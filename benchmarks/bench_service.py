@@ -18,7 +18,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,36 +31,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DOCS, SUMMARY_MARKER, machine, markdown_table, save_json, time_callable  # noqa: E402
+from common import DOCS, SUMMARY_MARKER, free_port, machine, markdown_table, save_json, time_callable, wait_ready  # noqa: E402
 
 PHOTOS = sorted((ROOT / "tests" / "data").glob("*.jpg"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, env: dict[str, str]):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("EFFNET_")}
         full_env.update(env)
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port)], cwd=ROOT,
                                      env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
+        wait_ready(self.url, self.proc, 180)
 
     def batch_stats(self) -> tuple[float, float]:
         text = httpx.get(f"{self.url}/metrics", timeout=5).text

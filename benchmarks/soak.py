@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from urllib.parse import urlsplit
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SUMMARY_MARKER, machine  # noqa: E402
+from common import RESULTS, SUMMARY_MARKER, free_port, machine, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "tests" / "data"
@@ -66,12 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- the server, when this script starts it ---------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS (now) and VmHWM (peak so far) of a process, in KiB."""
     values = {}
@@ -121,18 +114,13 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}:\n{Path(self.log.name).read_text()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.proc.kill()
-        raise SystemExit(f"server not ready after {timeout} s")
+        try:
+            wait_ready(self.url, self.proc, timeout)
+        except RuntimeError as exc:
+            raise SystemExit(f"{exc}:\n{Path(self.log.name).read_text()}") from None
+        except TimeoutError as exc:
+            self.proc.kill()
+            raise SystemExit(str(exc)) from None
 
     def stop(self, timeout: float = 60.0) -> dict[str, float | int | None]:
         started = time.monotonic()
