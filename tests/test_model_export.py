@@ -84,7 +84,7 @@ def test_onnx_real_weights_on_a_photo(tmp_path):
     net = make_net("lite0-real", 224)
     path = export_onnx(net, tmp_path / "lite0.onnx", check=False)  # default size: the variant's 224
     image = Image.open(Path(__file__).parent / "data" / "coffee.jpg").convert("RGB")
-    x = model.preprocess(image, net.variant.preprocess).unsqueeze(0)
+    x = model.preprocess_image(image, net.variant.preprocess).unsqueeze(0)
     logits = run_onnx(path, x)["logits"]
     assert model.imagenet_classes()[int(logits[0].argmax())] == "espresso"
 

@@ -44,7 +44,7 @@ def lite0(lite0_path) -> EfficientNet:
 
 def classify(net: EfficientNet, photo: str, k: int = 5) -> list[str]:
     image = Image.open(DATA / photo).convert("RGB")
-    x = model.preprocess(image, net.variant.preprocess)
+    x = model.preprocess_image(image, net.variant.preprocess)
     assert x.shape == (3, 224, 224)
     with torch.no_grad():
         logits = net(x.unsqueeze(0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model import EfficientNet, default_weights_path, preprocess
+from model import EfficientNet, default_weights_path, preprocess_image
 from service.imaging import DRAFT_OVERSAMPLE, Preprocessor
 
 
@@ -39,7 +39,7 @@ def test_draft_decoding_keeps_top1(lite0, data_dir, name, scale):
     if scale != 1:
         assert drafted.size[0] < full.width, "the test must exercise a reduced (draft) decode"
 
-    reference = preprocess(Image.open(io.BytesIO(data)).convert("RGB"), pp)  # full decode
+    reference = preprocess_image(Image.open(io.BytesIO(data)).convert("RGB"), pp)  # full decode
     served = torch.from_numpy(pre(data))
     with torch.inference_mode():
         logits = lite0(torch.stack([reference, served]))
