@@ -47,7 +47,7 @@ test: lint
 
 bench: $(VENV)/.stamp-dev
 	$(PIP) -e ".[dev,bench]"
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.run_all
 
 export: $(VENV)/.stamp-dev
 	$(BIN)/python -m model.export --variant $${EFFNET_MODEL:-efficientnet-lite0} --output artifacts/model.onnx --with-features \

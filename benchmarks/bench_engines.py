@@ -5,7 +5,7 @@ eager model. Peers: the ``efficientnet_pytorch`` / ``efficientnet_lite_pytorch``
 (NCHW and channels-last), and OpenVINO on our ONNX export when it is installed. Same weights, same
 threads, same inputs.
 
-    python benchmarks/bench_engines.py [--variants efficientnet-b0 efficientnet-lite0] [--batches 1 8 16]
+    python -m benchmarks.bench_engines [--variants efficientnet-b0 efficientnet-lite0] [--batches 1 8 16]
 """
 
 from __future__ import annotations
@@ -15,19 +15,15 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model import EfficientNet
+from model.export import export_onnx_bytes
+from service.engine import OnnxRuntimeEngine, TorchEngine
 
-from common import SUMMARY_MARKER, machine, markdown_table, save_json, summarize, time_callable  # noqa: E402
-
-from model import EfficientNet  # noqa: E402
-from model.export import export_onnx_bytes  # noqa: E402
-from service.engine import OnnxRuntimeEngine, TorchEngine  # noqa: E402
+from .common import SUMMARY_MARKER, machine, markdown_table, save_json, summarize, time_callable
 
 
 def _torch_runner(net: torch.nn.Module, channels_last: bool):

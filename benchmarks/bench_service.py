@@ -7,7 +7,7 @@ offline pipeline (decode + preprocess + the same engine, in one loop, no HTTP) i
 
 The load generator runs on the same 2 cores as the server, so the figures include its cost.
 
-    python benchmarks/bench_service.py [--seconds 10] [--concurrency 1 4 16 64] [--model efficientnet-lite0]
+    python -m benchmarks.bench_service [--seconds 10] [--concurrency 1 4 16 64] [--model efficientnet-lite0]
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ import argparse
 import asyncio
 import itertools
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,37 +24,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.helpers.images import load_photos
+from tests.helpers.server import ServiceProcess
 
-from common import DOCS, SUMMARY_MARKER, free_port, machine, markdown_table, save_json, time_callable, wait_ready  # noqa: E402
-
-PHOTOS = sorted((ROOT / "tests" / "data").glob("*.jpg"))
+from .common import DOCS, SUMMARY_MARKER, machine, markdown_table, metric_samples, save_json, time_callable
 
 
-class Server:
-    def __init__(self, env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EFFNET_")}
-        full_env.update(env)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port)], cwd=ROOT,
-                                     env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_ready(self.url, self.proc, 180)
-
-    def batch_stats(self) -> tuple[float, float]:
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        total = float(re.search(r"^effnet_batch_size_sum (\S+)$", text, re.M).group(1))
-        count = float(re.search(r"^effnet_batch_size_count (\S+)$", text, re.M).group(1))
-        return total, count
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def batch_stats(url: str) -> tuple[float, float]:
+    """The server's effnet_batch_size histogram so far: (sum, count)."""
+    samples = {s.name: s.value for s in metric_samples(url, timeout=5) if not s.labels}
+    return samples["effnet_batch_size_sum"], samples["effnet_batch_size_count"]
 
 
 async def load(url: str, clients: int, seconds: float, photos: list[bytes]) -> dict:
@@ -157,7 +133,7 @@ def main() -> int:
     parser.add_argument("--only-batching", action="store_true", help="skip the batching-off runs")
     parser.add_argument("--skip-offline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    photos = [p.read_bytes() for p in PHOTOS]
+    photos = list(load_photos().values())
 
     offline = offline_pipeline(args.model, args.threads, photos, 3.0)
     print("offline:", offline, flush=True)
@@ -172,19 +148,16 @@ def main() -> int:
         env = {"EFFNET_MODEL": args.model, "EFFNET_BACKEND": args.backend, "EFFNET_MAX_QUEUE": "256",
                "EFFNET_NUM_THREADS": str(args.threads), **extra,
                **dict(kv.split("=", 1) for kv in args.env)}
-        server = Server(env)
-        try:
+        with ServiceProcess(env, ready_timeout=180) as server:
             for clients in args.concurrency:
                 asyncio.run(load(server.url, clients, 1.0, photos))  # settle
-                s0, c0 = server.batch_stats()
+                s0, c0 = batch_stats(server.url)
                 r = asyncio.run(load(server.url, clients, args.seconds, photos))
-                s1, c1 = server.batch_stats()
+                s1, c1 = batch_stats(server.url)
                 r.update(mode=mode, mean_batch=(s1 - s0) / max(c1 - c0, 1))
                 rows.append(r)
                 print(f"{mode:13s} clients {clients:3d}: {r['images_per_s']:6.1f} img/s  p50 {r['p50_ms']:7.1f}  "
                       f"p99 {r['p99_ms']:7.1f} ms  batch {r['mean_batch']:.2f}  codes {r['codes']}", flush=True)
-        finally:
-            server.stop()
 
     best = max(r["images_per_s"] for r in rows)
     ceiling = max(offline["pipeline_b1_images_per_s"], offline["pipeline_b8_images_per_s"])

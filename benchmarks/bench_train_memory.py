@@ -3,7 +3,7 @@
 Each mode runs in a fresh subprocess, so its peak resident set size (ru_maxrss) is its own. The bytes
 autograd saves for backward are also counted exactly, through saved-tensor hooks.
 
-    python benchmarks/bench_train_memory.py [--batch 32] [--size 224]
+    python -m benchmarks.bench_train_memory [--batch 32] [--size 224]
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+REPO = Path(__file__).resolve().parent.parent
 
 MODES = {
     "naive": "x * sigmoid(x) in plain autograd (what efficientnet_pytorch's Swish does)",
@@ -78,12 +77,13 @@ def main() -> int:
         print(json.dumps(one_step(args.child, args.batch, args.size)))
         return 0
 
-    from common import SUMMARY_MARKER, markdown_table, save_json
+    from .common import SUMMARY_MARKER, markdown_table, save_json
 
     rows = []
     for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(args.batch),
-                              "--size", str(args.size)], check=True, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_train_memory", "--child", mode,
+                              "--batch", str(args.batch), "--size", str(args.size)],
+                             check=True, capture_output=True, text=True, cwd=REPO)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     naive, plain, eff = rows
     table = markdown_table(rows, [("activation", "activation", ""), ("batch", "batch", "d"), ("size", "size", "d"),

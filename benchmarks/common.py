@@ -1,16 +1,21 @@
-"""Timing helpers shared by the benchmark scripts (not part of the installed package)."""
+"""Timing, reporting and /metrics helpers shared by the benchmark scripts (not part of the installed package).
+
+Servers are started with ``tests.helpers.server.ServiceProcess``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client.samples import Sample
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -18,28 +23,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SUMMARY_MARKER = "----- summary -----"
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def metric_samples(url: str, timeout: float = 30.0) -> list[Sample]:
+    """Every sample of the server's ``url``/metrics, read with prometheus-client's text parser.
 
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    """Poll ``url``/readyz until 200; RuntimeError if the server process exits, TimeoutError after ``timeout``."""
+    Names are as exposed: ``effnet_batch_size_sum``, ``effnet_rejected_total`` (labels in ``.labels``).
+    """
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"server not ready after {timeout} s")
+    text = httpx.get(f"{url}/metrics", timeout=timeout).text
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
 def time_callable(fn: Callable[[], object], min_seconds: float = 3.0, min_iters: int = 5,

@@ -5,7 +5,8 @@ the inference form the service runs (static padding, folded BatchNorm, channels-
 float32, float16 and bfloat16 is compared with the plain eager model on the CPU in float32; then images/s
 and latency per batch at several batch sizes, eager and with a CUDA graph per batch size.
 
-Needs only torch and this repository (no service dependencies). Run through benchmarks/gpu_check.sh.
+Needs only torch and this repository (no service dependencies). Run through benchmarks/gpu_check.sh
+(``python3 -m benchmarks.gpu_check`` from the repository root).
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model import EfficientNet, fold_batchnorm  # noqa: E402
-from model.export import export_form  # noqa: E402
+from model import EfficientNet, fold_batchnorm
+from model.export import export_form
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-exec python3 benchmarks/gpu_check.py --output "${OUT:-.}/gpu_check.json" "$@"
+exec python3 -m benchmarks.gpu_check --output "${OUT:-.}/gpu_check.json" "$@"

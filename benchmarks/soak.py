@@ -10,8 +10,8 @@ down (SIGTERM: exit code and time).
 
 Loopback only: ``--url`` must point at 127.0.0.1, localhost or ::1. Every loop is bounded by the deadline.
 
-    python benchmarks/soak.py --seconds 60 --clients 64 --max-queue 16
-    python benchmarks/soak.py --url http://127.0.0.1:8000 --seconds 30
+    python -m benchmarks.soak --seconds 60 --clients 64 --max-queue 16
+    python -m benchmarks.soak --url http://127.0.0.1:8000 --seconds 30
 
 Writes benchmarks/results/soak.json.
 """
@@ -21,12 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,11 +30,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SUMMARY_MARKER, free_port, machine, wait_ready  # noqa: E402
+from tests.helpers.images import load_photos
+from tests.helpers.server import ServiceProcess, memory_kib
 
-REPO = Path(__file__).resolve().parent.parent
-PHOTOS = REPO / "tests" / "data"
+from .common import RESULTS, SUMMARY_MARKER, machine, metric_samples
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -65,108 +61,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- the server, when this script starts it ---------------------------------------------------------------------
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (peak so far) of a process, in KiB."""
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key = line.split(":", 1)[0]
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(line.split()[1])
-    return values
+def start_server(args: argparse.Namespace) -> ServiceProcess:
+    """A ready server with the settings from ``args``; SystemExit (with its log) if it does not get ready."""
+    env = {
+        "EFFNET_MODEL": args.model,
+        "EFFNET_MAX_QUEUE": str(args.max_queue),
+        "EFFNET_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "EFFNET_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
+        "EFFNET_REQUEST_TIMEOUT_S": str(args.request_timeout_s),
+        "EFFNET_SHUTDOWN_DRAIN_S": "30",
+    }
+    if args.threads:
+        env["EFFNET_NUM_THREADS"] = str(args.threads)
+    server = ServiceProcess(env, args=["--log-level", "warning"], threads=None)
+    try:
+        server.wait_ready(300.0, poll_s=0.1)
+    except (RuntimeError, TimeoutError) as exc:
+        server.stop()
+        raise SystemExit(str(exc)) from None
+    return server
 
 
-class Server:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="soak-server-", suffix=".log", delete=False)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EFFNET_")}
-        env.update(
-            {
-                "EFFNET_MODEL": args.model,
-                "EFFNET_MAX_QUEUE": str(args.max_queue),
-                "EFFNET_MAX_BATCH_SIZE": str(args.max_batch_size),
-                "EFFNET_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
-                "EFFNET_REQUEST_TIMEOUT_S": str(args.request_timeout_s),
-                "EFFNET_SHUTDOWN_DRAIN_S": "30",
-            }
-        )
-        if args.threads:
-            env["EFFNET_NUM_THREADS"] = str(args.threads)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        try:
-            wait_ready(self.url, self.proc, timeout)
-        except RuntimeError as exc:
-            raise SystemExit(f"{exc}:\n{Path(self.log.name).read_text()}") from None
-        except TimeoutError as exc:
-            self.proc.kill()
-            raise SystemExit(str(exc)) from None
-
-    def stop(self, timeout: float = 60.0) -> dict[str, float | int | None]:
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = None
-        self.log.close()
-        errors = [line for line in Path(self.log.name).read_text().splitlines() if '"level": "ERROR"' in line]
-        os.unlink(self.log.name)
-        return {"exit_code": code, "shutdown_s": round(time.monotonic() - started, 3), "error_log_lines": len(errors)}
+def stop_server(server: ServiceProcess, timeout: float = 60.0) -> dict[str, float | int | None]:
+    """SIGTERM: exit code, seconds to exit and how many ERROR lines the server logged."""
+    stopped = server.stop(timeout)
+    errors = [line for line in stopped.log.splitlines() if '"level": "ERROR"' in line]
+    return {"exit_code": stopped.exit_code, "shutdown_s": round(stopped.shutdown_s, 3), "error_log_lines": len(errors)}
 
 
 # -- the load ---------------------------------------------------------------------------------------------------
 def scrape(url: str) -> dict[str, float]:
     """effnet_rejected_total by reason, batch counts and the requests by code from /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     wanted = {}
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "effnet_rejected_total":
-                wanted[f"rejected_{sample.labels['reason']}"] = sample.value
-            elif sample.name in (
-                "effnet_batch_size_count",
-                "effnet_batch_size_sum",
-                "effnet_batch_failures_total",
-                "effnet_queue_wait_seconds_sum",
-                "effnet_queue_wait_seconds_count",
-                "effnet_inference_duration_seconds_sum",
-                "effnet_inference_duration_seconds_count",
-            ):
-                wanted[sample.name] = sample.value
-            elif (
-                sample.name.startswith("effnet_request_duration_seconds")
-                and sample.labels.get("endpoint") == "/predict"
-            ):
-                suffix = sample.name.removeprefix("effnet_request_duration_seconds")
-                key = f"predict_duration{suffix}" + (f"_le_{sample.labels['le']}" if "le" in sample.labels else "")
-                wanted[key] = sample.value
-            elif sample.name == "effnet_requests_total" and sample.labels.get("endpoint") == "/predict":
-                key = f"predict_{sample.labels['code']}"
-                wanted[key] = wanted.get(key, 0) + sample.value
+    for sample in metric_samples(url, timeout=30):
+        if sample.name == "effnet_rejected_total":
+            wanted[f"rejected_{sample.labels['reason']}"] = sample.value
+        elif sample.name in (
+            "effnet_batch_size_count",
+            "effnet_batch_size_sum",
+            "effnet_batch_failures_total",
+            "effnet_queue_wait_seconds_sum",
+            "effnet_queue_wait_seconds_count",
+            "effnet_inference_duration_seconds_sum",
+            "effnet_inference_duration_seconds_count",
+        ):
+            wanted[sample.name] = sample.value
+        elif (
+            sample.name.startswith("effnet_request_duration_seconds")
+            and sample.labels.get("endpoint") == "/predict"
+        ):
+            suffix = sample.name.removeprefix("effnet_request_duration_seconds")
+            key = f"predict_duration{suffix}" + (f"_le_{sample.labels['le']}" if "le" in sample.labels else "")
+            wanted[key] = sample.value
+        elif sample.name == "effnet_requests_total" and sample.labels.get("endpoint") == "/predict":
+            key = f"predict_{sample.labels['code']}"
+            wanted[key] = wanted.get(key, 0) + sample.value
     return wanted
 
 
@@ -182,7 +131,7 @@ def ms(seconds: float | None) -> float | None:
 
 
 async def soak(url: str, clients: int, seconds: float, timeout: float, pid: int | None) -> dict:
-    photos = [(p.name, p.read_bytes()) for p in sorted(PHOTOS.glob("*.jpg"))]
+    photos = list(load_photos().items())
     statuses: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     error_samples: list[dict] = []  # the first few transport errors, in detail
@@ -267,16 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     server = None
     if args.url is None:
-        server = Server(args)
-        server.wait_ready()
-        url, pid = server.url, server.proc.pid
+        server = start_server(args)
+        url, pid = server.url, server.pid
     else:
         url, pid = args.url.rstrip("/"), None
     try:
         info = httpx.get(f"{url}/info", timeout=30).json()
         # Warm steady state before the "before" memory figure: a few ordinary requests.
-        for photo in sorted(PHOTOS.glob("*.jpg")):
-            httpx.post(f"{url}/predict", files={"file": (photo.name, photo.read_bytes())}, timeout=60)
+        for name, data in load_photos().items():
+            httpx.post(f"{url}/predict", files={"file": (name, data)}, timeout=60)
         before_metrics = scrape(url)
         memory_before = memory_kib(pid) if pid else None
         timeout = float(info.get("batching", {}).get("request_timeout_s", args.request_timeout_s)) + 30
@@ -286,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         after_metrics = scrape(url)
         readiness_after = httpx.get(f"{url}/readyz", timeout=30).status_code
     finally:
-        shutdown = server.stop() if server is not None else None
+        shutdown = stop_server(server) if server is not None else None
 
     counters = {k: after_metrics.get(k, 0) - before_metrics.get(k, 0) for k in sorted(after_metrics)}
     batches = counters.get("effnet_batch_size_count", 0)
