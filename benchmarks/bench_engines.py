@@ -1,6 +1,6 @@
 """Inference engines side by side, in one run: images/s and latency at several batch sizes.
 
-Ours: the service's engines (``service.engine.TorchEngine`` and ``OnnxRuntimeEngine``) and the plain
+Ours: the service's engines (``service.core.loading.TorchEngine`` and ``OnnxRuntimeEngine``) and the plain
 eager model. Peers: the ``efficientnet_pytorch`` / ``efficientnet_lite_pytorch`` packages in eager mode
 (NCHW and channels-last), and OpenVINO on our ONNX export when it is installed. Same weights, same
 threads, same inputs.
@@ -21,7 +21,7 @@ import torch
 
 from model import EfficientNet
 from model.export import export_onnx_bytes
-from service.engine import OnnxRuntimeEngine, TorchEngine
+from service.core.engines import OnnxRuntimeEngine, TorchEngine
 
 from .common import SUMMARY_MARKER, machine, markdown_table, save_json, summarize, time_callable
 

@@ -75,9 +75,9 @@ async def load(url: str, clients: int, seconds: float, photos: list[bytes]) -> d
 
 def offline_pipeline(model_name: str, threads: int, photos: list[bytes], seconds: float) -> dict:
     """Decode + preprocess + the service's own engine, sequentially in one loop: the ceiling."""
-    from service.engine import load_model
-    from service.imaging import Preprocessor
-    from service.settings import Settings
+    from service.core.imaging import Preprocessor
+    from service.core.loading import load_model
+    from service.core.settings import Settings
 
     settings = Settings(model=model_name, num_threads=threads)
     loaded = load_model(settings)

@@ -1,7 +1,5 @@
-"""FastAPI inference service for the EfficientNet family: dynamic batching, /predict, /features,
-health probes and Prometheus metrics. Start it with ``efficientnet-serve`` or ``python -m service``."""
+"""The EfficientNet inference service.
 
-from service.app import create_app
-from service.settings import Settings
-
-__all__ = ["Settings", "create_app"]
+``service.core`` holds what every way in shares (settings, decoding, batching, engines, the running
+service) and imports no front-end; ``service.http`` is the FastAPI front-end (``efficientnet-serve``).
+"""

@@ -1,0 +1,336 @@
+"""Dynamic batching: preprocessed images from all concurrent requests share forward passes.
+
+The queue is bounded and counted in images. A request first *reserves* room for all of its images
+(before it spends CPU decoding them), so overload is refused at once with ``QueueFull`` rather than
+queued forever. Its decoded images then become queue items, each with its own future.
+
+A batch closes when it holds ``max_batch_size`` images, or ``max_batch_delay`` after its oldest image
+was queued, or as soon as every admitted image is queued (none is still decoding, so none is about to
+join): a lone request never waits out the delay, and under load the queue is already full when the
+previous batch ends, so batches close at once. Inference runs in one dedicated thread, off the event
+loop. A batch that raises fails only its own items. Items of a request that timed out or was cancelled
+(client gone) are removed from the queue, freeing their slots, and their results are dropped if their
+batch is already running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.errors import ClientGone, InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
+
+log = logging.getLogger("service.core.batching")
+
+RunBatch = Callable[[np.ndarray], Sequence[np.ndarray]]
+"""Takes a stacked NCHW float32 batch, returns arrays whose first dimension is N (e.g. features, logits)."""
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def queue_depth_changed(self, images: int) -> None:
+        pass
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        pass
+
+    def batch_finished(self, size: int, duration_s: float, ok: bool) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Item:
+    array: np.ndarray
+    future: asyncio.Future[tuple[np.ndarray, ...]]
+    enqueued_at: float
+    queued: bool = True  # still in the batcher's queue (not yet taken into a batch)
+
+
+class Reservation:
+    """Room for ``size`` images in the batcher's queue, held by one request.
+
+    Use as a context manager so unused room is always given back::
+
+        with batcher.reserve(len(blobs)) as slot:
+            arrays = await decode(blobs)
+            outputs = await slot.run(arrays, timeout=deadline - now)
+    """
+
+    def __init__(self, batcher: DynamicBatcher, size: int) -> None:
+        self._batcher = batcher
+        self.size = size
+        self._unused = size
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give back room not turned into queue items (idempotent)."""
+        if self._unused:
+            self._batcher._unreserve(self._unused)
+            self._unused = 0
+
+    async def run(
+        self,
+        arrays: Sequence[np.ndarray],
+        *,
+        timeout: float | None = None,
+        cancel_when: asyncio.Future[object] | None = None,
+    ) -> list[tuple[np.ndarray, ...]]:
+        """Queue ``arrays`` and wait for their per-item outputs, in order.
+
+        Raises ``RequestTimeout`` after ``timeout`` seconds, ``ClientGone`` when ``cancel_when``
+        completes first, ``InferenceFailed`` when a batch holding one of the items failed. In each case
+        the request's items still queued are removed.
+        """
+        if len(arrays) > self._unused:
+            raise ValueError(f"reserved {self._unused} more images, got {len(arrays)}")
+        self._unused -= len(arrays)
+        items = self._batcher._enqueue(arrays)
+        try:
+            all_done = asyncio.gather(*(item.future for item in items))
+            # Mark its outcome as seen even when nobody awaits it (timeout, cancellation).
+            all_done.add_done_callback(_consume)
+            waiters: set[asyncio.Future[object]] = {all_done}  # type: ignore[arg-type]
+            if cancel_when is not None:
+                waiters.add(cancel_when)
+            remaining = None if timeout is None else max(0.0, timeout)
+            done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if all_done in done:
+                return all_done.result()
+            all_done.cancel()
+            if cancel_when is not None and cancel_when in done:
+                raise ClientGone()
+            raise RequestTimeout(f"request not answered within {timeout:.3g} s")
+        finally:
+            self._batcher._withdraw(items)
+
+
+class DynamicBatcher:
+    """Groups queued images into batches and runs them through ``run_batch`` in one worker thread."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        executor: Executor | None = None,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_queue < max_batch_size:
+            raise ValueError("max_queue must be >= max_batch_size, or batches could never fill")
+        if max_delay_s < 0:
+            raise ValueError("max_delay_s must be >= 0")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="effnet-infer")
+        self._observer = observer or BatchObserver()
+        self._queue: deque[_Item] = deque()
+        self._admitted = 0  # reserved room + queued items: what max_queue bounds
+        self._running = 0  # items in the batch being run
+        self._accepting = True
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self.batches_run = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name="effnet-batcher")
+
+    @property
+    def admitted(self) -> int:
+        """Images reserved or queued, not yet in a running batch."""
+        return self._admitted
+
+    @property
+    def idle(self) -> bool:
+        return self._admitted == 0 and self._running == 0
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is reserved, queued or running; False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        while not self.idle:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Refuse new work, let admitted work finish (up to ``drain_timeout``), then stop the worker.
+
+        Whatever is still queued afterwards is failed with ``ShuttingDown``.
+        """
+        self.stop_accepting()
+        if drain_timeout > 0:
+            await self.wait_idle(drain_timeout)
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        while self._queue:
+            item = self._queue.popleft()
+            item.queued = False
+            self._admitted -= 1
+            if not item.future.done():
+                item.future.set_exception(ShuttingDown("server is shutting down"))
+        self._observer.queue_depth_changed(self._admitted)
+        if self._own_executor:
+            # Not waiting: a batch still running in the thread finishes in the background.
+            self._executor.shutdown(wait=False)
+
+    # -- admission ---------------------------------------------------------------------------------------
+    def reserve(self, size: int) -> Reservation:
+        """Reserve room for ``size`` images, or raise ``QueueFull`` / ``ShuttingDown`` at once."""
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        if not self._accepting:
+            raise ShuttingDown("server is shutting down")
+        if size > self.max_queue:
+            raise QueueFull(f"a request of {size} images can never fit the queue of {self.max_queue}")
+        if self._admitted + size > self.max_queue:
+            raise QueueFull(f"queue full ({self._admitted} of {self.max_queue} images admitted); retry later")
+        self._admitted += size
+        self._observer.queue_depth_changed(self._admitted)
+        return Reservation(self, size)
+
+    def _unreserve(self, size: int) -> None:
+        self._admitted -= size
+        self._observer.queue_depth_changed(self._admitted)
+
+    def _enqueue(self, arrays: Sequence[np.ndarray]) -> list[_Item]:
+        if self._worker is None:
+            raise ShuttingDown("batcher is not running")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        items = [_Item(np.asarray(a), loop.create_future(), now) for a in arrays]
+        self._queue.extend(items)
+        self._wakeup.set()
+        return items
+
+    def _withdraw(self, items: Sequence[_Item]) -> None:
+        """Remove still-queued items (their request is over) and free their slots."""
+        removed = 0
+        for item in items:
+            if not item.future.done():
+                item.future.cancel()
+            # Not a try/except around remove(): its ValueError message holds repr(item), and formatting
+            # a 150k-float array cost several milliseconds per request.
+            if item.queued:
+                self._queue.remove(item)
+                item.queued = False
+                removed += 1
+        if removed:
+            self._admitted -= removed
+            self._observer.queue_depth_changed(self._admitted)
+
+    # -- the worker ------------------------------------------------------------------------------------
+    async def _work(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _next_batch(self) -> list[_Item]:
+        """Wait until a batch should close, then take it off the queue (empty if all was withdrawn)."""
+        loop = asyncio.get_running_loop()
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        deadline = self._queue[0].enqueued_at + self.max_delay_s
+        # Wait for more images only while some are on their way (admitted, still decoding): when
+        # everything admitted is already queued, waiting could only add latency.
+        while 0 < len(self._queue) < self.max_batch_size and self._admitted > len(self._queue):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        for item in batch:
+            item.queued = False
+        self._admitted -= len(batch)
+        self._observer.queue_depth_changed(self._admitted)
+        return batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        """Run one batch in the inference thread and resolve its items' futures."""
+        loop = asyncio.get_running_loop()
+        self._running = len(batch)
+        self._observer.batch_started(len(batch), [loop.time() - item.enqueued_at for item in batch])
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            outputs = await loop.run_in_executor(
+                self._executor, _stack_and_run, self._run_batch, [item.array for item in batch]
+            )
+            ok = True
+        except asyncio.CancelledError:
+            _fail(batch, ShuttingDown("server is shutting down"))
+            raise
+        except Exception as exc:
+            log.error("batch of %d failed: %s", len(batch), exc, exc_info=exc)
+            _fail(batch, InferenceFailed("inference failed for this batch"))
+        else:
+            for index, item in enumerate(batch):
+                if not item.future.done():
+                    item.future.set_result(tuple(output[index] for output in outputs))
+        finally:
+            self._running = 0
+            self.batches_run += 1
+            self._observer.batch_finished(len(batch), time.perf_counter() - t0, ok)
+
+
+def _fail(batch: Sequence[_Item], error: Exception) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+def _consume(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _stack_and_run(run_batch: RunBatch, arrays: list[np.ndarray]) -> Sequence[np.ndarray]:
+    batch = np.stack(arrays)
+    outputs = run_batch(batch)
+    for output in outputs:
+        if len(output) != len(arrays):
+            raise RuntimeError(f"engine returned {len(output)} rows for a batch of {len(arrays)}")
+    return outputs
+
+
+__all__ = ["BatchObserver", "ClientGone", "DynamicBatcher", "Reservation", "RunBatch"]

@@ -1,0 +1,49 @@
+"""onnxruntime on the model's own ONNX export: the default engine on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.export import export_onnx_bytes
+from service.core.errors import StartupError
+
+
+class OnnxRuntimeEngine:
+    """onnxruntime on the model's own ONNX export (static padding, features and logits as outputs).
+
+    The export is made in memory at start-up (a read-only root file system is fine) and checked against
+    PyTorch before it serves. One intra-op pool of ``num_threads``; no inter-op parallelism, since the
+    graph is a chain.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, net: torch.nn.Module, device: torch.device, num_threads: int,
+                 *, image_size: int | None = None, spinning: bool = False) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        # Off by default: spinning threads burn CPU between operators and batches, which under a
+        # container CPU limit is quota taken from decoding (and throttling). It buys batch-1 latency in
+        # isolation; benchmarks/bench_engines.py measures both.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise StartupError("EFFNET_BACKEND=onnxruntime on cuda needs onnxruntime-gpu (CUDAExecutionProvider)")
+            providers: list = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, check=True)
+        self.session = ort.InferenceSession(onnx_bytes, options, providers=providers)
+        self.device = str(device)
+        self.dtype = "float32"
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        features, logits = self.session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})
+        return features, logits

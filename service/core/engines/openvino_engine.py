@@ -1,0 +1,42 @@
+"""OpenVINO on the model's own ONNX export, float32 on CPU (the optional ``openvino`` extra)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.export import export_onnx_bytes
+from service.core.errors import StartupError
+
+
+class OpenVinoEngine:
+    """OpenVINO on the same in-memory ONNX export, CPU only, forced to f32 precision.
+
+    On CPUs with bf16 support OpenVINO would otherwise pick bf16 by itself, which is not the same model:
+    ``INFERENCE_PRECISION_HINT=f32`` keeps it float32 (checked against PyTorch at start-up).
+    """
+
+    backend = "openvino"
+
+    def __init__(self, net: torch.nn.Module, device: torch.device, num_threads: int,
+                 *, image_size: int | None = None) -> None:
+        import openvino as ov
+
+        if device.type != "cpu":
+            raise StartupError("EFFNET_BACKEND=openvino runs on cpu only; use torch on a GPU")
+        core = ov.Core()
+        graph = core.read_model(export_onnx_bytes(net.eval(), image_size=image_size, with_features=True))
+        self._compiled = core.compile_model(graph, "CPU", {
+            "INFERENCE_NUM_THREADS": num_threads,
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        })
+        self._request = self._compiled.create_infer_request()
+        self._outputs = [self._compiled.output("features"), self._compiled.output("logits")]
+        self.device = str(device)
+        self.dtype = "float32"
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        result = self._request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])

@@ -1,0 +1,119 @@
+"""The service's declared errors, independent of any transport.
+
+Each error carries the HTTP status it maps to (the V2 protocol uses the same codes; gRPC maps them to its
+own), a stable machine-readable ``code`` and a message written for the client. A front-end turns them
+into its own error format; stack traces go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An error with its HTTP status, a stable machine-readable code and a message for the client."""
+
+    status_code = 500
+    code = "internal_error"
+    # Value of effnet_rejected_total{reason}; None for errors that are not rejections.
+    reject_reason: str | None = None
+    retry_after: int | None = None
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+        if self.retry_after is not None:
+            self.headers.setdefault("Retry-After", str(self.retry_after))
+
+
+class InvalidImage(ServiceError):
+    """Content that is empty, not a supported image format, or cannot be decoded."""
+
+    status_code = 400
+    code = "invalid_image"
+    reject_reason = "invalid_image"
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+    code = "bad_request"
+    reject_reason = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+    reject_reason = "unauthorized"
+
+    def __init__(self, message: str = "missing or invalid API key") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class BodyTooLarge(ServiceError):
+    status_code = 413
+    code = "body_too_large"
+    reject_reason = "body_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status_code = 413
+    code = "image_too_large"
+    reject_reason = "image_too_large"
+
+
+class TooManyImages(ServiceError):
+    status_code = 413
+    code = "too_many_images"
+    reject_reason = "too_many_images"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    code = "unsupported_media_type"
+    reject_reason = "unsupported_media_type"
+
+
+class QueueFull(ServiceError):
+    status_code = 503
+    code = "overloaded"
+    reject_reason = "queue_full"
+    retry_after = 1
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    code = "not_ready"
+    reject_reason = "not_ready"
+    retry_after = 5
+
+
+class ShuttingDown(ServiceError):
+    status_code = 503
+    code = "shutting_down"
+    reject_reason = "shutting_down"
+    retry_after = 1
+
+
+class ServiceUnavailable(ServiceError):
+    status_code = 503
+    code = "unavailable"
+
+
+class RequestTimeout(ServiceError):
+    status_code = 504
+    code = "timeout"
+    reject_reason = "timeout"
+
+
+class InferenceFailed(ServiceError):
+    status_code = 500
+    code = "inference_failed"
+
+
+class StartupError(RuntimeError):
+    """A start that cannot succeed: unknown model, bad weights, missing device, bad labels file."""
+
+
+
+
+class ClientGone(Exception):
+    """The client disconnected while its images waited; nobody will read the answer."""

@@ -1,0 +1,228 @@
+"""Start-up loading: settings -> a ready engine plus the facts ``/info`` reports.
+
+``EFFNET_BACKEND`` chooses the engine (see ``service.core.engines``); ``auto`` is onnxruntime on CPU
+when it is installed (2-3x faster there, see docs/benchmarks.md) and torch on a GPU.
+
+``load_model`` does everything that can make a start fail (unknown variant, missing or bad weights,
+absent GPU, bad labels file, an unsupported dtype on the device) and raises ``StartupError`` with one
+clear sentence; the service never runs half-alive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import EfficientNet, WeightsError, default_weights_path, get_efficientnet_config, imagenet_classes
+from service.core.engines import Engine, build_engine
+from service.core.errors import StartupError
+from service.core.settings import Settings
+
+log = logging.getLogger("service.core.loading")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready engine plus the facts /info reports."""
+
+    engine: Engine
+    variant: Any  # model.VariantConfig
+    labels: list[str]
+    num_features: int
+    num_parameters: int
+    weights_source: str  # "package" | "file" | "random"
+    weights_file: str | None
+    weights_sha256: str | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def preprocess(self) -> Any:  # model.PreprocessConfig
+        return self.variant.preprocess
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise StartupError(f"EFFNET_DEVICE={spec} but CUDA is not available ({build}); use cpu or auto")
+    device = torch.device(spec)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise StartupError(f"EFFNET_DEVICE={spec} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+# What each optional backend needs installed, and how to get it.
+_BACKEND_MODULES = {"onnxruntime": ("onnxruntime", "pip install onnx onnxruntime"),
+                    "openvino": ("openvino", "pip install 'effnet-serve[openvino]'")}
+
+
+def resolve_backend(name: str, device: torch.device, dtype: str = "float32") -> str:
+    """The engine to build: ``auto`` is onnxruntime for float32 on CPU when installed, else torch."""
+    if name == "auto":
+        if device.type == "cpu" and dtype == "float32" and _installed("onnxruntime"):
+            return "onnxruntime"
+        return "torch"
+    if name in _BACKEND_MODULES:
+        module, how = _BACKEND_MODULES[name]
+        if not _installed(module):
+            raise StartupError(f"EFFNET_BACKEND={name} but {module} is not installed ({how}), or use torch or auto")
+        if dtype != "float32":
+            raise StartupError(f"EFFNET_BACKEND={name} serves float32 only, not {dtype}; "
+                               "use EFFNET_BACKEND=torch for float16/bfloat16")
+    return name
+
+
+def load_labels(path: str | None, num_classes: int) -> list[str]:
+    """Class names from a JSON list or a one-name-per-line text file; default: ImageNet's 1000 names."""
+    if path is None:
+        names = list(imagenet_classes())
+        source = "the packaged ImageNet names"
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StartupError(f"cannot read EFFNET_LABELS file {path}: {exc}") from None
+        source = path
+        if text.lstrip().startswith("["):
+            try:
+                names = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise StartupError(f"EFFNET_LABELS file {path} is not valid JSON: {exc}") from None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise StartupError(f"EFFNET_LABELS file {path} must hold a JSON list of strings")
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise StartupError(f"{source} has {len(names)} class names but the model has {num_classes} classes")
+    return names
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Build, load, move and probe the model; ``StartupError`` with one clear sentence if impossible."""
+    try:
+        variant = get_efficientnet_config(settings.model)
+    except (ValueError, KeyError) as exc:
+        raise StartupError(f"unknown EFFNET_MODEL {settings.model!r}: {exc}") from None
+    device = resolve_device(settings.device)
+    backend = resolve_backend(settings.backend, device, settings.dtype)
+    dtype = _DTYPES[settings.dtype]
+    torch.set_num_threads(settings.effective_num_threads)
+
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+    if settings.random_weights:
+        net = EfficientNet.from_name(variant.name)
+        source = "random"
+        log.warning(
+            "serving %s with RANDOM weights (EFFNET_WEIGHTS=random): predictions are meaningless",
+            variant.name,
+        )
+    else:
+        path = settings.weights or default_weights_path(variant.name)
+        if path is None:
+            raise StartupError(
+                f"no weights for {variant.name}: set EFFNET_WEIGHTS to a checkpoint file "
+                "(or EFFNET_WEIGHTS=random to serve random weights on purpose)"
+            )
+        source = "file" if settings.weights else "package"
+        try:
+            net = EfficientNet.from_pretrained(variant.name, path)
+        except FileNotFoundError:
+            raise StartupError(f"weights file not found: {path}") from None
+        except WeightsError as exc:
+            raise StartupError(f"bad weights for {variant.name}: {exc}") from None
+        except Exception as exc:  # a reader error the model package did not classify
+            raise StartupError(
+                f"bad weights for {variant.name}: cannot load {path} "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
+        weights_file = os.path.basename(path)
+        weights_sha256 = _sha256(path)
+
+    num_parameters = sum(p.numel() for p in net.parameters())
+    num_features = int(net.num_features)
+    labels = load_labels(settings.labels, variant.global_config.num_classes)
+
+    size = variant.preprocess.input_size
+    try:
+        engine = build_engine(backend, net, device, dtype, num_threads=settings.effective_num_threads,
+                              image_size=size)
+        features, logits = engine.run(np.zeros((1, 3, size, size), dtype=np.float32))
+    except StartupError:
+        raise
+    except Exception as exc:
+        raise StartupError(
+            f"cannot run {variant.name} on {device} in {settings.dtype}: {_first_line(exc)}"
+        ) from None
+    if features.shape != (1, num_features) or logits.shape != (1, len(labels)):
+        raise StartupError(
+            f"engine returned shapes {features.shape}, {logits.shape}; expected "
+            f"(1, {num_features}), (1, {len(labels)})"
+        )
+    return LoadedModel(
+        engine=engine,
+        variant=variant,
+        labels=labels,
+        num_features=num_features,
+        num_parameters=num_parameters,
+        weights_source=source,
+        weights_file=weights_file,
+        weights_sha256=weights_sha256,
+    )
+
+
+def variant_config_dict(variant: Any) -> dict[str, Any]:
+    """The variant's global configuration as plain data (for /info)."""
+    config = getattr(variant, "global_config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return {}
+    return {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
+
+
+__all__ = [
+    "LoadedModel",
+    "load_labels",
+    "load_model",
+    "resolve_backend",
+    "resolve_device",
+    "variant_config_dict",
+]

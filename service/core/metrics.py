@@ -1,0 +1,164 @@
+"""Prometheus metrics of one app instance, in a registry of its own (so tests can build several apps).
+
+Naming follows Prometheus conventions: base units (seconds), ``_total`` counters, histograms for
+latencies and batch sizes, a gauge for the queue depth and an ``_info`` gauge for the model. No request
+ids or other unbounded values appear in labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from service.core.batching import BatchObserver
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ENDPOINTS = ("/predict", "/features", "/healthz", "/readyz", "/info", "/metrics", "/docs", "/openapi.json")
+REJECT_REASONS = (
+    "queue_full",
+    "timeout",
+    "not_ready",
+    "shutting_down",
+    "body_too_large",
+    "image_too_large",
+    "too_many_images",
+    "unsupported_media_type",
+    "invalid_image",
+    "invalid_parameters",
+    "bad_request",
+    "unauthorized",
+    "client_gone",
+)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """1, 2, 4, ... up to max_batch_size (inclusive), so each power of two is visible."""
+    buckets: list[float] = []
+    size = 1
+    while size < max_batch_size:
+        buckets.append(float(size))
+        size *= 2
+    buckets.append(float(max_batch_size))
+    return tuple(buckets)
+
+
+def endpoint_label(path: str) -> str:
+    return path if path in ENDPOINTS else "other"
+
+
+class Metrics(BatchObserver):
+    """All metrics of the service; also the batcher's observer."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, max_batch_size: int, *, process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        if process_metrics:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "effnet_requests",
+            "HTTP requests answered, by endpoint and status code.",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "effnet_request_duration_seconds",
+            "Time from request arrival to the end of the response.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "effnet_queue_wait_seconds",
+            "Time an image waited in the batch queue before its batch ran.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "effnet_inference_duration_seconds",
+            "Duration of one batched forward pass.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "effnet_batch_size",
+            "Images per forward pass (one observation per batch).",
+            buckets=batch_size_buckets(max_batch_size),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "effnet_queue_depth",
+            "Images admitted (decoding or queued) and not yet in a running batch.",
+            registry=r,
+        )
+        self.images = Counter(
+            "effnet_images",
+            "Images run through the model successfully.",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "effnet_rejected",
+            "Requests refused or failed before an answer, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "effnet_batch_failures",
+            "Forward passes that raised (their requests got 500).",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "effnet_model_info",
+            "The served model: always 1, the facts are in the labels.",
+            ["model", "device", "dtype", "backend"],
+            registry=r,
+        )
+        self.ready = Gauge("effnet_ready", "1 when the service is ready to serve, else 0.", registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    # -- BatchObserver -------------------------------------------------------------------------------------
+    def queue_depth_changed(self, images: int) -> None:
+        self.queue_depth.set(images)
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        self.batch_size.observe(size)
+        for wait in queue_waits_s:
+            self.queue_wait.observe(max(0.0, wait))
+
+    def batch_finished(self, size: int, duration_s: float, ok: bool) -> None:
+        self.inference_duration.observe(duration_s)
+        if ok:
+            self.images.inc(size)
+        else:
+            self.batch_failures.inc()
+
+    # -- the rest ------------------------------------------------------------------------------------------
+    def set_model(self, model: str, device: str, dtype: str, backend: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model, device, dtype, backend).set(1)
+
+    def observe_request(self, path: str, status: int, duration_s: float, reject_reason: str | None) -> None:
+        endpoint = endpoint_label(path)
+        self.requests.labels(endpoint, str(status)).inc()
+        self.request_duration.labels(endpoint).observe(duration_s)
+        if reject_reason:
+            self.rejected.labels(reject_reason if reject_reason in REJECT_REASONS else "bad_request").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+__all__ = ["ENDPOINTS", "Metrics", "REJECT_REASONS", "batch_size_buckets", "endpoint_label"]

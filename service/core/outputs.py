@@ -1,0 +1,41 @@
+"""Turning an engine's raw outputs into answers: probabilities, top-k classes, embeddings.
+
+Shared by every front-end so that /predict, the V2 classification extension and the batch command give
+the same scores for the same image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    label: str
+    score: float
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, computed in float64 for stable small scores."""
+    shifted = logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def top_classes(logits: np.ndarray, labels: Sequence[str], k: int) -> list[ClassScore]:
+    """The ``k`` most probable classes of one image's logits, best first (ties keep class order)."""
+    probs = softmax(logits)
+    best = np.argsort(-probs, kind="stable")[:k]
+    return [ClassScore(index=int(i), label=labels[i], score=float(probs[i])) for i in best]
+
+
+def embedding(pooled: np.ndarray, *, normalize: bool = False) -> np.ndarray:
+    """One image's pooled features as float64, optionally L2-normalised."""
+    vector = pooled.astype(np.float64)
+    if normalize:
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+    return vector

@@ -1,0 +1,203 @@
+"""The running service: engine, batcher and decode pool, plus the lifecycle the probes report.
+
+Every front-end (HTTP, V2 REST and gRPC, the batch command) drives this one object: ``admit`` a request,
+``infer`` its encoded images, read ``state``. It knows nothing of any transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from enum import Enum
+
+import numpy as np
+
+from service.core.batching import DynamicBatcher
+from service.core.errors import InvalidImage, NotReady, RequestTimeout, ServiceError, ShuttingDown
+from service.core.imaging import Preprocessor
+from service.core.loading import LoadedModel
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+
+log = logging.getLogger("service.core.runtime")
+
+WARMUP_ROUNDS = 3
+
+
+class Lifecycle(str, Enum):
+    """The states the probes report, in order.
+
+    ``warming`` (loaded, warm-up passes running; readiness 503) -> ``ready`` -> ``draining`` (SIGTERM or
+    shutdown: readiness 503, new requests 503, admitted requests still answered) -> ``stopped``. A warm-up
+    that fails moves to ``failed``: liveness turns 503 and the server exits non-zero with ``failure``.
+    """
+
+    STARTING = "starting"
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def shutting_down(self) -> bool:
+        return self in (Lifecycle.DRAINING, Lifecycle.STOPPED)
+
+
+class InferenceService:
+    def __init__(
+        self,
+        settings: Settings,
+        model: LoadedModel,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.metrics = metrics
+        self.preprocessor = Preprocessor(model.preprocess, max_pixels=settings.max_image_pixels)
+        self._decode_pool = ThreadPoolExecutor(
+            settings.effective_decode_threads, thread_name_prefix="effnet-decode"
+        )
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="effnet-infer")
+        self.batcher = DynamicBatcher(
+            model.engine.run,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000.0,
+            max_queue=settings.max_queue,
+            executor=self._infer_pool,
+            observer=metrics,
+        )
+        self.state = Lifecycle.STARTING
+        self.failure: str | None = None  # why the service failed after start-up (state FAILED)
+        self.inflight = 0
+        self._warmup_task: asyncio.Task[None] | None = None
+        engine = model.engine
+        metrics.set_model(model.variant.name, engine.device, engine.dtype, engine.backend)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state is Lifecycle.READY
+
+    def _set_state(self, state: Lifecycle) -> None:
+        self.state = state
+        self.metrics.ready.set(1 if state is Lifecycle.READY else 0)
+        log.info("state: %s", state.value)
+
+    async def start(self) -> None:
+        self.batcher.start()
+        if self.settings.warmup:
+            self._set_state(Lifecycle.WARMING)
+            self._warmup_task = asyncio.get_running_loop().create_task(self._warm_up(), name="effnet-warmup")
+        else:
+            self._set_state(Lifecycle.READY)
+
+    async def _warm_up(self) -> None:
+        loop = asyncio.get_running_loop()
+        size = self.preprocessor.input_size
+        started = time.perf_counter()
+        try:
+            # The first passes at each batch size pay for kernel selection and allocation; do that
+            # before the first user does. Runs on the inference thread, so it never overlaps a batch.
+            for batch_size in sorted({1, self.settings.max_batch_size}):
+                batch = np.zeros((batch_size, 3, size, size), dtype=np.float32)
+                for _ in range(WARMUP_ROUNDS):
+                    await loop.run_in_executor(self._infer_pool, self.model.engine.run, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self.failure = f"warm-up failed: {type(exc).__name__}: {detail}"
+            log.error(self.failure)
+            self._set_state(Lifecycle.FAILED)
+            return
+        if self.state is Lifecycle.WARMING:
+            log.info("warm-up done in %.2f s", time.perf_counter() - started)
+            self._set_state(Lifecycle.READY)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting work and wait (up to ``timeout``) until every admitted request is answered."""
+        if not self.state.shutting_down:
+            self._set_state(Lifecycle.DRAINING)
+        deadline = time.monotonic() + timeout
+        while self.inflight or not self.batcher.idle:
+            if time.monotonic() >= deadline:
+                log.warning("drain timed out with %d request(s) in flight", self.inflight)
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def close(self) -> None:
+        await self.drain(self.settings.shutdown_drain_s)
+        if self._warmup_task is not None and not self._warmup_task.done():
+            # The pass running in the inference thread cannot be interrupted; wait for it.
+            self._warmup_task.cancel()
+            try:
+                await self._warmup_task
+            except asyncio.CancelledError:
+                pass
+        await self.batcher.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._infer_pool.shutdown(wait=True)
+        self._set_state(Lifecycle.STOPPED)
+
+    # -- requests -----------------------------------------------------------------------------------------
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Admission of one inference request: refused unless ready; counted until answered."""
+        if self.state.shutting_down:
+            raise ShuttingDown(
+                "server is shutting down; retry on another instance", headers={"Connection": "close"}
+            )
+        if self.state is not Lifecycle.READY:
+            raise NotReady(f"model is not ready yet ({self.state.value})")
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    async def infer(
+        self,
+        blobs: Sequence[tuple[str | None, bytes]],
+        *,
+        deadline: float,
+        cancel_when: asyncio.Future[object] | None = None,
+    ) -> list[tuple[np.ndarray, ...]]:
+        """Decode, preprocess and batch the images; per-image (features, logits) in request order.
+
+        ``deadline`` is a ``time.monotonic()`` value covering decoding, queueing and inference.
+        """
+        loop = asyncio.get_running_loop()
+        with self.batcher.reserve(len(blobs)) as slot:
+            decodes = [
+                loop.run_in_executor(self._decode_pool, _decode, self.preprocessor, i, name, data)
+                for i, (name, data) in enumerate(blobs)
+            ]
+            try:
+                arrays = await asyncio.wait_for(
+                    asyncio.gather(*decodes), max(0.0, deadline - time.monotonic())
+                )
+            except asyncio.TimeoutError:
+                raise RequestTimeout("request not answered in time (decoding)") from None
+            finally:
+                for future in decodes:
+                    future.cancel()
+            return await slot.run(arrays, timeout=deadline - time.monotonic(), cancel_when=cancel_when)
+
+
+def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes) -> np.ndarray:
+    try:
+        return preprocessor(data)
+    except ServiceError as exc:
+        # Say which image of a multi-image request was refused.
+        label = f"image {index + 1}" + (f" ({name})" if name else "")
+        exc.message = f"{label}: {exc.message}"
+        exc.args = (exc.message,)
+        raise
+    except Exception as exc:  # pragma: no cover - decode_image maps every decoder failure already
+        raise InvalidImage(f"image {index + 1}: cannot decode image ({type(exc).__name__})") from exc

@@ -1,0 +1,91 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, model, core service, routers and
+middleware.
+
+The lifespan loads the model (unless the caller already did, as ``efficientnet-serve`` does so that a bad
+start fails before the port opens), starts the core service and its warm-up, and on shutdown drains the
+admitted work before stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.core.loading import LoadedModel, load_model
+from service.core.metrics import Metrics
+from service.core.runtime import InferenceService
+from service.core.settings import Settings
+from service.http import inference, operations
+from service.http.docs import install_docs
+from service.http.errors import install_error_handlers
+from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+
+log = logging.getLogger("service.http.app")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("effnet-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def create_app(settings: Settings | None = None, *, model: LoadedModel | None = None) -> FastAPI:
+    """Build the app. ``model``: an already loaded model (else the lifespan loads one from ``settings``)."""
+    settings = settings or Settings()
+    metrics = Metrics(settings.max_batch_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
+        service = InferenceService(settings, loaded, metrics)
+        app.state.service = service
+        await service.start()
+        log.info(
+            "serving %s on %s (%s, %s weights)",
+            loaded.variant.name,
+            loaded.engine.device,
+            loaded.engine.dtype,
+            loaded.weights_source,
+        )
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(
+        title="EfficientNet inference service",
+        version=_version(),
+        description="Image classification and embeddings with EfficientNet, dynamically batched.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(operations.router)
+    app.include_router(inference.inference_router(require_auth=settings.api_key is not None))
+    install_docs(app)
+
+    # Added innermost first: the request-context middleware must wrap everything, including the 413
+    # that the body limit answers without calling the app.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    origins = settings.cors_origin_list
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

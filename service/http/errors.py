@@ -1,0 +1,112 @@
+"""Error responses of the HTTP front-end: every failure becomes one JSON shape.
+
+Every error response is ``{"error": {"code": str, "message": str, "request_id": str | null}}`` (422s add
+``details``). Stack traces go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.core.errors import NotReady, QueueFull, ServiceError, ServiceUnavailable, ShuttingDown
+
+log = logging.getLogger("service.http.errors")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_parameters",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def error_body(code: str, message: str, request_id: str | None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "request_id": request_id, **extra}}
+
+
+def error_response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    # Remember the reason for the metrics middleware (it only sees the status code otherwise).
+    request.state.error_code = code
+    return JSONResponse(error_body(code, message, request_id_of(request), **extra), status, headers=headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    if exc.reject_reason is not None:
+        request.state.reject_reason = exc.reject_reason
+    if exc.status_code >= 500 and not isinstance(
+        exc, (QueueFull, NotReady, ShuttingDown, ServiceUnavailable)
+    ):
+        log.error("%s: %s", exc.code, exc.message, extra={"request_id": request_id_of(request)})
+    return error_response(request, exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return error_response(request, exc.status_code, code, message, dict(exc.headers or {}))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {
+            "loc": _jsonable(list(e.get("loc", ()))),
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in exc.errors()
+    ]
+    request.state.reject_reason = "invalid_parameters"
+    message = (
+        "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in details) or "invalid request"
+    )
+    return error_response(request, 422, "invalid_parameters", message, details=details)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc, extra={"request_id": request_id_of(request)})
+    return error_response(request, 500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,187 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer bodies and hide client disconnects).
+
+- ``RequestContextMiddleware`` (outermost): takes or makes the ``X-Request-ID``, echoes it, records the
+  request metrics and writes one JSON access-log line per request. An exception that escaped everything
+  else becomes a JSON 500 without a stack trace.
+- ``BodyLimitMiddleware``: refuses a body over the limit with 413, from ``Content-Length`` before reading
+  anything, and by counting bytes as they arrive otherwise (chunked uploads), so no oversized body is
+  ever buffered whole. An error answered before the body was read waits until the (bounded) rest of the
+  body has arrived, so the client reliably gets the answer instead of a connection reset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.core.errors import BodyTooLarge
+from service.core.metrics import Metrics
+from service.http.errors import error_body
+
+access_log = logging.getLogger("service.access")
+log = logging.getLogger("service.http.middleware")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            try:
+                return value.decode("latin-1")
+            except Exception:  # pragma: no cover
+                return None
+    return None
+
+
+async def send_json_error(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    request_id: str | None,
+    headers: dict[str, str] | None = None,
+) -> None:
+    body = json.dumps(error_body(code, message, request_id), separators=(",", ":")).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    for key, value in (headers or {}).items():
+        raw_headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status = 0
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Starlette's ServerErrorMiddleware already answered (and re-raised); answer only if not.
+            log.error("unhandled error", exc_info=exc, extra={"request_id": request_id})
+            if not response_started:
+                status = 500
+                try:
+                    await send_json_error(
+                        send,
+                        500,
+                        "internal_error",
+                        "internal server error",
+                        request_id,
+                        {"x-request-id": request_id},
+                    )
+                except Exception:  # pragma: no cover - client gone
+                    pass
+            status = status or 500
+        finally:
+            duration = time.perf_counter() - started
+            path = scope.get("path", "")
+            reason = state.get("reject_reason")
+            self.metrics.observe_request(path, status or 499, duration, reason)
+            client = scope.get("client")
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope.get("method"),
+                    "path": path,
+                    "status": status or 499,
+                    "duration_s": round(duration, 6),
+                    "client": client[0] if client else None,
+                    "reject_reason": reason,
+                    "images": state.get("images"),
+                },
+            )
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                size = -1
+            if size > limit:
+                state = scope.setdefault("state", {})
+                state["reject_reason"] = BodyTooLarge.reject_reason
+                await send_json_error(
+                    send,
+                    413,
+                    BodyTooLarge.code,
+                    f"request body of {size} bytes exceeds the limit of {limit}",
+                    state.get("request_id"),
+                    {"connection": "close"},
+                )
+                return
+        received = 0
+        body_done = False
+
+        def count(message: Message) -> None:
+            nonlocal received, body_done
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body_done = True
+            else:  # http.disconnect
+                body_done = True
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            count(message)
+            if received > limit:
+                raise BodyTooLarge(
+                    f"request body exceeds the limit of {limit} bytes", headers={"Connection": "close"}
+                )
+            return message
+
+        async def send_after_body(message: Message) -> None:
+            # An answer given before the body was read (401, 415, 503, ...): read the rest of the body
+            # first (it is bounded by the limit), or closing the socket on unread data would reset the
+            # connection and the client could lose the answer.
+            if message["type"] == "http.response.start" and not body_done:
+                while not body_done and received <= limit:
+                    count(await receive())
+                if not body_done:
+                    headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counting_receive, send_after_body)

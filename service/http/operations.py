@@ -1,0 +1,116 @@
+"""Operations endpoints: liveness, readiness, model information and Prometheus metrics."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from service.core.errors import NotReady, ServiceUnavailable, ShuttingDown
+from service.core.imaging import describe
+from service.core.loading import variant_config_dict
+from service.core.runtime import InferenceService, Lifecycle
+from service.http.deps import ServiceDep, SettingsDep
+from service.http.schemas import ErrorResponse, HealthResponse, InfoResponse, ReadyResponse
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    # Read once: importlib.metadata parses each package's METADATA file, ~1 ms a package.
+    versions = {"python": platform.python_version()}
+    for dist in ("effnet-serve", "torch", "numpy", "pillow", "fastapi", "uvicorn", "onnxruntime"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get(
+    "/healthz",
+    response_model=HealthResponse,
+    responses={503: {"model": ErrorResponse, "description": "The service failed after start-up."}},
+    summary="Liveness: the process answers (503 only after a fatal failure)",
+)
+async def healthz(request: Request) -> HealthResponse:
+    service: InferenceService | None = getattr(request.app.state, "service", None)
+    if service is not None and service.state is Lifecycle.FAILED:
+        raise ServiceUnavailable("service failed after start-up; see the server log")
+    return HealthResponse(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": ErrorResponse, "description": "Loading, warming up or draining."}},
+    summary="Readiness: 200 once warmed up, 503 while loading or draining",
+)
+async def readyz(request: Request) -> Any:
+    service: InferenceService | None = getattr(request.app.state, "service", None)
+    if service is None:
+        raise NotReady("model is loading")
+    if service.ready:
+        return ReadyResponse(status="ready")
+    if service.state.shutting_down:
+        raise ShuttingDown("server is shutting down")
+    raise NotReady(f"model is not ready ({service.state.value})")
+
+
+@router.get(
+    "/info", response_model=InfoResponse, summary="Model, preprocessing and serving configuration"
+)
+async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
+    model = service.model
+    engine = model.engine
+    return InfoResponse(
+        model=model.variant.name,
+        state=service.state.value,
+        num_classes=model.num_classes,
+        num_features=model.num_features,
+        parameters=model.num_parameters,
+        config=variant_config_dict(model.variant),
+        preprocessing=describe(model.preprocess),  # type: ignore[arg-type]
+        device=engine.device,
+        dtype=engine.dtype,
+        backend=engine.backend,
+        weights_source=model.weights_source,
+        weights_file=model.weights_file,
+        weights_sha256=model.weights_sha256,
+        batching={
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_delay_ms": settings.max_batch_delay_ms,
+            "max_queue": settings.max_queue,
+            "request_timeout_s": settings.request_timeout_s,
+        },  # type: ignore[arg-type]
+        limits={
+            "max_body_bytes": settings.max_body_bytes,
+            "max_image_pixels": settings.max_image_pixels,
+            "max_images_per_request": settings.max_images_per_request,
+        },  # type: ignore[arg-type]
+        threads={"torch": settings.effective_num_threads, "decode": settings.effective_decode_threads},
+        auth_required=settings.api_key is not None,
+        versions=_versions(),
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition format.",
+        }
+    },
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics
+    return Response(registry.render(), media_type=registry.content_type)

@@ -1,0 +1,103 @@
+"""Reading the uploaded images of /predict and /features from the request body.
+
+Both endpoints take either ``multipart/form-data`` with one or more parts named ``file`` or a raw body
+with an ``image/*`` (or ``application/octet-stream``) content type. The body is parsed here rather than
+by FastAPI parameters because the two encodings share one endpoint; its OpenAPI description is written
+out in ``IMAGE_REQUEST_BODY``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from service.core.errors import BadRequest, ClientGone, ServiceError, TooManyImages, UnsupportedMediaType
+from service.core.settings import Settings
+
+# Raw-body content types accepted besides multipart. Other image/* types (svg+xml, heic, ...) are 415.
+RAW_IMAGE_TYPES = (
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/png",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+    "image/x-ms-bmp",
+    "image/x-bmp",
+    "image/tiff",
+    "application/octet-stream",
+)
+_BINARY = {"type": "string", "format": "binary"}
+IMAGE_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "description": (
+        "Either multipart/form-data with one or more parts named `file`, or the raw bytes of one image. "
+        "Accepted formats: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF."
+    ),
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "array", "items": _BINARY, "minItems": 1}},
+                "required": ["file"],
+            }
+        },
+        **{media: {"schema": _BINARY} for media in RAW_IMAGE_TYPES if media != "image/jpg"},
+    },
+}
+
+
+async def read_images(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:
+    """The uploaded images as (filename, bytes). A client that hangs up mid-upload raises ``ClientGone``
+    (answered 499 ``client_gone``, like one that leaves while queued), not a 500 or a 400."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    # A request larger than the whole queue could never be admitted: that is a 413, not a 503.
+    cap = min(settings.max_images_per_request, settings.max_queue)
+    if media == "multipart/form-data":
+        parser = MultiPartParser(
+            request.headers, request.stream(), max_files=cap, max_fields=16, max_part_size=64 * 1024
+        )
+        try:
+            form = await parser.parse()
+        except ServiceError:
+            raise
+        except ClientDisconnect:
+            raise ClientGone() from None
+        except MultiPartException as exc:
+            if exc.message.startswith("Too many files"):
+                raise TooManyImages(f"too many images in one request; the limit is {cap}") from None
+            raise BadRequest(f"invalid multipart body: {exc.message}") from None
+        except Exception as exc:  # python-multipart errors on malformed bodies
+            raise BadRequest(f"invalid multipart body ({type(exc).__name__})") from None
+        try:
+            parts = form.getlist("file")
+            if not parts:
+                raise BadRequest("multipart body has no part named 'file'")
+            blobs: list[tuple[str | None, bytes]] = []
+            for part in parts:
+                if not isinstance(part, UploadFile):
+                    raise BadRequest("part 'file' must be a file upload (with a filename)")
+                name = (part.filename or None) and part.filename[:255]
+                blobs.append((name, await part.read()))
+            return blobs
+        finally:
+            await form.close()
+    if media.startswith("image/") or media == "application/octet-stream":
+        if media not in RAW_IMAGE_TYPES:
+            raise UnsupportedMediaType(
+                f"unsupported image type {media}; accepted: JPEG, PNG, WebP, GIF, BMP, TIFF"
+            )
+        try:
+            return [(None, await request.body())]
+        except ClientDisconnect:
+            raise ClientGone() from None
+    raise UnsupportedMediaType(
+        f"unsupported content type {media or '(none)'}: send multipart/form-data with 'file' parts "
+        "or a raw image body with an image/* content type"
+    )
