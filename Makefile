@@ -8,11 +8,12 @@ PORT   ?= 8000
 TORCH  := torch==2.13.0
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 
-.PHONY: run test lint bench export clean help
+.PHONY: run test test-fast lint bench export clean help
 
 help:
 	@echo "make run     - create .venv if needed and serve $${EFFNET_MODEL:-efficientnet-lite0} at http://$(HOST):$(PORT)"
 	@echo "make test    - install the dev extras and run the tests, linters and validators"
+	@echo "make test-fast - the unit tests without the slow ones (well under a minute)"
 	@echo "make lint    - ruff and the deployment validators only"
 	@echo "make bench   - the benchmark suite (writes docs/benchmarks.md)"
 	@echo "make export  - export the default model to ONNX (artifacts/)"
@@ -44,6 +45,10 @@ lint: $(VENV)/.stamp-dev .venv-checkov/.stamp
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The inner loop: in-process unit tests only, without the ones that build real networks.
+test-fast: $(VENV)/.stamp-dev
+	$(BIN)/python -m pytest tests/unit -m "not slow" -q
 
 bench: $(VENV)/.stamp-dev
 	$(PIP) -e ".[dev,bench]"

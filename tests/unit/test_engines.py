@@ -13,6 +13,8 @@ from service.core.imaging import Preprocessor
 from service.core.loading import load_model
 from service.core.settings import Settings
 
+pytestmark = pytest.mark.slow  # real networks or many generated cases: not in `make test-fast`
+
 BACKENDS = ["torch", "onnxruntime", "openvino"]
 
 

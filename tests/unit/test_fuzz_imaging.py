@@ -28,7 +28,8 @@ from model import get_efficientnet_config
 from service.core.errors import ImageTooLarge, InvalidImage, ServiceError
 from service.core.imaging import Preprocessor
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about every corrupt EXIF block
+# Pillow warns about every corrupt EXIF block.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 EXAMPLES = 300
 MAX_PIXELS = 4_000_000  # small, so huge-but-allowed declared sizes stay cheap to try

@@ -22,6 +22,8 @@ from schemathesis.core.parameters import ParameterLocation
 
 from tests.helpers.fakes import FakeEngine, app_with_engine
 
+pytestmark = pytest.mark.slow  # real networks or many generated cases: not in `make test-fast`
+
 EXAMPLES = 150
 KEY = "fuzz-key-0123456789"
 

@@ -19,7 +19,7 @@ from tests.helpers.model import count_modules, random_net
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")]
 
 ROOT = Path(__file__).resolve().parents[2]
 LITE0 = "efficientnet-lite0"

@@ -16,7 +16,7 @@ from tests.helpers.model import (
     reference_net,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 # Small inputs keep the large variants fast; 64 still leaves a 2x2 map after the /32 reduction.
 SIZES = {name: 64 for name in B_SERIES + LITE_SERIES}

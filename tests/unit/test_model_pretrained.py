@@ -20,6 +20,8 @@ from model import (
     read_state_dict,
 )
 
+pytestmark = pytest.mark.slow  # real networks or many generated cases: not in `make test-fast`
+
 DATA = Path(__file__).resolve().parent.parent / "data"
 LITE0 = "efficientnet-lite0"
 CATS = {"tabby", "tiger cat", "Egyptian cat"}

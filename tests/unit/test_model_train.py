@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from model import EfficientNet
 from tests.helpers.model import count_modules
 
+pytestmark = pytest.mark.slow  # real networks or many generated cases: not in `make test-fast`
+
 
 def make_b0(memory_efficient: bool, seed: int = 0) -> EfficientNet:
     torch.manual_seed(seed)

@@ -1,0 +1,98 @@
+"""The project's layering holds: no import cycle between its modules (imports inside functions included),
+the model package never imports the service, and the service's core imports no front-end."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("model", "service")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Project modules that ``path`` imports anywhere in its body (resolved to the deepest module)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            # "from package import submodule" imports the submodule; "from module import name" the module.
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
+    modules = {_module_name(p) for p in files}
+    return {_module_name(p): _imports(p, modules) for p in files}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path, monkeypatch):
+    graph = _graph()
+    assert "model.config" in graph["model.efficientnet"]  # a relative import
+    assert "service.core.loading" in graph["service.http.app"]
+    (tmp_path / "pkg").mkdir()
+    source = tmp_path / "pkg" / "a.py"
+    source.write_text("def f():\n    from .b import thing\n    import pkg.c\n")
+    monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
+    assert _imports(source, {"pkg.a", "pkg.b", "pkg.c"}) == {"pkg.b", "pkg.c"}
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycle():
+    assert _find_cycle(_graph()) is None
+
+
+def test_model_never_imports_service():
+    offenders = {m: sorted(d) for m, d in _graph().items()
+                 if m.startswith("model") and any(t.startswith("service") for t in d)}
+    assert offenders == {}
+
+
+def test_core_imports_no_front_end():
+    offenders = {m: sorted(t for t in d if not t.startswith(("service.core", "model")))
+                 for m, d in _graph().items() if m.startswith("service.core")}
+    assert {m: d for m, d in offenders.items() if d} == {}
