@@ -1,4 +1,4 @@
-"""Issue 6, input: odd-but-valid images are answered 200 with the right content and orientation; hostile
+"""Input: odd-but-valid images are answered 200 with the right content and orientation; hostile
 inputs get their 4xx JSON error quickly and without the server's memory jumping; the body limit holds
 while reading, also for chunked uploads that never end.
 

@@ -1,4 +1,4 @@
-"""Issue 6, load over HTTP against one real server (Lite0, batches of 4, a queue of 8 images): a flood
+"""Load over HTTP against one real server (Lite0, batches of 4, a queue of 8 images): a flood
 gets only 200s and 503s with Retry-After, within a bound, all counted; clients that hang up mid-upload
 cost nothing afterwards. (A client that gives up while its image is queued: tests/unit/test_reliability_faults.py.)
 """

@@ -1,4 +1,4 @@
-"""Issue 6, shutdown under load (real server process).
+"""Shutdown under load (real server process).
 
 tests/integration/test_service_lifecycle.py already shows SIGTERM draining three queued requests. This adds the
 "under load" part: clients keep sending while the queue is full and the engine busy when SIGTERM comes.

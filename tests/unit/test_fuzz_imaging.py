@@ -1,4 +1,4 @@
-"""Issue 6, fuzzing image decoding: whatever the bytes, ``Preprocessor`` (decode + EXIF + mode conversion +
+"""Fuzzing image decoding: whatever the bytes, ``Preprocessor`` (decode + EXIF + mode conversion +
 resize/crop/normalise) either returns a finite (3, 224, 224) float32 array or raises one of the errors
 ``service.core.imaging`` declares: ``InvalidImage`` (400) or ``ImageTooLarge`` (413). Never anything else: no
 OSError, no SyntaxError, no struct.error, no MemoryError, no numpy error escapes to become a 500.

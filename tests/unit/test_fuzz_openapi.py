@@ -1,4 +1,4 @@
-"""Issue 6, fuzzing the HTTP contract: schemathesis generates requests from the service's own OpenAPI
+"""Fuzzing the HTTP contract: schemathesis generates requests from the service's own OpenAPI
 document (valid and invalid query parameters, bodies in every declared media type, other methods, missing
 auth) and checks every response against the document: no 5xx, only declared status codes, content types
 and headers, bodies matching their schemas, invalid data rejected, the API key not ignored.

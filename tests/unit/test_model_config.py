@@ -25,7 +25,7 @@ ALL_NAMES = [f"efficientnet-b{i}" for i in range(9)] + ["efficientnet-l2"] + [
     f"efficientnet-lite{i}" for i in range(5)
 ]
 
-# Published parameter counts (issue 2; they are efficientnet_pytorch's and TF's).
+# Published parameter counts (they are efficientnet_pytorch's and TF's).
 PARAM_COUNTS = {
     "efficientnet-b0": 5_288_548,
     "efficientnet-b1": 7_794_184,

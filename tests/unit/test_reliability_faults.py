@@ -1,4 +1,4 @@
-"""Issue 6, faults, with a stand-in engine whose batches the test holds and releases (so which images
+"""Faults, with a stand-in engine whose batches the test holds and releases (so which images
 share a batch, and what waits in the queue, is decided here rather than left to timing):
 
 - a batch that raises fails only the requests in that batch, while the batch queued behind it is answered;

@@ -1,4 +1,4 @@
-"""Issue 6, security, in-process with a stand-in engine: the API key (compared in constant time), CORS,
+"""Security, in-process with a stand-in engine: the API key (compared in constant time), CORS,
 no client-chosen server paths, and no stack traces to clients.
 
 Already proven elsewhere, not repeated here: a checkpoint that would run code is refused and the server
