@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import EfficientNet, WeightsError, default_weights_path, get_efficientnet_config, imagenet_classes
+from model import (
+    EfficientNet,
+    PreprocessConfig,
+    VariantConfig,
+    WeightsError,
+    default_weights_path,
+    get_efficientnet_config,
+    imagenet_classes,
+)
 from service.core.engines import Engine, build_engine
 from service.core.errors import StartupError
 from service.core.settings import Settings
@@ -38,7 +46,7 @@ class LoadedModel:
     """A ready engine plus the facts /info reports."""
 
     engine: Engine
-    variant: Any  # model.VariantConfig
+    variant: VariantConfig
     labels: list[str]
     num_features: int
     num_parameters: int
@@ -51,7 +59,7 @@ class LoadedModel:
         return len(self.labels)
 
     @property
-    def preprocess(self) -> Any:  # model.PreprocessConfig
+    def preprocess(self) -> PreprocessConfig:
         return self.variant.preprocess
 
 
