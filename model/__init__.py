@@ -27,7 +27,7 @@ from .layers import (
     get_activation,
     get_same_padding_conv2d,
 )
-from .preprocess import normalize, pillow_resample, preprocess_image, resize_and_crop
+from .preprocess import Normalize, normalize, pillow_resample, preprocess_image, resize_and_crop, to_uint8_chw
 from .weights import WeightsError, default_weights_path, imagenet_classes, read_state_dict
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "GlobalConfig",
     "MBConvBlock",
     "MemoryEfficientSwish",
+    "Normalize",
     "PreprocessConfig",
     "Swish",
     "VariantConfig",
@@ -60,4 +61,5 @@ __all__ = [
     "resize_and_crop",
     "round_filters",
     "round_repeats",
+    "to_uint8_chw",
 ]

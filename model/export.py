@@ -3,9 +3,15 @@
 Both exports use the network's export form: static "SAME" padding for one image size (no shape arithmetic
 in the graph) and plain Swish (a custom autograd Function neither exports nor scripts).
 
+The ONNX input is float32 NCHW, already normalised, by default. With ``uint8_input=True`` it is the uint8
+NCHW image (0..255, resized and cropped) and the graph normalises it with the variant's mean/std itself
+(``model.preprocess.Normalize``: the same float32 arithmetic as ``normalize``), so a server hands the
+runtime a quarter of the bytes and does no per-pixel float work on its decode threads.
+
 Command line::
 
     python -m model.export --variant efficientnet-lite0 --output lite0.onnx [--weights PATH] [--image-size N]
+        [--with-features] [--uint8-input]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 
 from .config import VARIANTS
 from .efficientnet import EfficientNet
+from .preprocess import Normalize
 from .weights import WeightsError
 
 
@@ -36,6 +43,22 @@ class _FeaturesAndLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.forward_features_and_logits(x)
+
+
+class _Uint8Input(nn.Module):
+    """uint8 NCHW in; normalised with the variant's mean/std, then ``inner``."""
+
+    def __init__(self, inner: nn.Module, net: EfficientNet) -> None:
+        super().__init__()
+        self.normalize = Normalize(net.variant.preprocess)
+        self.inner = inner
+
+    @property
+    def in_channels(self) -> int:
+        return self.inner.in_channels if hasattr(self.inner, "in_channels") else self.inner.net.in_channels
+
+    def forward(self, x: torch.Tensor):
+        return self.inner(self.normalize(x))
 
 
 def export_form(net: EfficientNet, image_size: int | None = None) -> EfficientNet:
@@ -67,10 +90,15 @@ def check_onnx(model: str | Path | bytes, reference: nn.Module, image_size: int,
     source = model if isinstance(model, bytes) else str(model)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     in_channels = reference.net.in_channels if isinstance(reference, _FeaturesAndLogits) else reference.in_channels
+    uint8 = session.get_inputs()[0].type == "tensor(uint8)"
     worst = 0.0
     generator = torch.Generator().manual_seed(0)
     for batch in batch_sizes:
-        x = torch.randn(batch, in_channels, image_size, image_size, generator=generator)
+        shape = (batch, in_channels, image_size, image_size)
+        if uint8:
+            x = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+        else:
+            x = torch.randn(*shape, generator=generator)
         with torch.inference_mode():
             expected = reference(x)
         expected = expected if isinstance(expected, tuple) else (expected,)
@@ -87,13 +115,16 @@ def check_onnx(model: str | Path | bytes, reference: nn.Module, image_size: int,
 
 
 def _to_onnx(net: EfficientNet, target, image_size: int | None, opset: int,
-             with_features: bool, check: bool) -> None:
+             with_features: bool, check: bool, uint8_input: bool = False) -> None:
     form = export_form(net, image_size)
     size = _image_size(form)
+    module: nn.Module = _FeaturesAndLogits(form) if with_features else form
+    if uint8_input:
+        module = _Uint8Input(module, form)
     # eval() on the wrapper too: the exporter restores the top module's mode afterwards, recursively.
-    module: nn.Module = (_FeaturesAndLogits(form) if with_features else form).eval()
+    module = module.eval()
     outputs = ["features", "logits"] if with_features else ["logits"]
-    dummy = torch.zeros(1, form.in_channels, size, size)
+    dummy = torch.zeros(1, form.in_channels, size, size, dtype=torch.uint8 if uint8_input else torch.float32)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings on the static size check are expected
@@ -109,24 +140,25 @@ def _to_onnx(net: EfficientNet, target, image_size: int | None, opset: int,
 
 
 def export_onnx(net: EfficientNet, path: str | Path, image_size: int | None = None, opset: int = 17,
-                with_features: bool = False, check: bool = True) -> Path:
+                with_features: bool = False, check: bool = True, uint8_input: bool = False) -> Path:
     """Export ``net`` to an ONNX file with a dynamic batch axis; verify it with onnxruntime when ``check``.
 
-    The input is named ``input`` (N, C, S, S) float32. The outputs are ``logits``, or ``features`` (the
-    pooled embedding) and ``logits`` when ``with_features``. ``image_size`` defaults to the size ``net``
-    was built for, else the variant's resolution.
+    The input is named ``input`` (N, C, S, S): float32 and normalised, or with ``uint8_input`` the uint8
+    image (0..255) that the graph normalises with the variant's mean/std. The outputs are ``logits``, or
+    ``features`` (the pooled embedding) and ``logits`` when ``with_features``. ``image_size`` defaults to
+    the size ``net`` was built for, else the variant's resolution.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _to_onnx(net, str(path), image_size, opset, with_features, check)
+    _to_onnx(net, str(path), image_size, opset, with_features, check, uint8_input)
     return path
 
 
 def export_onnx_bytes(net: EfficientNet, image_size: int | None = None, opset: int = 17,
-                      with_features: bool = True, check: bool = True) -> bytes:
+                      with_features: bool = True, check: bool = True, uint8_input: bool = False) -> bytes:
     """Like :func:`export_onnx`, in memory: for a server whose file system is read-only."""
     buffer = io.BytesIO()
-    _to_onnx(net, buffer, image_size, opset, with_features, check)
+    _to_onnx(net, buffer, image_size, opset, with_features, check, uint8_input)
     return buffer.getvalue()
 
 
@@ -143,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, help="static input size (default: the variant's resolution)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--with-features", action="store_true", help="also output the pooled features")
+    parser.add_argument("--uint8-input", action="store_true",
+                        help="take the uint8 NCHW image (0..255) and normalise it inside the graph")
     args = parser.parse_args(argv)
     try:
         if args.weights:
@@ -150,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             net = EfficientNet.from_name(args.variant)
         path = export_onnx(net, args.output, image_size=args.image_size, opset=args.opset,
-                           with_features=args.with_features)
+                           with_features=args.with_features, uint8_input=args.uint8_input)
     except (ValueError, FileNotFoundError, WeightsError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Image bytes -> normalised float32 CHW array, following the variant's own preprocessing config.
+"""Image bytes -> resized, cropped uint8 CHW array, following the variant's own preprocessing config.
 
 Runs in a worker thread (Pillow releases the GIL while decoding and resampling). The steps:
 
@@ -13,8 +13,11 @@ Runs in a worker thread (Pillow releases the GIL while decoding and resampling).
    scaled to 8 bits (v / 257), not clipped.
 5. Resize the shorter side to ``resize_size`` and centre-crop ``input_size`` in one Pillow call (the
    model package's ``resize_and_crop``: the crop box is mapped back to source pixels), so an extreme
-   aspect ratio such as 4000x3 never materialises a huge intermediate image; then scale to 0..1 and
-   normalise with mean/std (``model.normalize``).
+   aspect ratio such as 4000x3 never materialises a huge intermediate image.
+6. Hand over the uint8 pixels, CHW. Each engine normalises (``(x / 255 - mean) / std``) itself: the torch
+   engine on its device, the ONNX engines inside their graph (``model.export``'s ``uint8_input``), with the
+   same float32 arithmetic as ``model.normalize``. A quarter of the bytes to stack and copy, and no
+   per-pixel float work on the decode threads.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from model import normalize, pillow_resample, resize_and_crop
+from model import pillow_resample, resize_and_crop, to_uint8_chw
 from service.core.errors import ImageTooLarge, InvalidImage
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -140,7 +143,7 @@ DRAFT_OVERSAMPLE = 2
 
 
 class Preprocessor:
-    """Bytes -> float32 array of shape (3, input_size, input_size) for one variant's preprocessing."""
+    """Bytes -> uint8 array of shape (3, input_size, input_size) for one variant's preprocessing (not normalised)."""
 
     def __init__(self, spec: PreprocessSpec, *, max_pixels: int) -> None:
         pillow_resample(spec.interpolation)  # ValueError for an interpolation Pillow lacks
@@ -167,9 +170,9 @@ class Preprocessor:
     def from_image(self, image: Image.Image) -> np.ndarray:
         if image.mode != "RGB":
             image = to_rgb(image)
-        # The model package owns the reference resize/crop/normalise, so the service and offline use of
-        # the model agree to the last bit.
-        return normalize(resize_and_crop(image, self.spec), self.spec)
+        # The model package owns the reference resize/crop (and the normalisation the engines apply), so
+        # the service and offline use of the model agree to the last bit.
+        return to_uint8_chw(resize_and_crop(image, self.spec))
 
 
 def describe(spec: PreprocessSpec) -> dict[str, object]:

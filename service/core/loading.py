@@ -194,7 +194,7 @@ def load_model(settings: Settings) -> LoadedModel:
     try:
         engine = build_engine(backend, net, device, dtype, num_threads=settings.effective_num_threads,
                               image_size=size)
-        features, logits = engine.run(np.zeros((1, 3, size, size), dtype=np.float32))
+        features, logits = engine.run(np.zeros((1, 3, size, size), dtype=np.uint8))
     except StartupError:
         raise
     except Exception as exc:

@@ -104,7 +104,7 @@ class InferenceService:
             # The first passes at each batch size pay for kernel selection and allocation; do that
             # before the first user does. Runs on the inference thread, so it never overlaps a batch.
             for batch_size in sorted({1, self.settings.max_batch_size}):
-                batch = np.zeros((batch_size, 3, size, size), dtype=np.float32)
+                batch = np.zeros((batch_size, 3, size, size), dtype=np.uint8)
                 for _ in range(WARMUP_ROUNDS):
                     await loop.run_in_executor(self._infer_pool, self.model.engine.run, batch)
         except asyncio.CancelledError:

@@ -16,7 +16,8 @@ class FakeEngine:
     Logits peak at ``top_class`` (or are random when ``random_outputs``), features are ones. Every batch
     is recorded in ``batches`` (the array as the engine received it). While ``gate`` is clear, batches
     wait for it (``hold=True`` starts with it clear); ``batch_running`` is set once a batch has begun.
-    With ``fail`` set, or when ``fail_if(batch)`` is true, a batch raises ``RuntimeError(error)``.
+    With ``fail`` set, or when ``fail_if(batch)`` is true, a batch raises ``RuntimeError(error)``. Like
+    the real engines it takes uint8 NCHW pixels only (``TypeError`` otherwise).
     """
 
     backend, device, dtype = "fake", "cpu", "float32"
@@ -47,6 +48,8 @@ class FakeEngine:
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = np.asarray(batch)
+        if batch.dtype != np.uint8 or batch.ndim != 4:
+            raise TypeError(f"expected a uint8 NCHW batch, got {batch.dtype} with shape {batch.shape}")
         self.batches.append(batch.copy())
         self.batch_running.set()
         assert self.gate.wait(30), "the test never opened the engine's gate"

@@ -1,4 +1,5 @@
-"""Every inference engine computes the eager float32 model: same top-1 on real photos, logits within 1e-3."""
+"""Every inference engine computes the eager float32 model: same top-1 on real photos, logits within 1e-3;
+and taking uint8 pixels (normalised by the engine) changes nothing against the float input path."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import EfficientNet, default_weights_path
-from service.core.imaging import Preprocessor
+from model import EfficientNet, default_weights_path, normalize, resize_and_crop
+from model.export import export_onnx_bytes
+from service.core.engines import TorchEngine
+from service.core.imaging import DRAFT_OVERSAMPLE, Preprocessor, decode_image
 from service.core.loading import load_model
 from service.core.settings import Settings
 
@@ -19,13 +22,29 @@ BACKENDS = ["torch", "onnxruntime", "openvino"]
 
 
 @pytest.fixture(scope="module")
-def reference(photos):
-    """Eager float32 Lite0 (dynamic padding, unfused) on the real photos, preprocessed as the service does."""
-    net = EfficientNet.from_pretrained("efficientnet-lite0", default_weights_path("efficientnet-lite0")).eval()
-    pre = Preprocessor(net.variant.preprocess, max_pixels=10**8)
+def lite0():
+    return EfficientNet.from_pretrained("efficientnet-lite0", default_weights_path("efficientnet-lite0")).eval()
+
+
+@pytest.fixture(scope="module")
+def float_batch(lite0, photos):
+    """The real photos through the float preprocessing the service used before engines took uint8:
+    decode, resize/crop, then ``model.normalize`` on the CPU."""
+    spec = lite0.variant.preprocess
+    images = [decode_image(data, max_pixels=10**8, min_size=DRAFT_OVERSAMPLE * spec.resize_size)
+              for data in photos.values()]
+    return np.stack([normalize(resize_and_crop(image, spec), spec) for image in images])
+
+
+@pytest.fixture(scope="module")
+def reference(lite0, photos, float_batch):
+    """Eager float32 Lite0 (dynamic padding, unfused) on the real photos: the service's uint8 batch, and
+    the eager model's outputs on the same photos normalised on the CPU."""
+    pre = Preprocessor(lite0.variant.preprocess, max_pixels=10**8)
     batch = np.stack([pre(data) for data in photos.values()])
+    assert batch.dtype == np.uint8
     with torch.inference_mode():
-        features, logits = net.forward_features_and_logits(torch.from_numpy(batch))
+        features, logits = lite0.forward_features_and_logits(torch.from_numpy(float_batch))
     return batch, features.numpy(), logits.numpy()
 
 
@@ -43,6 +62,51 @@ def test_engine_matches_the_eager_model(backend, reference):
     # Batch 1 gives the same rows as the batch.
     one_features, one_logits = loaded.engine.run(batch[:1])
     np.testing.assert_allclose(one_logits[0], got_logits[0], atol=1e-4, rtol=0)
+
+
+def _float_input_runner(backend: str, net: EfficientNet):
+    """The engine as it was before uint8 input: the float32 export (or eager form), fed normalised floats."""
+    size = net.variant.preprocess.input_size
+    if backend == "torch":
+        engine = TorchEngine(net, torch.device("cpu"), torch.float32, image_size=size)
+        return engine.run  # a float batch is taken as already normalised
+    onnx_bytes = export_onnx_bytes(net, image_size=size, with_features=True)
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"input": x})
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(ov.Core().read_model(onnx_bytes), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda x: tuple(compiled({0: x}).values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_input_equals_the_old_float_path_within_1e5(backend, lite0, reference, float_batch):
+    """uint8 pixels normalised by the engine (on its device, or inside the ONNX graph) give today's float
+    path's features and logits within 1e-5 (relative to each output's scale) on the real photos."""
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino is not installed (pip install 'effnet-serve[openvino]')")
+    batch = reference[0]
+    engine = load_model(Settings(backend=backend, num_threads=2)).engine
+    old_features, old_logits = _float_input_runner(backend, lite0)(float_batch)
+    new_features, new_logits = engine.run(batch)
+    for old, new in ((old_features, new_features), (old_logits, new_logits)):
+        old = np.asarray(old)
+        scale = max(1.0, float(np.abs(old).max()))
+        assert float(np.abs(new - old).max()) <= 1e-5 * scale
+    assert np.array_equal(new_logits.argmax(1), np.asarray(old_logits).argmax(1))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_onnx_engines_refuse_a_float_batch(backend):
+    """A float batch given to a uint8 engine is an error, never silently cast to uint8."""
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino is not installed (pip install 'effnet-serve[openvino]')")
+    engine = load_model(Settings(backend=backend, num_threads=2)).engine
+    with pytest.raises(TypeError, match="uint8"):
+        engine.run(np.zeros((1, 3, 224, 224), dtype=np.float32))
 
 
 def test_bfloat16_torch_engine_keeps_the_top1(reference):

@@ -89,6 +89,32 @@ def test_onnx_real_weights_on_a_photo(tmp_path):
     assert model.imagenet_classes()[int(logits[0].argmax())] == "espresso"
 
 
+def test_uint8_input_export_normalises_inside_the_graph(tmp_path):
+    """``uint8_input=True``: the graph takes uint8 NCHW pixels and normalises them with the variant's own
+    mean/std; its outputs equal the float export fed ``model.normalize`` output (real Lite0, a real photo
+    and random pixels), and the default export still takes float32."""
+    from PIL import Image
+
+    import model
+
+    net = make_net("lite0-real", 224)
+    u8_path = export_onnx(net, tmp_path / "u8.onnx", with_features=True, uint8_input=True)
+    f_path = export_onnx(net, tmp_path / "f.onnx", with_features=True, check=False)
+    u8 = ort.InferenceSession(str(u8_path), providers=["CPUExecutionProvider"])
+    f32 = ort.InferenceSession(str(f_path), providers=["CPUExecutionProvider"])
+    assert u8.get_inputs()[0].type == "tensor(uint8)" and f32.get_inputs()[0].type == "tensor(float)"
+    spec = net.variant.preprocess
+    photo = model.resize_and_crop(Image.open(ROOT / "tests" / "data" / "coffee.jpg").convert("RGB"), spec)
+    noise = np.random.default_rng(3).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)
+    pixels = np.concatenate([model.to_uint8_chw(photo)[None], noise])
+    floats = np.stack([model.normalize(photo, spec), *model.Normalize(spec)(torch.from_numpy(noise)).numpy()])
+    got = u8.run(None, {"input": pixels})
+    expected = f32.run(None, {"input": floats})
+    for g, e in zip(got, expected, strict=True):
+        assert float(np.abs(g - e).max()) <= 1e-5 * max(1.0, float(np.abs(e).max()))
+    assert model.imagenet_classes()[int(got[1][0].argmax())] == "espresso"
+
+
 def test_onnx_with_features_and_the_network_left_alone(tmp_path):
     net = random_net("efficientnet-b0", seed=0, size=96)
     # Exporting works on a copy: a training-mode, dynamic-padding, memory-efficient network stays so.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model import EfficientNet, default_weights_path, preprocess_image
+from model import EfficientNet, Normalize, default_weights_path, preprocess_image
 from service.core.imaging import DRAFT_OVERSAMPLE, Preprocessor
 
 
@@ -40,7 +40,7 @@ def test_draft_decoding_keeps_top1(lite0, data_dir, name, scale):
         assert drafted.size[0] < full.width, "the test must exercise a reduced (draft) decode"
 
     reference = preprocess_image(Image.open(io.BytesIO(data)).convert("RGB"), pp)  # full decode
-    served = torch.from_numpy(pre(data))
+    served = Normalize(pp)(torch.from_numpy(pre(data))[None])[0]  # what the engines compute from uint8
     with torch.inference_mode():
         logits = lite0(torch.stack([reference, served]))
     assert logits[0].argmax() == logits[1].argmax()

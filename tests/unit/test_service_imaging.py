@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -170,13 +171,25 @@ def lite0_preprocessor() -> Preprocessor:
     return Preprocessor(get_efficientnet_config("efficientnet-lite0").preprocess, max_pixels=LIMIT)
 
 
-def test_preprocessing_gives_normalised_float32_chw(lite0_preprocessor):
-    pp = lite0_preprocessor.spec
+def test_preprocessing_gives_uint8_chw_pixels_not_normalised(lite0_preprocessor):
+    """The decode threads hand the engine the resized, cropped uint8 pixels (CHW); engines normalise."""
     array = lite0_preprocessor(encode(Image.new("RGB", (300, 200), (200, 100, 50)), "PNG"))
-    assert array.shape == (3, 224, 224) and array.dtype == np.float32 and array.flags.c_contiguous
+    assert array.shape == (3, 224, 224) and array.dtype == np.uint8 and array.flags.c_contiguous
     for channel, value in enumerate((200, 100, 50)):
-        expected = (value / 255.0 - pp.mean[channel]) / pp.std[channel]
-        assert np.allclose(array[channel], expected, atol=1e-5)
+        assert (array[channel] == value).all()
+
+
+def test_uint8_then_normalize_equals_the_float_preprocessing_exactly(lite0_preprocessor, photos):
+    """model.Normalize on the uint8 pixels gives the very floats model.normalize gives (the old path)."""
+    from model import Normalize, normalize, resize_and_crop
+    from service.core.imaging import DRAFT_OVERSAMPLE, decode_image
+
+    spec = lite0_preprocessor.spec
+    for data in photos.values():
+        image = decode_image(data, max_pixels=LIMIT, min_size=DRAFT_OVERSAMPLE * spec.resize_size)
+        old = normalize(resize_and_crop(image, spec), spec)
+        new = Normalize(spec)(torch.from_numpy(lite0_preprocessor(data))[None])[0].numpy()
+        assert np.array_equal(old, new)
 
 
 def test_centre_crop_of_the_shorter_side(lite0_preprocessor):
@@ -185,9 +198,7 @@ def test_centre_crop_of_the_shorter_side(lite0_preprocessor):
     image = Image.new("RGB", (400, 200), BLUE)
     image.paste(RED, (100, 0, 300, 200))
     array = lite0_preprocessor.from_image(image)
-    pp = lite0_preprocessor.spec
-    red = (1.0 - pp.mean[0]) / pp.std[0]
-    assert np.allclose(array[0, :, 112], red, atol=1e-3)
+    assert (array[:, :, 112].T == RED).all()
 
 
 def test_extreme_aspect_ratio_is_cheap(lite0_preprocessor):

@@ -1,4 +1,4 @@
-"""What every inference engine offers the batcher: one batch in, pooled features and logits out."""
+"""What every inference engine offers the batcher: one uint8 batch in, pooled features and logits out."""
 
 from __future__ import annotations
 
@@ -17,5 +17,15 @@ class Engine(Protocol):
     dtype: str
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """float32 NCHW batch -> (pooled features [N, num_features], logits [N, num_classes]), float32."""
+        """uint8 NCHW batch (resized, cropped, 0..255) -> (pooled features [N, num_features], logits
+        [N, num_classes]), float32. The engine normalises with the variant's mean/std itself."""
         ...
+
+
+def as_uint8_batch(batch: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A contiguous uint8 NCHW numpy batch; ``TypeError`` for any other dtype (never a silent cast of
+    already-normalised floats to uint8)."""
+    x = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise TypeError(f"expected a uint8 NCHW batch, got {x.dtype} with shape {x.shape}")
+    return np.ascontiguousarray(x)

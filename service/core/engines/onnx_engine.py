@@ -6,11 +6,13 @@ import numpy as np
 import torch
 
 from model.export import export_onnx_bytes
+from service.core.engines.base import as_uint8_batch as _uint8
 from service.core.errors import StartupError
 
 
 class OnnxRuntimeEngine:
-    """onnxruntime on the model's own ONNX export (static padding, features and logits as outputs).
+    """onnxruntime on the model's own ONNX export (uint8 input normalised in the graph, static padding,
+    features and logits as outputs).
 
     The export is made in memory at start-up (a read-only root file system is fine) and checked against
     PyTorch before it serves. One intra-op pool of ``num_threads``; no inter-op parallelism, since the
@@ -38,12 +40,13 @@ class OnnxRuntimeEngine:
             providers: list = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, check=True)
+        onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, uint8_input=True,
+                                       check=True)
         self.session = ort.InferenceSession(onnx_bytes, options, providers=providers)
         self.device = str(device)
         self.dtype = "float32"
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
-        features, logits = self.session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})
+        x = _uint8(batch)
+        features, logits = self.session.run(None, {"input": x})
         return features, logits

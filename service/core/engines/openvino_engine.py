@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from model.export import export_onnx_bytes
+from service.core.engines.base import as_uint8_batch as _uint8
 from service.core.errors import StartupError
 
 
@@ -25,7 +26,8 @@ class OpenVinoEngine:
         if device.type != "cpu":
             raise StartupError("EFFNET_BACKEND=openvino runs on cpu only; use torch on a GPU")
         core = ov.Core()
-        graph = core.read_model(export_onnx_bytes(net.eval(), image_size=image_size, with_features=True))
+        graph = core.read_model(export_onnx_bytes(net.eval(), image_size=image_size, with_features=True,
+                                                   uint8_input=True))
         self._compiled = core.compile_model(graph, "CPU", {
             "INFERENCE_NUM_THREADS": num_threads,
             "INFERENCE_PRECISION_HINT": "f32",
@@ -37,6 +39,6 @@ class OpenVinoEngine:
         self.dtype = "float32"
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
-        result = self._request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        x = _uint8(batch)
+        result = self._request.infer({0: x})
         return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model import fold_batchnorm
+from model import Normalize, fold_batchnorm
 from model.export import export_form
 
 
@@ -29,17 +29,21 @@ class TorchEngine:
         self._cuda = device.type == "cuda"
         if self._cuda:
             torch.backends.cudnn.benchmark = True
+        self.normalize = Normalize(net.variant.preprocess).to(device)
         net = fold_batchnorm(export_form(net, image_size))
         self.net = net.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 NCHW batch (normalised here, on the device); a float batch is taken as already normalised."""
         with torch.inference_mode():
-            x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+            x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
             if self._cuda:
                 # Pinned memory lets the copy to the GPU run asynchronously.
                 x = x.pin_memory().to(self._torch_device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                x = self.normalize(x)
             x = x.to(dtype=self._torch_dtype).contiguous(memory_format=torch.channels_last)
             pooled, logits = self.net.forward_features_and_logits(x)
             return pooled.float().cpu().numpy(), logits.float().cpu().numpy()
