@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from enum import Enum
@@ -29,23 +29,35 @@ WARMUP_ROUNDS = 3
 
 
 class Lifecycle(str, Enum):
-    """The states the probes report, in order.
+    """The states the probes report, in order. Every front-end follows ``InferenceService.state``.
 
-    ``warming`` (loaded, warm-up passes running; readiness 503) -> ``ready`` -> ``draining`` (SIGTERM or
-    shutdown: readiness 503, new requests 503, admitted requests still answered) -> ``stopped``. A warm-up
-    that fails moves to ``failed``: liveness turns 503 and the server exits non-zero with ``failure``.
+    ``warming`` (loaded, warm-up passes running; readiness 503) -> ``ready`` -> ``lame_duck`` (SIGTERM
+    came: readiness 503 so load balancers take the replica out, but requests are still admitted and
+    answered; responses ask clients to close their connections) -> ``draining`` (new requests refused
+    with 503 ``shutting_down``, admitted ones still answered) -> ``stopped``. A warm-up that fails moves
+    to ``failed``: liveness turns 503 and the server exits non-zero with ``failure``.
+
+    For a front-end: admit work while ``admits_requests``; report ready (health "serving") only while
+    ``READY``; ``shutting_down`` is true from ``lame_duck`` on.
     """
 
     STARTING = "starting"
     WARMING = "warming"
     READY = "ready"
+    LAME_DUCK = "lame_duck"
     DRAINING = "draining"
     STOPPED = "stopped"
     FAILED = "failed"
 
     @property
     def shutting_down(self) -> bool:
-        return self in (Lifecycle.DRAINING, Lifecycle.STOPPED)
+        """On the way out (lame duck, draining, stopped): readiness 503, connections closed after use."""
+        return self in (Lifecycle.LAME_DUCK, Lifecycle.DRAINING, Lifecycle.STOPPED)
+
+    @property
+    def admits_requests(self) -> bool:
+        """New inference requests are accepted (ready, or lame duck: still served while LBs catch up)."""
+        return self in (Lifecycle.READY, Lifecycle.LAME_DUCK)
 
 
 class InferenceService:
@@ -74,6 +86,8 @@ class InferenceService:
         self.state = Lifecycle.STARTING
         self.failure: str | None = None  # why the service failed after start-up (state FAILED)
         self.inflight = 0
+        self._drain_deadline: float | None = None  # monotonic; set by the first drain()
+        self._state_listeners: list[Callable[[Lifecycle], None]] = []
         self._warmup_task: asyncio.Task[None] | None = None
         engine = model.engine
         metrics.set_model(model.variant.name, engine.device, engine.dtype, engine.backend)
@@ -83,10 +97,29 @@ class InferenceService:
     def ready(self) -> bool:
         return self.state is Lifecycle.READY
 
+    def add_state_listener(self, listener: Callable[[Lifecycle], None]) -> None:
+        """Call ``listener(state)`` (on the event loop) at every lifecycle change, e.g. to mirror readiness
+        in a gRPC health service."""
+        self._state_listeners.append(listener)
+
     def _set_state(self, state: Lifecycle) -> None:
         self.state = state
         self.metrics.ready.set(1 if state is Lifecycle.READY else 0)
         log.info("state: %s", state.value)
+        for listener in self._state_listeners:
+            try:
+                listener(state)
+            except Exception:  # a front-end's hook must not break the lifecycle
+                log.exception("state listener failed")
+
+    def enter_lame_duck(self) -> bool:
+        """SIGTERM's first step: readiness 503 while requests are still admitted. True if the service was
+        ready (load balancers may still send traffic, so the caller waits before draining); False if it
+        never was (warming, failed) or is already leaving, and there is nothing to wait for."""
+        if self.state is not Lifecycle.READY:
+            return False
+        self._set_state(Lifecycle.LAME_DUCK)
+        return True
 
     async def start(self) -> None:
         self.batcher.start()
@@ -120,10 +153,15 @@ class InferenceService:
             self._set_state(Lifecycle.READY)
 
     async def drain(self, timeout: float) -> bool:
-        """Stop admitting work and wait (up to ``timeout``) until every admitted request is answered."""
-        if not self.state.shutting_down:
+        """Stop admitting work and wait (up to ``timeout``) until every admitted request is answered.
+
+        The first call fixes the drain's deadline; later calls (``close()``) wait at most until then.
+        """
+        if self.state not in (Lifecycle.DRAINING, Lifecycle.STOPPED):
             self._set_state(Lifecycle.DRAINING)
-        deadline = time.monotonic() + timeout
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + timeout
+        deadline = min(self._drain_deadline, time.monotonic() + timeout)
         while self.inflight or not self.batcher.idle:
             if time.monotonic() >= deadline:
                 log.warning("drain timed out with %d request(s) in flight", self.inflight)
@@ -148,12 +186,12 @@ class InferenceService:
     # -- requests -----------------------------------------------------------------------------------------
     @contextmanager
     def admit(self) -> Iterator[None]:
-        """Admission of one inference request: refused unless ready; counted until answered."""
-        if self.state.shutting_down:
-            raise ShuttingDown(
-                "server is shutting down; retry on another instance", headers={"Connection": "close"}
-            )
-        if self.state is not Lifecycle.READY:
+        """Admission of one inference request: refused unless ready (or lame duck); counted until answered."""
+        if not self.state.admits_requests:
+            if self.state.shutting_down:
+                raise ShuttingDown(
+                    "server is shutting down; retry on another instance", headers={"Connection": "close"}
+                )
             raise NotReady(f"model is not ready yet ({self.state.value})")
         self.inflight += 1
         try:

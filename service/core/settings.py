@@ -134,11 +134,22 @@ class Settings(BaseSettings):
         "",
         description="Comma-separated origins allowed by CORS ('*' for any). Empty: no CORS headers at all.",
     )
+    shutdown_delay_s: float = Field(
+        15.0,
+        ge=0,
+        description=(
+            "Lame duck after SIGTERM: readiness turns 503 at once, but requests are still served (with "
+            "`Connection: close`) for this long, so load balancers take the replica out before it refuses "
+            "anything. 15 s covers the common defaults: HAProxy 6 s (inter 2 s, fall 3), Kubernetes "
+            "endpoint removal (a few s), GCP and the fastest AWS checks 10 s (5 s x 2). 0: drain at once. "
+            "A second signal skips it."
+        ),
+    )
     shutdown_drain_s: float = Field(
         30.0,
         ge=0,
         description=(
-            "On SIGTERM: readiness turns 503 and new work is refused at once, then the server waits up to "
+            "After the lame duck: new work is refused (503 `shutting_down`) and the server waits up to "
             "this long for admitted requests to be answered before it exits."
         ),
     )

@@ -2,7 +2,9 @@
 
 - ``RequestContextMiddleware`` (outermost): takes or makes the ``X-Request-ID``, echoes it, records the
   request metrics and writes one JSON access-log line per request. An exception that escaped everything
-  else becomes a JSON 500 without a stack trace.
+  else becomes a JSON 500 without a stack trace. Once the service is shutting down (lame duck, draining),
+  every response carries ``Connection: close``: the client or load balancer opens its next connection
+  elsewhere instead of reusing one to a replica that is about to go.
 - ``BodyLimitMiddleware``: refuses a body over the limit with 413, from ``Content-Length`` before reading
   anything, and by counting bytes as they arrive otherwise (chunked uploads), so no oversized body is
   ever buffered whole. An error answered before the body was read waits until the (bounded) rest of the
@@ -38,6 +40,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
             except Exception:  # pragma: no cover
                 return None
     return None
+
+
+def _leaving(scope: Scope) -> bool:
+    """The service is shutting down (lame duck or later): connections should not be kept alive."""
+    app = scope.get("app")
+    service = getattr(getattr(app, "state", None), "service", None)
+    return service is not None and service.state.shutting_down
 
 
 async def send_json_error(
@@ -80,6 +89,8 @@ class RequestContextMiddleware:
                 response_started = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                if _leaving(scope) and not any(k.lower() == b"connection" for k, _ in headers):
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 

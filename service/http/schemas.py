@@ -83,7 +83,7 @@ class LimitsInfo(BaseModel):
 
 class InfoResponse(BaseModel):
     model: str
-    state: str = Field(description="warming, ready, draining, stopped or failed.")
+    state: str = Field(description="warming, ready, lame_duck, draining, stopped or failed.")
     num_classes: int
     num_features: int
     parameters: int = Field(description="Number of parameters of the network.")

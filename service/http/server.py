@@ -1,9 +1,19 @@
 """``efficientnet-serve`` / ``python -m service``: run the HTTP front-end with uvicorn, one worker.
 
 The model is loaded before the port opens, so a start that cannot succeed logs one line and exits 1 (an
-invalid setting exits 2). SIGTERM or SIGINT starts a drain: readiness turns 503 and new requests get 503
-while every admitted request is answered (up to EFFNET_SHUTDOWN_DRAIN_S); then uvicorn closes and the
-process exits 0. A second signal skips the drain.
+invalid setting exits 2).
+
+Shutdown (SIGTERM or SIGINT), as servers behind load balancers do it:
+
+1. lame duck, ``EFFNET_SHUTDOWN_DELAY_S``: ``/readyz`` answers 503 at once, so the load balancer's health
+   checks take the replica out, while new requests are still admitted and answered (the balancer keeps
+   sending some until its checks notice); every response carries ``Connection: close`` so kept-alive
+   connections move to other replicas. Skipped if the service was not ready (it got no traffic).
+2. drain, ``EFFNET_SHUTDOWN_DRAIN_S``: new requests get 503 ``shutting_down``; admitted ones are answered.
+3. uvicorn closes the connections (at most ``GRACEFUL_TAIL_S``), the core service stops, exit 0.
+
+A second signal during the lame duck skips the rest of it; one during the drain skips the drain; a SIGINT
+after that stops at once. Without a load balancer the process exits within delay + drain + 1 s.
 """
 
 from __future__ import annotations
@@ -11,7 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
+import sys
 from types import FrameType
 
 import uvicorn
@@ -27,34 +40,66 @@ from service.http.app import create_app
 
 log = logging.getLogger("service")
 
-# After the drain, how long uvicorn may still take to finish open connections.
-GRACEFUL_TAIL_S = 5
+# After the drain, how long uvicorn may still take to send the last responses and close connections.
+# Every admitted request has been answered (or the drain ran out of time) by then, so this is short: it
+# keeps the exit within delay + drain + 1 s.
+GRACEFUL_TAIL_S = 0.3
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server with a drain phase before its own shutdown, and a plain exit code afterwards.
+    """uvicorn's server with a lame-duck period and a drain before its own shutdown, and a plain exit code.
 
     uvicorn re-raises a captured SIGTERM once it has shut down, which would end the process "killed by
     SIGTERM" (143) instead of 0; this class handles the signals itself and does not.
+
+    ``phase`` says where the shutdown is: ``serving``, ``lame_duck``, ``draining``, ``closing``.
     """
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float, delay_s: float = 0.0
+    ) -> None:
         super().__init__(config)
         self.app = app
         self.drain_timeout_s = drain_timeout_s
+        self.delay_s = delay_s
         self.exit_code = 0
-        self._drain_requested = False
-        self._drain_task: asyncio.Task[None] | None = None
+        self.phase = "serving"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._skip_delay: asyncio.Event | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._skip_delay = asyncio.Event()
+        await super().startup(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_requested or not self.started:
-            # A second signal, or one before the server is up: no drain.
+        # A signal handler: it runs between two bytecodes of the main (event loop) thread, so it only
+        # records what to do and hands the work to the loop.
+        name = signal.Signals(sig).name
+        if not self.started or self._loop is None or self.phase == "closing":
+            # Before the server is up, or already closing: plain uvicorn behaviour.
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
             return
-        log.info("received %s: draining", signal.Signals(sig).name)
-        self._drain_requested = True
+        if self.phase == "serving":
+            # Counted as lame duck from here: a second signal before the loop runs the shutdown task
+            # still cuts the delay short.
+            self.phase = "lame_duck"
+            self._loop.call_soon_threadsafe(self._begin_shutdown, f"received {name}")
+        elif self.phase == "lame_duck":
+            log.info("received %s: lame duck cut short", name)
+            assert self._skip_delay is not None
+            self._loop.call_soon_threadsafe(self._skip_delay.set)
+        else:  # draining
+            log.info("received %s: drain skipped", name)
+            self.phase = "closing"
+            self.should_exit = True
+
+    def _begin_shutdown(self, reason: str) -> None:
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(reason))
 
     async def on_tick(self, counter: int) -> bool:
         service = getattr(self.app.state, "service", None)
@@ -62,16 +107,31 @@ class DrainingServer(uvicorn.Server):
             # A failure after start-up (warm-up): the service cannot serve, so the process exits 1.
             log.error("exiting: %s", service.failure)
             self.exit_code = 1
-            self._drain_requested = True
-        if self._drain_requested and self._drain_task is None:
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+            self._begin_shutdown("failed after start-up")
         return await super().on_tick(counter)
 
-    async def _drain(self) -> None:
+    async def _shutdown(self, reason: str) -> None:
         service = getattr(self.app.state, "service", None)
+        if service is not None and self.delay_s > 0 and service.enter_lame_duck():
+            self.phase = "lame_duck"
+            log.info(
+                "%s: lame duck for %.1f s (readiness 503, requests still served; signal again to skip)",
+                reason,
+                self.delay_s,
+            )
+            assert self._skip_delay is not None
+            try:
+                await asyncio.wait_for(self._skip_delay.wait(), self.delay_s)
+            except asyncio.TimeoutError:
+                pass
+            log.info("lame duck over: draining")
+        else:
+            log.info("%s: draining", reason)
+        self.phase = "draining"
         if service is not None:
             drained = await service.drain(self.drain_timeout_s)
             log.info("drain %s", "complete" if drained else "timed out")
+        self.phase = "closing"
         self.should_exit = True
 
 
@@ -114,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("startup failed: %s: %s", type(exc).__name__, _one_line(exc))
         return 1
 
-    app = create_app(settings, model=model)
+    grpc_address = None
+    if settings.grpc_port:
+        from service.v2.grpc_server import grpc_address as address
+
+        grpc_address = address(args.host, settings.grpc_port)
+    app = create_app(settings, model=model, grpc_address=grpc_address)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -128,8 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=GRACEFUL_TAIL_S,
         timeout_keep_alive=int(settings.keep_alive_s),
     )
-    server = DrainingServer(config, app, settings.shutdown_drain_s)
+    server = DrainingServer(config, app, settings.shutdown_drain_s, delay_s=settings.shutdown_delay_s)
     server.run()
     if not server.started:
         return 1
-    return server.exit_code
+    # Everything is closed now: connections, batcher, thread pools. The interpreter's own teardown (torch's
+    # modules) would take about 1 s more, which only delays the exit an orchestrator or a rolling restart
+    # waits for, so the process ends here, after flushing the logs.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(server.exit_code)

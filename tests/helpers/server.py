@@ -67,9 +67,11 @@ class ServiceProcess:
     """``python -m service`` in a subprocess on a free loopback port, started at construction.
 
     The environment is this process's, without any EFFNET_* variable, plus ``env``. ``threads``:
-    EFFNET_NUM_THREADS unless ``env`` sets it (None: the service's own default, all CPUs). ``args``: more
-    command-line arguments (``--log-level warning``...). stdout and stderr go to a temporary log file
-    (``logs()``), removed by ``stop()`` / ``close()``.
+    EFFNET_NUM_THREADS unless ``env`` sets it (None: the service's own default, all CPUs). No load balancer
+    watches these servers, so EFFNET_SHUTDOWN_DELAY_S is 0 (SIGTERM drains at once) unless ``env`` sets
+    it. ``port``: listen there (a replacement for a stopped server behind a load balancer) instead of on a
+    free port. ``args``: more command-line arguments (``--log-level warning``...). stdout and stderr go to
+    a temporary log file (``logs()``), removed by ``stop()`` / ``close()``.
 
     ``readiness_seen`` records every /readyz status observed while waiting for the server to get ready.
     As a context manager: ``__enter__`` waits until ready (``ready_timeout``), ``__exit__`` calls ``stop()``
@@ -83,8 +85,9 @@ class ServiceProcess:
         args: list[str] | None = None,
         threads: int | None = 2,
         ready_timeout: float = 120.0,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout = ready_timeout
         self.readiness_seen: list[int] = []
@@ -94,6 +97,10 @@ class ServiceProcess:
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
         if threads is not None:
             full_env["EFFNET_NUM_THREADS"] = str(threads)
+        # No gRPC server unless a test asks for one (EFFNET_GRPC_PORT in ``env``): the default port 8001
+        # would collide between servers running side by side.
+        full_env["EFFNET_GRPC_PORT"] = "0"
+        full_env["EFFNET_SHUTDOWN_DELAY_S"] = "0"
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *(args or [])],

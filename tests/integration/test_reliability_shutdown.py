@@ -1,10 +1,12 @@
 """Shutdown under load (real server process).
 
-tests/integration/test_service_lifecycle.py already shows SIGTERM draining three queued requests. This adds the
-"under load" part: clients keep sending while the queue is full and the engine busy when SIGTERM comes.
-Readiness turns 503, new work is refused (503 shutting_down), every request the server accepted is
-answered 200 (the server's access log, matched by X-Request-ID, says which it saw), nothing else but 503s
-with Retry-After comes back, and the process exits 0 within the drain period.
+tests/integration/test_service_lifecycle.py already shows SIGTERM draining three queued requests. This adds
+the "under load" part, for the drain itself (EFFNET_SHUTDOWN_DELAY_S=0, no lame duck; the lame duck behind
+a real load balancer is tests/integration/test_rolling_restart.py): clients keep sending while the queue is
+full and the engine busy when SIGTERM comes. Readiness turns 503, new work is refused (503 shutting_down),
+every request the server accepted is answered 200 (the server's access log, matched by X-Request-ID, says
+which it saw), nothing else but 503s with Retry-After comes back, and the process exits 0 within the drain
+period.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import dataclass
 
 import httpx
 
+from service.http.server import GRACEFUL_TAIL_S
+
 CLIENTS = 12
 DRAIN_S = 20
-GRACEFUL_TAIL_S = 5  # service.__main__.GRACEFUL_TAIL_S
 
 
 @dataclass
@@ -38,6 +41,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_zero(start_
             "EFFNET_MAX_QUEUE": "8",
             "EFFNET_MAX_BATCH_SIZE": "4",
             "EFFNET_MAX_BATCH_DELAY_MS": "20",
+            "EFFNET_SHUTDOWN_DELAY_S": "0",  # the drain itself (the lame duck: test_rolling_restart.py)
             "EFFNET_SHUTDOWN_DRAIN_S": str(DRAIN_S),
             "EFFNET_DECODE_THREADS": "1",
         }

@@ -1,10 +1,12 @@
-"""Start-up and shutdown of the real server process: bad starts exit non-zero with one clear line,
-SIGTERM drains admitted work and exits 0."""
+"""Start-up and shutdown of the real server process: bad starts exit non-zero with one clear line;
+SIGTERM puts the server in lame duck (readiness 503, requests still served with ``Connection: close``),
+then drains admitted work and exits 0 within delay + drain + 1 s."""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+import signal
 import time
 
 import httpx
@@ -13,6 +15,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import default_weights_path
+from service.http.server import GRACEFUL_TAIL_S
 
 
 def queue_depth(url: str) -> float:
@@ -32,6 +35,7 @@ def test_sigterm_drains_queued_requests_then_exits_zero(start_service, photos):
             "EFFNET_BACKEND": "torch",
             "EFFNET_MAX_BATCH_SIZE": "1",
             "EFFNET_MAX_BATCH_DELAY_MS": "0",
+            "EFFNET_SHUTDOWN_DELAY_S": "0",  # the drain itself: no lame duck
             "EFFNET_SHUTDOWN_DRAIN_S": "20",
         }
     )
@@ -67,6 +71,111 @@ def test_sigterm_drains_queued_requests_then_exits_zero(start_service, photos):
     assert service.wait_exit(timeout=30) == 0
     assert time.monotonic() - signalled < 15
     assert "drain complete" in service.logs()
+
+
+def test_sigterm_lame_duck_serves_with_connection_close_then_refuses_and_exits_in_time(start_service, photos):
+    """No load balancer in front: SIGTERM turns readiness 503 at once, requests are still answered 200 (with
+    ``Connection: close``) during EFFNET_SHUTDOWN_DELAY_S, refused 503 ``shutting_down`` after it, and the
+    process exits 0 no earlier than the delay and within delay + drain + 1 s."""
+    delay, drain = 2.0, 3.0
+    service = start_service(
+        {"EFFNET_SHUTDOWN_DELAY_S": str(delay), "EFFNET_SHUTDOWN_DRAIN_S": str(drain), "EFFNET_NUM_THREADS": "1"}
+    )
+    photo = {"file": ("coffee.jpg", photos["coffee.jpg"])}
+    with httpx.Client(base_url=service.url, timeout=10) as client:
+        before = client.post("/predict", files=photo)
+        assert before.status_code == 200 and "connection" not in before.headers
+        service.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        readiness = []
+        while time.monotonic() - signalled < 1.0:
+            readiness.append(client.get("/readyz"))
+            if readiness[-1].status_code == 503:
+                break
+            time.sleep(0.01)
+        not_ready_after = time.monotonic() - signalled
+        during = [client.post("/predict", files=photo) for _ in range(3)]
+        alive = client.get("/healthz").status_code
+        answered_in_delay = time.monotonic() - signalled
+        time.sleep(max(0.0, delay + 0.3 - (time.monotonic() - signalled)))
+        try:
+            after: int | str = client.post("/predict", files=photo).status_code
+        except httpx.TransportError:
+            after = "connection refused"  # the drain was already over: refused as well
+    exit_code = service.wait_exit(timeout=delay + drain + 10)
+    exited_after = time.monotonic() - signalled
+    logs = service.logs()
+    assert readiness[-1].status_code == 503 and readiness[-1].json()["error"]["code"] == "shutting_down"
+    assert not_ready_after < 0.5, not_ready_after
+    assert answered_in_delay < delay, "the requests meant for the lame duck came too late"
+    assert [r.status_code for r in during] == [200] * 3
+    assert all(r.headers.get("connection") == "close" for r in during), [r.headers for r in during]
+    assert [r.json()["results"][0]["top_k"][0]["label"] for r in during] == ["espresso"] * 3
+    assert alive == 200
+    assert after in (503, "connection refused"), after
+    assert exit_code == 0, logs[-2000:]
+    assert delay <= exited_after <= delay + drain + 1, exited_after
+    assert "lame duck for 2.0 s" in logs and "drain complete" in logs and '"level": "ERROR"' not in logs
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_cuts_the_lame_duck_short(start_service, second):
+    """A second SIGTERM or SIGINT during the lame duck skips the rest of it: with a 60 s delay the process
+    still exits 0 about a second after the second signal."""
+    service = start_service({"EFFNET_SHUTDOWN_DELAY_S": "60", "EFFNET_NUM_THREADS": "1"})
+    service.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{service.url}/readyz").status_code != 503:
+        assert time.monotonic() < deadline, "readiness never turned 503"
+        time.sleep(0.01)
+    service.proc.send_signal(second)
+    signalled = time.monotonic()
+    assert service.wait_exit(timeout=20) == 0, service.logs()[-2000:]
+    assert time.monotonic() - signalled < 1 + GRACEFUL_TAIL_S + 1
+    assert "lame duck cut short" in service.logs()
+
+
+def test_exit_stays_within_delay_plus_drain_when_work_outlasts_the_drain(start_service, photos):
+    """Admitted work that would take longer than EFFNET_SHUTDOWN_DRAIN_S does not hold the process: it
+    exits within delay + drain + 1 s of SIGTERM (the drain is logged as timed out), with exit code 0."""
+    delay, drain = 0.5, 0.5
+    service = start_service(
+        {
+            "EFFNET_MODEL": "efficientnet-b0",
+            "EFFNET_WEIGHTS": "random",
+            "EFFNET_BACKEND": "torch",
+            "EFFNET_WARMUP": "false",
+            "EFFNET_NUM_THREADS": "1",
+            "EFFNET_MAX_BATCH_SIZE": "1",
+            "EFFNET_MAX_QUEUE": "128",
+            "EFFNET_SHUTDOWN_DELAY_S": str(delay),
+            "EFFNET_SHUTDOWN_DRAIN_S": str(drain),
+        }
+    )
+
+    async def scenario() -> float:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=service.url, timeout=30.0, limits=limits) as client:
+            pending = [
+                asyncio.ensure_future(client.post("/predict", files={"file": ("c.jpg", photos["coffee.jpg"])}))
+                for _ in range(80)
+            ]
+            deadline = time.monotonic() + 20
+            while queue_depth(service.url) < 40:
+                assert time.monotonic() < deadline, "requests never filled the queue"
+                await asyncio.sleep(0.02)
+            service.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.gather(*pending, return_exceptions=True)
+            return signalled
+
+    signalled = asyncio.run(scenario())
+    exit_code = service.wait_exit(timeout=30)
+    exited_after = time.monotonic() - signalled
+    logs = service.logs()
+    assert exit_code == 0, logs[-2000:]
+    assert "drain timed out" in logs, "the work did not outlast the drain: the test proves nothing"
+    assert exited_after <= delay + drain + 1, exited_after
 
 
 def _weights_that_run_code(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
