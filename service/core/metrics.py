@@ -23,7 +23,9 @@ from prometheus_client import (
 from service.core.batching import BatchObserver
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ENDPOINTS = ("/predict", "/features", "/healthz", "/readyz", "/info", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = ("/predict", "/features", "/healthz", "/readyz", "/info", "/metrics", "/docs", "/openapi.json", "/")
+# Static files under these prefixes share one label each (bounded, whatever paths clients ask for).
+STATIC_PREFIXES = {"/web/": "/web/*", "/docs/assets/": "/docs/assets/*"}
 REJECT_REASONS = (
     "queue_full",
     "timeout",
@@ -53,7 +55,12 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 
 
 def endpoint_label(path: str) -> str:
-    return path if path in ENDPOINTS else "other"
+    if path in ENDPOINTS:
+        return path
+    for prefix, label in STATIC_PREFIXES.items():
+        if path.startswith(prefix):
+            return label
+    return "other"
 
 
 class Metrics(BatchObserver):

@@ -25,6 +25,7 @@ from service.http import inference, operations
 from service.http.docs import install_docs
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.web import web_router
 
 log = logging.getLogger("service.http.app")
 
@@ -74,6 +75,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     app.include_router(operations.router)
     app.include_router(inference.inference_router(require_auth=settings.api_key is not None))
     install_docs(app)
+    # The page at / (a person trying the model); outside the OpenAPI document, open even with an API key.
+    app.include_router(web_router())
 
     # Added innermost first: the request-context middleware must wrap everything, including the 413
     # that the body limit answers without calling the app.

@@ -1,0 +1,364 @@
+// The page at "/": sends each chosen image to /predict or /features of this same service and shows the answer.
+// No framework, no external request (the page's Content-Security-Policy forbids them). URLs are relative so the
+// page also works when a proxy serves the service under a path prefix.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "effnet-api-key";
+  const CONCURRENCY = 4; // requests in flight at once; the service batches them together anyway
+  const TOP_K = 5;
+  const FIRST_VALUES = 8;
+
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    modelInfo: $("model-info"),
+    keyForm: $("key-form"),
+    keyInput: $("api-key"),
+    keyState: $("key-state"),
+    forgetKey: $("forget-key"),
+    input: $("images"),
+    dropZone: $("drop-zone"),
+    normalize: $("normalize"),
+    rerun: $("rerun"),
+    clear: $("clear"),
+    progress: $("progress"),
+    results: $("results"),
+    template: $("card-template"),
+  };
+
+  let info = null; // the service's /info answer, once read
+  let entries = []; // {file, url, card, run, state: "pending" | "done" | "error", needsKey}
+  let queue = [];
+  let active = 0;
+
+  // -- the API key: this tab only (sessionStorage), never the disk of a shared machine --------------------------
+  function storedKey() {
+    try {
+      return sessionStorage.getItem(KEY_STORAGE) || "";
+    } catch (_) {
+      return "";
+    }
+  }
+  let apiKey = storedKey();
+
+  function showKeyForm(message, focus) {
+    els.keyForm.hidden = false;
+    if (message) els.keyState.textContent = message;
+    if (focus) els.keyInput.focus();
+  }
+
+  els.keyForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = els.keyInput.value.trim();
+    if (!value) {
+      els.keyState.textContent = "Enter the key first.";
+      els.keyInput.focus();
+      return;
+    }
+    apiKey = value;
+    try {
+      sessionStorage.setItem(KEY_STORAGE, value);
+    } catch (_) {
+      // Storage refused (private mode): the key still works until the page is reloaded.
+    }
+    els.keyInput.value = "";
+    const waiting = entries.filter((entry) => entry.needsKey);
+    els.keyState.textContent = waiting.length
+      ? `Key kept for this tab. Sending ${plural(waiting.length, "image")} again.`
+      : "Key kept for this tab.";
+    waiting.forEach(enqueue);
+  });
+
+  els.forgetKey.addEventListener("click", () => {
+    apiKey = "";
+    try {
+      sessionStorage.removeItem(KEY_STORAGE);
+    } catch (_) {
+      // nothing stored
+    }
+    els.keyInput.value = "";
+    els.keyState.textContent = "Key forgotten.";
+    els.keyInput.focus();
+  });
+
+  // -- what the service serves --------------------------------------------------------------------------------
+  async function loadInfo() {
+    try {
+      const response = await fetch("info", { cache: "no-store" });
+      const data = await readJson(response);
+      if (!response.ok) {
+        els.modelInfo.textContent = `Could not read the model's description: ${errorMessage(response, data)}`;
+        return;
+      }
+      info = data;
+      els.modelInfo.textContent =
+        `${data.model}: ${data.num_classes} classes, ${data.num_features} features, ` +
+        `${data.backend} on ${data.device} (${data.dtype}).`;
+      if (data.auth_required) {
+        showKeyForm(apiKey ? "A key is kept for this tab." : "Enter the key before choosing images.", false);
+      }
+    } catch (error) {
+      els.modelInfo.textContent = `Could not reach the service: ${error.message}`;
+    }
+  }
+
+  // -- choosing and dropping images ---------------------------------------------------------------------------
+  function mode() {
+    return document.querySelector('input[name="mode"]:checked').value;
+  }
+
+  document.querySelectorAll('input[name="mode"]').forEach((radio) =>
+    radio.addEventListener("change", () => {
+      els.normalize.disabled = mode() !== "features";
+    }),
+  );
+
+  els.input.addEventListener("change", () => {
+    addFiles(els.input.files);
+    els.input.value = ""; // choosing the same file again is a new request
+  });
+
+  // A file dropped anywhere on the page must not make the browser navigate away to it.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (event) => event.preventDefault());
+  }
+  els.dropZone.addEventListener("dragenter", () => els.dropZone.classList.add("dragging"));
+  els.dropZone.addEventListener("dragover", (event) => {
+    event.dataTransfer.dropEffect = "copy";
+    els.dropZone.classList.add("dragging");
+  });
+  els.dropZone.addEventListener("dragleave", (event) => {
+    if (!els.dropZone.contains(event.relatedTarget)) els.dropZone.classList.remove("dragging");
+  });
+  els.dropZone.addEventListener("drop", (event) => {
+    els.dropZone.classList.remove("dragging");
+    addFiles(event.dataTransfer.files);
+  });
+
+  els.rerun.addEventListener("click", () => entries.forEach(enqueue));
+  els.clear.addEventListener("click", () => {
+    for (const entry of entries) {
+      entry.run += 1; // answers still on their way are ignored
+      URL.revokeObjectURL(entry.url);
+    }
+    entries = [];
+    queue = [];
+    els.results.replaceChildren();
+    updateProgress();
+  });
+
+  function addFiles(fileList) {
+    for (const file of Array.from(fileList || [])) {
+      const entry = { file, url: URL.createObjectURL(file), card: makeCard(file), run: 0, state: "pending" };
+      entry.card.thumb.src = entry.url;
+      entries.push(entry);
+      els.results.append(entry.card.root);
+      enqueue(entry);
+    }
+  }
+
+  function makeCard(file) {
+    const root = els.template.content.firstElementChild.cloneNode(true);
+    const card = {
+      root,
+      thumb: root.querySelector(".thumb"),
+      name: root.querySelector(".file-name"),
+      meta: root.querySelector(".meta"),
+      outcome: root.querySelector(".outcome"),
+    };
+    card.name.textContent = file.name || "(unnamed image)";
+    card.thumb.alt = `Thumbnail of ${file.name || "the image"}`;
+    card.thumb.addEventListener("error", () => card.thumb.classList.add("no-preview"));
+    return card;
+  }
+
+  // -- sending ------------------------------------------------------------------------------------------------
+  function enqueue(entry) {
+    entry.run += 1;
+    entry.state = "pending";
+    entry.needsKey = false;
+    entry.card.root.setAttribute("aria-busy", "true");
+    entry.card.meta.textContent = `${formatBytes(entry.file.size)} · waiting`;
+    entry.card.outcome.replaceChildren();
+    if (!queue.includes(entry)) queue.push(entry);
+    updateProgress();
+    pump();
+  }
+
+  function pump() {
+    while (active < CONCURRENCY && queue.length) {
+      const entry = queue.shift();
+      active += 1;
+      send(entry, entry.run).finally(() => {
+        active -= 1;
+        updateProgress();
+        pump();
+      });
+    }
+  }
+
+  async function send(entry, run) {
+    const features = mode() === "features";
+    const normalize = els.normalize.checked;
+    const topK = info ? Math.min(TOP_K, info.num_classes) : TOP_K;
+    const url = features ? `features?normalize=${normalize}` : `predict?top_k=${topK}`;
+    const body = new FormData();
+    body.append("file", entry.file, entry.file.name || "image");
+    const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+    entry.card.meta.textContent = `${formatBytes(entry.file.size)} · sending`;
+
+    const started = performance.now();
+    let response;
+    let data;
+    try {
+      response = await fetch(url, { method: "POST", body, headers, cache: "no-store" });
+      data = await readJson(response);
+    } catch (error) {
+      if (run !== entry.run) return;
+      showError(entry, `Could not reach the service: ${error.message}`, "");
+      return;
+    }
+    const elapsed = performance.now() - started;
+    if (run !== entry.run) return; // cleared or sent again meanwhile
+
+    const requestId = response.headers.get("X-Request-ID");
+    const took = `${formatMs(elapsed)}`;
+    if (!response.ok) {
+      const code = data && data.error && data.error.code ? ` ${data.error.code}` : "";
+      showError(
+        entry,
+        errorMessage(response, data),
+        `HTTP ${response.status}${code} · ${took}${requestId ? ` · request ${requestId}` : ""}`,
+      );
+      if (response.status === 401) {
+        entry.needsKey = true;
+        showKeyForm(
+          apiKey ? "The service refused this key; enter the right one." : "This service requires an API key.",
+          true,
+        );
+      }
+      return;
+    }
+    entry.state = "done";
+    entry.card.root.removeAttribute("aria-busy");
+    const result = data.results[0];
+    if (features) {
+      entry.card.meta.textContent = `${formatBytes(entry.file.size)} · features in ${took}`;
+      entry.card.outcome.replaceChildren(renderFeatures(data.dim, result.embedding, normalize));
+    } else {
+      entry.card.meta.textContent = `${formatBytes(entry.file.size)} · top-${topK} in ${took}`;
+      entry.card.outcome.replaceChildren(renderLabels(result.top_k));
+    }
+  }
+
+  function showError(entry, message, detail) {
+    entry.state = "error";
+    entry.card.root.removeAttribute("aria-busy");
+    entry.card.meta.textContent = `${formatBytes(entry.file.size)}${detail ? ` · ${detail}` : ""}`;
+    const p = document.createElement("p");
+    p.className = "error";
+    p.setAttribute("role", "alert");
+    p.textContent = message;
+    entry.card.outcome.replaceChildren(p);
+  }
+
+  // -- rendering ----------------------------------------------------------------------------------------------
+  function renderLabels(topK) {
+    const list = document.createElement("ol");
+    list.className = "labels";
+    list.setAttribute("aria-label", `Top ${topK.length} labels`);
+    for (const item of topK) {
+      const li = document.createElement("li");
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = item.label;
+      const score = document.createElement("span");
+      score.className = "score";
+      score.textContent = formatPercent(item.score);
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      bar.setAttribute("aria-hidden", "true"); // the percentage says it in text
+      const fill = document.createElement("span");
+      fill.className = "fill";
+      fill.style.width = `${Math.max(0, Math.min(1, item.score)) * 100}%`;
+      bar.append(fill);
+      li.append(label, score, bar);
+      list.append(li);
+    }
+    return list;
+  }
+
+  function renderFeatures(dim, embedding, normalized) {
+    const norm = Math.sqrt(embedding.reduce((sum, v) => sum + v * v, 0));
+    const first = embedding.slice(0, FIRST_VALUES).map((v) => v.toFixed(4));
+    const dl = document.createElement("dl");
+    dl.className = "features";
+    const rows = [
+      ["Dimension", String(dim)],
+      [normalized ? "L2 norm (normalised)" : "L2 norm", norm.toFixed(4)],
+      [`First ${first.length} values`, `[${first.join(", ")}${embedding.length > first.length ? ", …" : ""}]`],
+    ];
+    for (const [term, value] of rows) {
+      const dt = document.createElement("dt");
+      dt.textContent = term;
+      const dd = document.createElement("dd");
+      dd.textContent = value;
+      dl.append(dt, dd);
+    }
+    return dl;
+  }
+
+  function updateProgress() {
+    const total = entries.length;
+    els.rerun.disabled = total === 0;
+    els.clear.disabled = total === 0;
+    if (!total) {
+      els.progress.textContent = "";
+      return;
+    }
+    const done = entries.filter((e) => e.state === "done").length;
+    const failed = entries.filter((e) => e.state === "error").length;
+    const pending = total - done - failed;
+    const parts = [`${done} of ${plural(total, "image")} answered`];
+    if (failed) parts.push(`${failed} failed`);
+    if (pending) parts.push(`${pending} in progress`);
+    els.progress.textContent = parts.join(", ") + ".";
+  }
+
+  // -- helpers ------------------------------------------------------------------------------------------------
+  async function readJson(response) {
+    const text = await response.text();
+    try {
+      return JSON.parse(text);
+    } catch (_) {
+      return null;
+    }
+  }
+
+  // The service's own words when it gave them (every error of the service is {"error": {"message": ...}}).
+  function errorMessage(response, data) {
+    if (data && data.error && typeof data.error.message === "string") return data.error.message;
+    return `HTTP ${response.status}${response.statusText ? ` ${response.statusText}` : ""}`;
+  }
+
+  function plural(n, word) {
+    return `${n} ${word}${n === 1 ? "" : "s"}`;
+  }
+
+  function formatMs(ms) {
+    return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
+  }
+
+  function formatPercent(p) {
+    const value = p * 100;
+    return `${value >= 10 ? value.toFixed(1) : value.toFixed(2)}%`;
+  }
+
+  function formatBytes(n) {
+    if (n < 1024) return `${n} B`;
+    if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} KB`;
+    return `${(n / 1024 / 1024).toFixed(1)} MB`;
+  }
+
+  loadInfo();
+})();

@@ -1,0 +1,287 @@
+"""The page at ``/`` in a real browser (Debian's chromium driven by playwright) against real Lite0 servers.
+
+The browser is the system one (``/usr/bin/chromium``, or ``$CHROMIUM``); playwright never downloads one.
+Without chromium or playwright these tests skip, except in CI (``CI=true``), where they fail: `.ci/run`
+installs chromium.
+
+``WEB_PAGE_SCREENSHOT=docs/web_page.png`` makes the first test save the screenshot the README shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.images import DATA
+from tests.helpers.server import ServiceProcess
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    if IN_CI:
+        raise
+    pytest.skip("playwright is not installed (pip install -e '.[dev]')", allow_module_level=True)
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+LAUNCH_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WAIT_MS = 60_000
+KEY = "web-page-test-key"
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason}: CI must run the browser tests (.ci/run installs chromium)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not os.access(CHROMIUM, os.X_OK):
+        _unavailable(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        yield browser
+        browser.close()
+
+
+class Tab:
+    """One page in a fresh browser context, with every request and console error it made recorded."""
+
+    def __init__(self, browser, base_url: str) -> None:
+        self.base_url = base_url
+        self.context = browser.new_context(viewport={"width": 1100, "height": 900})
+        self.context.set_default_timeout(WAIT_MS)
+        self.page = self.context.new_page()
+        self.requests: list[str] = []
+        self.console_errors: list[str] = []
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("console", lambda msg: msg.type == "error" and self.console_errors.append(msg.text))
+        self.page.on("pageerror", lambda exc: self.console_errors.append(str(exc)))
+
+    def open(self) -> None:
+        self.page.goto(self.base_url + "/")
+        # /info has been read once the header names the model (or says why not). (Locator waits only: the
+        # page's CSP forbids the eval that wait_for_function would need, as it should.)
+        expect(self.page.locator("#model-info")).not_to_have_text(re.compile("^Asking"), timeout=WAIT_MS)
+
+    def card(self, name: str):
+        return self.page.locator("#results > li", has=self.page.locator("h3", has_text=name))
+
+    def external_requests(self) -> list[str]:
+        return [url for url in self.requests if not url.startswith((self.base_url + "/", "blob:", "data:"))]
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def tab(browser, lite0_service: ServiceProcess) -> Iterator[Tab]:
+    tab = Tab(browser, lite0_service.url)
+    yield tab
+    tab.close()
+
+
+def _predict(url: str, path: Path, headers: dict[str, str] | None = None) -> httpx.Response:
+    with path.open("rb") as f:
+        return httpx.post(
+            f"{url}/predict", files={"file": (path.name, f)}, params={"top_k": 5}, headers=headers, timeout=60
+        )
+
+
+def _top5_shown(card) -> list[tuple[str, str]]:
+    labels = card.locator(".labels li")
+    return [(li.locator(".label").inner_text(), li.locator(".score").inner_text()) for li in labels.all()]
+
+
+def test_a_photo_chosen_through_the_file_input_shows_the_services_top5_as_text(tab, lite0_service):
+    """coffee.jpg chosen through the file input: its card shows "espresso" first, the same five labels as
+    /predict in the same order with their percentages, a bar per label, a loaded thumbnail and the request's
+    time; the page made no request outside the service and logged no error (no CSP violation either)."""
+    tab.open()
+    assert tab.page.locator("#model-info").inner_text().startswith("efficientnet-lite0:")
+    tab.page.get_by_label("Choose one or several images, or drop them here").set_input_files(DATA / "coffee.jpg")
+
+    card = tab.card("coffee.jpg")
+    first = card.locator(".labels li").first.locator(".label")
+    first.wait_for()
+    assert first.inner_text() == "espresso"
+
+    expected = _predict(lite0_service.url, DATA / "coffee.jpg").json()["results"][0]["top_k"]
+    shown = _top5_shown(card)
+    assert [label for label, _ in shown] == [c["label"] for c in expected]
+    for (_, percent), c in zip(shown, expected, strict=True):
+        assert abs(float(percent.rstrip("%")) - 100 * c["score"]) < 0.06, (percent, c["score"])
+    widths = card.locator(".labels .fill").evaluate_all("els => els.map(e => e.getBoundingClientRect().width)")
+    assert len(widths) == 5 and widths[0] > widths[1] >= widths[4] >= 0, widths
+    assert card.locator("img.thumb").evaluate("img => img.complete && img.naturalWidth") > 0
+    meta = card.locator(".meta").inner_text()
+    assert "top-5 in" in meta and meta.rstrip().endswith(("ms", " s")), meta
+    assert tab.page.locator("#progress").inner_text() == "1 of 1 image answered."
+
+    screenshot = os.environ.get("WEB_PAGE_SCREENSHOT")
+    if screenshot:
+        tab.page.screenshot(path=screenshot, full_page=True)
+    assert not tab.external_requests(), tab.external_requests()
+    assert not tab.console_errors, tab.console_errors
+
+
+def test_several_photos_at_once_each_get_their_own_labels(tab, lite0_service, photo_classes):
+    """Three photos chosen together: three cards in the order chosen, each with its own top-1 label (the
+    one /predict gives for that photo)."""
+    tab.open()
+    names = ["coffee.jpg", "chelsea.jpg", "grace_hopper.jpg"]
+    tab.page.locator("#images").set_input_files([DATA / name for name in names])
+    tab.page.get_by_text("3 of 3 images answered.").wait_for()
+    assert tab.page.locator("#results .file-name").all_inner_texts() == names
+    for name in names:
+        expected = _predict(lite0_service.url, DATA / name).json()["results"][0]["top_k"][0]["label"]
+        assert tab.card(name).locator(".labels li .label").first.inner_text() == expected
+    assert tab.card("chelsea.jpg").locator(".labels li .label").first.inner_text() in photo_classes["chelsea.jpg"]
+
+
+def test_an_image_dropped_on_the_page_is_classified(tab):
+    """A file dropped on the drop zone (a real drop event carrying a File) is sent like a chosen one."""
+    tab.open()
+    payload = base64.b64encode((DATA / "coffee.jpg").read_bytes()).decode()
+    transfer = tab.page.evaluate_handle(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+            return dt;
+        }""",
+        payload,
+    )
+    tab.page.dispatch_event("#drop-zone", "dragenter", {"dataTransfer": transfer})
+    tab.page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    tab.card("dropped.jpg").get_by_text("espresso", exact=True).wait_for()
+
+
+def test_the_features_switch_shows_dimension_norm_and_first_values(tab, lite0_service):
+    """With "Features" and "L2-normalised" chosen (by their accessible names), the card shows the
+    dimension /info gives, a norm of 1 and the first values of the /features embedding."""
+    tab.open()
+    normalize = tab.page.get_by_label("L2-normalised")
+    assert normalize.is_disabled()  # meaningful only for features
+    tab.page.get_by_role("radio", name="Features (embedding)").check()
+    normalize.check()
+    tab.page.locator("#images").set_input_files(DATA / "coffee.jpg")
+    features = tab.card("coffee.jpg").locator("dl.features")
+    features.wait_for()
+    values = dict(
+        zip(features.locator("dt").all_inner_texts(), features.locator("dd").all_inner_texts(), strict=True)
+    )
+
+    info = httpx.get(f"{lite0_service.url}/info", timeout=10).json()
+    with (DATA / "coffee.jpg").open("rb") as f:
+        embedding = httpx.post(
+            f"{lite0_service.url}/features", files={"file": ("coffee.jpg", f)}, params={"normalize": True}, timeout=60
+        ).json()["results"][0]["embedding"]
+    assert values["Dimension"] == str(info["num_features"]) == "1280"
+    assert values["L2 norm (normalised)"] == "1.0000"
+    first = [float(v) for v in values["First 8 values"].strip("[]").split(", ")[:8]]
+    assert first == pytest.approx(embedding[:8], abs=1e-4)
+    assert "features in" in tab.card("coffee.jpg").locator(".meta").inner_text()
+
+
+def test_a_non_image_shows_the_services_own_error_message(tab, lite0_service, tmp_path):
+    """A text file sent from the page: its card shows, as an alert, exactly the error.message the service
+    answers for that file, with the status and code; a good image chosen next to it still gets its labels."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("this is not an image\n")
+    answer = _predict(lite0_service.url, notes)
+    assert answer.status_code == 400
+    message = answer.json()["error"]["message"]
+
+    tab.open()
+    tab.page.locator("#images").set_input_files([notes, DATA / "coffee.jpg"])
+    alert = tab.card("notes.txt").get_by_role("alert")
+    alert.wait_for()
+    assert alert.inner_text() == message
+    assert "HTTP 400 invalid_image" in tab.card("notes.txt").locator(".meta").inner_text()
+    tab.card("coffee.jpg").get_by_text("espresso", exact=True).wait_for()
+    tab.page.get_by_text("1 of 2 images answered, 1 failed.").wait_for()
+
+
+def test_the_page_is_usable_from_the_keyboard(tab):
+    """Tab from the top of the page reaches the file input (pressing Space opens the file chooser) and the
+    mode radios; every control has an accessible name and the results are announced in a live region."""
+    tab.open()
+    page = tab.page
+    focused: list[str] = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.id || document.activeElement.value || ''"))
+        if focused[-1] == "images":
+            break
+    assert "predict" in focused and focused[-1] == "images", focused
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(DATA / "coffee.jpg")
+    tab.card("coffee.jpg").get_by_text("espresso", exact=True).wait_for()
+    assert page.locator("#progress").get_attribute("role") == "status"
+    for control in page.locator("input:visible, button:visible").all():
+        name = control.evaluate(
+            "el => (el.labels && el.labels.length ? el.labels[0].textContent : el.textContent || '').trim()"
+        )
+        assert name, control.evaluate("el => el.outerHTML")
+
+
+def test_with_an_api_key_the_page_asks_for_it_and_keeps_it_for_the_tab_only(browser, start_service):
+    """On a server with EFFNET_API_KEY the page shows the key form at once (from /info); an image sent
+    without the key shows the service's 401 message and focuses the key field; entering the key (Enter)
+    sends the image again and it is classified. The key is in sessionStorage only: a reload of the tab
+    keeps it, a new tab does not have it, and it is never in localStorage or a cookie."""
+    service = start_service({"EFFNET_MODEL": "efficientnet-lite0", "EFFNET_API_KEY": KEY})
+    refused = _predict(service.url, DATA / "coffee.jpg")
+    assert refused.status_code == 401
+    tab = Tab(browser, service.url)
+    try:
+        tab.open()
+        page = tab.page
+        key_field = page.get_by_role("textbox", name="API key")
+        assert key_field.is_visible()
+        page.locator("#images").set_input_files(DATA / "coffee.jpg")
+        alert = tab.card("coffee.jpg").get_by_role("alert")
+        alert.wait_for()
+        assert alert.inner_text() == refused.json()["error"]["message"]
+        expect(key_field).to_be_focused()
+
+        page.keyboard.type(KEY)
+        page.keyboard.press("Enter")
+        tab.card("coffee.jpg").get_by_text("espresso", exact=True).wait_for()
+        assert page.evaluate("sessionStorage.getItem('effnet-api-key')") == KEY
+        assert page.evaluate("localStorage.length") == 0
+        assert tab.context.cookies() == []
+
+        page.reload()
+        page.locator("#images").set_input_files(DATA / "coffee.jpg")
+        tab.card("coffee.jpg").get_by_text("espresso", exact=True).wait_for()
+
+        other = tab.context.new_page()
+        other.goto(service.url + "/")
+        assert other.evaluate("sessionStorage.getItem('effnet-api-key')") is None
+        other.close()
+
+        page.get_by_role("button", name="Forget key").click()
+        assert page.evaluate("sessionStorage.getItem('effnet-api-key')") is None
+        page.get_by_role("button", name="Run again on these images").click()
+        tab.card("coffee.jpg").get_by_role("alert").wait_for()
+        assert not tab.external_requests(), tab.external_requests()
+    finally:
+        tab.close()
+        service.stop()
