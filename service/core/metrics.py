@@ -7,6 +7,7 @@ ids or other unbounded values appear in labels.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -26,6 +27,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2
 ENDPOINTS = ("/predict", "/features", "/healthz", "/readyz", "/info", "/metrics", "/docs", "/openapi.json", "/")
 # Static files under these prefixes share one label each (bounded, whatever paths clients ask for).
 STATIC_PREFIXES = {"/web/": "/web/*", "/docs/assets/": "/docs/assets/*"}
+# Open Inference Protocol (V2) routes by their template: a model name or version in the path never becomes a
+# label value. ``/versions/{version}`` is folded into the same label as the unversioned route.
+V2_ENDPOINTS = ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}", "/v2/models/{model}/ready",
+                "/v2/models/{model}/infer")
+_V2_MODEL_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer)?$")
+# gRPC methods are labelled by their full method name.
+GRPC_ENDPOINTS = tuple(
+    f"/inference.GRPCInferenceService/{m}"
+    for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+) + ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 REJECT_REASONS = (
     "queue_full",
     "timeout",
@@ -40,6 +51,7 @@ REJECT_REASONS = (
     "bad_request",
     "unauthorized",
     "client_gone",
+    "model_not_found",
 )
 
 
@@ -55,8 +67,10 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 
 
 def endpoint_label(path: str) -> str:
-    if path in ENDPOINTS:
+    if path in ENDPOINTS or path in GRPC_ENDPOINTS or path in V2_ENDPOINTS:
         return path
+    if path.startswith("/v2/models/") and (match := _V2_MODEL_PATH.match(path)):
+        return "/v2/models/{model}" + (match.group(1) or "")
     for prefix, label in STATIC_PREFIXES.items():
         if path.startswith(prefix):
             return label

@@ -17,7 +17,7 @@ from enum import Enum
 import numpy as np
 
 from service.core.batching import DynamicBatcher
-from service.core.errors import InvalidImage, NotReady, RequestTimeout, ServiceError, ShuttingDown
+from service.core.errors import BadRequest, InvalidImage, NotReady, RequestTimeout, ServiceError, ShuttingDown
 from service.core.imaging import Preprocessor
 from service.core.loading import LoadedModel
 from service.core.metrics import Metrics
@@ -226,6 +226,52 @@ class InferenceService:
                 for future in decodes:
                     future.cancel()
             return await slot.run(arrays, timeout=deadline - time.monotonic(), cancel_when=cancel_when)
+
+    async def infer_arrays(
+        self,
+        batch: np.ndarray,
+        *,
+        deadline: float,
+        cancel_when: asyncio.Future[object] | None = None,
+    ) -> list[tuple[np.ndarray, ...]]:
+        """Already preprocessed images (N, 3, S, S) through the same queue bound, batcher and deadline as
+        ``infer``, without decoding; per-image (features, logits) in order.
+
+        uint8: the resized, cropped pixels (0..255) that decoding makes. float32: those pixels normalised
+        with the variant's mean/std. The engines take 8-bit pixels, so a float32 batch goes in as the
+        pixels it encodes; one whose values are not such pixels (beyond float rounding) is a BadRequest,
+        never silently rounded.
+        """
+        size = self.preprocessor.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or len(batch) == 0:
+            raise BadRequest(f"expected a batch of shape [N, 3, {size}, {size}] with N >= 1, got {list(batch.shape)}")
+        pixels = batch if batch.dtype == np.uint8 else normalised_to_pixels(batch, self.model.preprocess)
+        with self.batcher.reserve(len(pixels)) as slot:
+            return await slot.run(list(pixels), timeout=deadline - time.monotonic(), cancel_when=cancel_when)
+
+
+# How far (in pixel steps) a float32 input may lie from the 8-bit grid: float32 rounding of a normalised
+# pixel is ~1e-5 of a step; anything further off is a different image than any 8-bit one.
+PIXEL_TOLERANCE = 0.01
+
+
+def normalised_to_pixels(batch: np.ndarray, spec: object) -> np.ndarray:
+    """Invert ``(p / 255 - mean) / std`` for a float batch (N, 3, S, S) -> uint8 pixels; ``BadRequest``
+    unless every value is within ``PIXEL_TOLERANCE`` of a pixel value 0..255."""
+    mean = np.asarray(spec.mean, dtype=np.float64).reshape(1, 3, 1, 1)  # type: ignore[attr-defined]
+    std = np.asarray(spec.std, dtype=np.float64).reshape(1, 3, 1, 1)  # type: ignore[attr-defined]
+    values = (batch.astype(np.float64) * std + mean) * 255.0
+    if not np.all(np.isfinite(values)):
+        raise BadRequest("input holds NaN or infinite values")
+    rounded = np.rint(values)
+    off = float(np.max(np.abs(values - rounded))) if values.size else 0.0
+    if off > PIXEL_TOLERANCE or rounded.min() < 0 or rounded.max() > 255:
+        raise BadRequest(
+            "FP32 input must be 8-bit pixels (0..255) normalised with the model's mean and std "
+            f"((p / 255 - mean) / std); these values are {off:.3g} pixel steps off that grid or out of "
+            "range. Send the UINT8 pixels instead"
+        )
+    return rounded.astype(np.uint8)
 
 
 def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes) -> np.ndarray:

@@ -162,6 +162,16 @@ class Settings(BaseSettings):
             "reuse a connection at the instant it is closed, and its request fails at connection level."
         ),
     )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the gRPC server (Open Inference Protocol / KServe V2 GRPCInferenceService, plus "
+            "grpc.health.v1 for Kubernetes gRPC probes), on the same address as HTTP. 0 turns it off. Its "
+            "largest message is max_body_bytes; the API key is read from 'authorization: Bearer' metadata."
+        ),
+    )
     warmup: bool = Field(
         True,
         description=(

@@ -25,6 +25,7 @@ from service.http import inference, operations
 from service.http.docs import install_docs
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.v2.rest import v2_router
 from service.web import web_router
 
 log = logging.getLogger("service.http.app")
@@ -37,8 +38,12 @@ def _version() -> str:
         return "0.0.0+local"
 
 
-def create_app(settings: Settings | None = None, *, model: LoadedModel | None = None) -> FastAPI:
-    """Build the app. ``model``: an already loaded model (else the lifespan loads one from ``settings``)."""
+def create_app(
+    settings: Settings | None = None, *, model: LoadedModel | None = None, grpc_address: str | None = None
+) -> FastAPI:
+    """Build the app. ``model``: an already loaded model (else the lifespan loads one from ``settings``).
+    ``grpc_address`` (host:port): also serve the Open Inference Protocol over gRPC there, on the same
+    core service (``efficientnet-serve`` passes it unless EFFNET_GRPC_PORT is 0)."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
 
@@ -48,6 +53,16 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         service = InferenceService(settings, loaded, metrics)
         app.state.service = service
         await service.start()
+        grpc_server = None
+        if grpc_address:
+            from service.v2.grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(service, grpc_address)
+            try:
+                await grpc_server.start()
+            except BaseException:
+                await service.close()
+                raise
         log.info(
             "serving %s on %s (%s, %s weights)",
             loaded.variant.name,
@@ -58,6 +73,9 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         try:
             yield
         finally:
+            if grpc_server is not None:
+                # By now the drain has answered every admitted call; the grace covers any still finishing.
+                await grpc_server.stop(grace=min(5.0, settings.shutdown_drain_s))
             await service.close()
 
     app = FastAPI(
@@ -75,6 +93,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     app.include_router(operations.router)
     app.include_router(inference.inference_router(require_auth=settings.api_key is not None))
     install_docs(app)
+    # The Open Inference Protocol (KServe V2) REST routes, on the same service and middleware.
+    app.include_router(v2_router())
     # The page at / (a person trying the model); outside the OpenAPI document, open even with an API key.
     app.include_router(web_router())
 

@@ -56,8 +56,12 @@ async def send_json_error(
     message: str,
     request_id: str | None,
     headers: dict[str, str] | None = None,
+    *,
+    v2: bool = False,
 ) -> None:
-    body = json.dumps(error_body(code, message, request_id), separators=(",", ":")).encode()
+    # ``v2``: the Open Inference Protocol's error shape, {"error": "<message>"}, for its /v2 routes.
+    content = {"error": message} if v2 else error_body(code, message, request_id)
+    body = json.dumps(content, separators=(",", ":")).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     for key, value in (headers or {}).items():
         raw_headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
@@ -160,6 +164,7 @@ class BodyLimitMiddleware:
                     f"request body of {size} bytes exceeds the limit of {limit}",
                     state.get("request_id"),
                     {"connection": "close"},
+                    v2=scope.get("path", "").startswith("/v2/"),
                 )
                 return
         received = 0

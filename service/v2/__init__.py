@@ -1,0 +1,7 @@
+"""The Open Inference Protocol (KServe V2) front-end: REST routes under ``/v2`` and the gRPC
+``GRPCInferenceService``, both driving the one ``service.core`` InferenceService.
+
+``protocol`` holds the model as the protocol sees it (names, metadata, inputs -> outputs); ``tensors`` the
+datatype codecs; ``rest`` and ``grpc_server`` the two transports; ``pb`` the code generated from
+``pb/grpc_predict_v2.proto`` (``scripts/gen_protos.sh``).
+"""

@@ -1,0 +1,367 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``) plus ``grpc.health.v1``.
+
+A ``grpc.aio`` server on the HTTP server's event loop, driving the same ``InferenceService``: the same
+decoding pool, batcher, queue bound, deadlines, limits, API key and metrics as every other door.
+
+- Deadlines: a call's gRPC deadline shortens the server's own (``EFFNET_REQUEST_TIMEOUT_S``); when it
+  passes, or the client cancels, the call's images leave the queue.
+- Limits: the largest message is ``EFFNET_MAX_BODY_BYTES`` (gRPC answers RESOURCE_EXHAUSTED beyond it);
+  more than ``EFFNET_MAX_IMAGES_PER_REQUEST`` images is RESOURCE_EXHAUSTED too.
+- API key: ``authorization: Bearer <key>`` metadata on ModelInfer (metadata and health stay open).
+- Errors: the service's errors map to gRPC codes (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 404
+  NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE with a ``retry-after`` trailer, 504
+  DEADLINE_EXCEEDED, 500 INTERNAL).
+- Metrics: ``effnet_requests_total`` and ``effnet_request_duration_seconds`` with the full method name as
+  ``endpoint`` and the HTTP-equivalent status as ``code``, so one alert covers every door.
+- Health: ``grpc.health.v1.Health`` answers SERVING for the service names "", "readiness" and
+  ``inference.GRPCInferenceService`` while the model is ready, and for "liveness" unless the service
+  failed: what Kubernetes' gRPC probes ask.
+- Shutdown: requests are refused with UNAVAILABLE once the service drains (it refuses admission);
+  ``stop(grace)`` lets calls in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.core.errors import BadRequest, NotReady, QueueFull, ServiceError, ServiceUnavailable, ShuttingDown
+from service.core.runtime import InferenceService, Lifecycle
+from service.v2 import tensors
+from service.v2.pb import grpc_predict_v2_pb2 as pb
+from service.v2.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.v2.protocol import (
+    EXTENSIONS,
+    MODEL_VERSION,
+    SERVER_NAME,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+    V2Model,
+    deadline_for,
+)
+from service.v2.rest import check_bearer, server_version
+
+log = logging.getLogger("service.v2.grpc")
+access_log = logging.getLogger("service.access")
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    499: grpc.StatusCode.CANCELLED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# Which InferTensorContents field holds each datatype (FP16 has none: raw contents only).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def grpc_status(exc: ServiceError) -> grpc.StatusCode:
+    return STATUS_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL)
+
+
+def _parameters(params: Any) -> dict[str, Any]:
+    """A protobuf map<string, InferParameter> -> plain values."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        which = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, which) if which else None
+    return out
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs (use it for all or none)"
+        )
+    inputs = []
+    for i, tensor in enumerate(request.inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+        tensors.check_datatype(datatype, name)
+        if raw:
+            data = tensors.from_raw(raw[i], datatype, shape, name)
+        else:
+            field = _CONTENTS_FIELD.get(datatype)
+            if field is None:
+                raise BadRequest(f"input '{name}': {datatype} data must come in raw_input_contents")
+            values = list(getattr(tensor.contents, field))
+            if datatype == "BYTES":
+                if len(values) != tensors.element_count(shape, name):
+                    raise BadRequest(f"input '{name}': shape {shape} needs {tensors.element_count(shape, name)} "
+                                     f"BYTES elements, contents has {len(values)}")
+                data = values
+            else:
+                data = tensors.from_json(values, datatype, shape, name)
+        inputs.append(InputTensor(name, datatype, shape, data, _parameters(tensor.parameters)))
+    return inputs
+
+
+def encode_response(
+    model: V2Model, request: pb.ModelInferRequest, outputs: list[OutputTensor]
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
+    for output in outputs:
+        response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        response.raw_output_contents.append(tensors.to_raw(output.data, output.datatype))
+    return response
+
+
+class _Call:
+    """What the metrics and the access log need to know about one call."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        self.metadata = metadata
+        incoming = metadata.get("x-request-id")
+        self.request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        self.status = 200
+        self.reject_reason: str | None = None
+        self.images: int | None = None
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+        self.model = V2Model(service)
+        self.metrics = service.metrics
+
+    # -- every call: metrics, access log, error mapping ---------------------------------------------------
+    async def _observe(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[_Call], Awaitable[Any]],
+    ) -> Any:
+        call = _Call(method, context)
+        trailers: list[tuple[str, str]] = [("x-request-id", call.request_id)]
+        try:
+            result = await handler(call)
+        except ServiceError as exc:
+            call.status = exc.status_code
+            call.reject_reason = exc.reject_reason
+            if exc.status_code >= 500 and not isinstance(exc, (QueueFull, NotReady, ShuttingDown, ServiceUnavailable)):
+                log.error("%s: %s", exc.code, exc.message, extra={"request_id": call.request_id})
+            retry_after = exc.headers.get("Retry-After")
+            if retry_after:
+                trailers.append(("retry-after", retry_after))
+            self._record(call)
+            await context.abort(grpc_status(exc), exc.message, trailing_metadata=tuple(trailers))
+        except asyncio.CancelledError:
+            # The client cancelled, or its deadline passed: the call's images were withdrawn on the way out.
+            remaining = context.time_remaining()
+            timed_out = remaining is not None and remaining <= 0
+            call.status = 504 if timed_out else 499
+            call.reject_reason = "timeout" if timed_out else "client_gone"
+            self._record(call)
+            raise
+        except Exception as exc:
+            log.error("unhandled error in %s", method, exc_info=exc, extra={"request_id": call.request_id})
+            call.status = 500
+            self._record(call)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error", trailing_metadata=tuple(trailers))
+        context.set_trailing_metadata(tuple(trailers))
+        self._record(call)
+        return result
+
+    def _record(self, call: _Call) -> None:
+        duration = time.perf_counter() - call.started
+        self.metrics.observe_request(call.method, call.status, duration, call.reject_reason)
+        access_log.info(
+            "request",
+            extra={
+                "request_id": call.request_id,
+                "method": "gRPC",
+                "path": call.method,
+                "status": call.status,
+                "duration_s": round(duration, 6),
+                "client": None,
+                "reject_reason": call.reject_reason,
+                "images": call.images,
+            },
+        )
+
+    # -- the protocol's methods -------------------------------------------------------------------------------
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def handle(call: _Call) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=self.service.state is not Lifecycle.FAILED)
+
+        return await self._observe(f"/{SERVICE_NAME}/ServerLive", context, handle)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def handle(call: _Call) -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self.service.ready)
+
+        return await self._observe(f"/{SERVICE_NAME}/ServerReady", context, handle)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def handle(call: _Call) -> pb.ModelReadyResponse:
+            self.model.check(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.model.ready)
+
+        return await self._observe(f"/{SERVICE_NAME}/ModelReady", context, handle)
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async def handle(call: _Call) -> pb.ServerMetadataResponse:
+            return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
+
+        return await self._observe(f"/{SERVICE_NAME}/ServerMetadata", context, handle)
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async def handle(call: _Call) -> pb.ModelMetadataResponse:
+            self.model.check(request.name, request.version)
+            meta = self.model.metadata()
+            response = pb.ModelMetadataResponse(
+                name=meta["name"], versions=meta["versions"], platform=meta["platform"]
+            )
+            for entry in meta["inputs"]:
+                response.inputs.add(**entry)
+            for entry in meta["outputs"]:
+                response.outputs.add(**entry)
+            response.properties.update(self.model.properties())
+            return response
+
+        return await self._observe(f"/{SERVICE_NAME}/ModelMetadata", context, handle)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def handle(call: _Call) -> pb.ModelInferResponse:
+            self.model.check(request.model_name, request.model_version)
+            service = self.service
+            check_bearer(service.settings, call.metadata.get("authorization"))
+            with service.admit():
+                inputs = decode_inputs(request)
+                for tensor in inputs:
+                    if tensor.datatype == "BYTES":
+                        call.images = len(tensor.data)
+                    elif isinstance(tensor.data, np.ndarray) and tensor.data.ndim == 4:
+                        call.images = len(tensor.data)
+                outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs] or None
+                deadline = deadline_for(
+                    _parameters(request.parameters), service.settings.request_timeout_s, context.time_remaining()
+                )
+                results = await self.model.infer(inputs, outputs, deadline=deadline)
+            return encode_response(self.model, request, results)
+
+        return await self._observe(f"/{SERVICE_NAME}/ModelInfer", context, handle)
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1``: readiness for "", "readiness" and the inference service; liveness for "liveness"."""
+
+    READINESS_NAMES = ("", "readiness", SERVICE_NAME)
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+        self.metrics = service.metrics
+
+    def _status(self, name: str) -> int | None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        if name in self.READINESS_NAMES:
+            return serving if self.service.ready else not_serving
+        if name == "liveness":
+            return serving if self.service.state is not Lifecycle.FAILED else not_serving
+        return None
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        started = time.perf_counter()
+        status = self._status(request.service)
+        code = 200 if status is not None else 404
+        self.metrics.observe_request("/grpc.health.v1.Health/Check", code, time.perf_counter() - started, None)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(  # noqa: N802
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status is None:
+                status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(0.1)
+
+
+def grpc_address(host: str, port: int) -> str:
+    """host:port for grpc (IPv6 literals in brackets)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class GrpcServer:
+    """The gRPC front-end: ``await start()`` binds and serves, ``await stop(grace)`` finishes calls in flight."""
+
+    def __init__(self, service: InferenceService, address: str) -> None:
+        self.service = service
+        self.address = address
+        max_message = service.settings.max_body_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", -1),
+                # Without this, a second server could bind the same port and silently share its traffic.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), self.server)
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        try:
+            self.port = self.server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind the gRPC port {self.address}: {exc}") from None
+        if not self.port:
+            raise OSError(f"cannot bind the gRPC port {self.address}")
+        await self.server.start()
+        log.info("gRPC (Open Inference Protocol, grpc.health.v1) on %s", self.address)
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+
+
+__all__ = ["GrpcServer", "HealthServicer", "InferenceServicer", "grpc_address", "grpc_status"]

@@ -1,0 +1,238 @@
+"""The Open Inference Protocol's model, independent of REST or gRPC: metadata, and one inference request
+in (already decoded from its transport) and its output tensors out.
+
+The served variant is the protocol's one model (name: the variant's, e.g. ``efficientnet-lite0``; version
+``1``). It takes exactly one of two inputs:
+
+- ``image``: BYTES, shape ``[N]`` (``[N, 1]`` too): each element one encoded image file. These go through
+  the service's decoding pool, exactly like an upload to ``/predict``.
+- ``input``: UINT8 or FP32, shape ``[N, 3, S, S]``: images already resized and cropped (UINT8: the 0..255
+  pixels; FP32: those pixels normalised with the variant's mean/std). No decoding; same queue, batcher
+  and deadline.
+
+Outputs: ``logits`` and ``probabilities`` (FP32 ``[N, num_classes]``) and ``features`` (FP32
+``[N, num_features]``, the pooled embedding); all three when the request names none. An output asked for
+with the parameter ``classification: k`` (Triton's classification extension; ``class_count`` in
+tritonclient) comes back as BYTES ``[N, k]`` of ``"score:index:label"``, best first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.core.errors import BadRequest, ServiceError, TooManyImages
+from service.core.outputs import softmax
+from service.core.runtime import InferenceService
+
+MODEL_VERSION = "1"
+SERVER_NAME = "effnet-serve"
+# Triton's names for the extensions this server speaks, as its clients expect them in server metadata.
+EXTENSIONS = ("binary_tensor_data", "classification")
+IMAGE_INPUT = "image"
+TENSOR_INPUT = "input"
+OUTPUTS = ("logits", "probabilities", "features")
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+    code = "model_not_found"
+    reject_reason = "model_not_found"
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    # numpy array for numeric datatypes; list of bytes (or JSON strings) for BYTES
+    data: np.ndarray | list[Any]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def classification(self) -> int:
+        value = self.parameters.get("classification", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadRequest(f"output '{self.name}': 'classification' must be a non-negative integer")
+        return value
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | list[bytes]
+    requested: RequestedOutput | None = None
+
+
+def request_timeout_s(parameters: dict[str, Any], default_s: float) -> float:
+    """The request's own ``timeout`` parameter (microseconds, as Triton's clients send it) when shorter
+    than the server's deadline."""
+    value = parameters.get("timeout")
+    if value is None:
+        return default_s
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise BadRequest("parameter 'timeout' must be a positive number of microseconds")
+    return min(default_s, value / 1e6)
+
+
+class V2Model:
+    """The served variant as the protocol's model: name checks, metadata, inference."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+        model = service.model
+        self.name: str = model.variant.name
+        self.size = service.preprocessor.input_size
+        self.num_classes = model.num_classes
+        self.num_features = model.num_features
+        self.labels = model.labels
+
+    # -- names and metadata ------------------------------------------------------------------------------
+    def check(self, name: str, version: str | None) -> None:
+        if name != self.name:
+            raise ModelNotFound(f"unknown model '{name}'; this server serves '{self.name}'")
+        if version not in (None, "", MODEL_VERSION):
+            raise ModelNotFound(f"unknown version '{version}' of model '{name}'; it has version {MODEL_VERSION}")
+
+    @property
+    def ready(self) -> bool:
+        return self.service.ready
+
+    def metadata(self) -> dict[str, Any]:
+        s = self.size
+        return {
+            "name": self.name,
+            "versions": [MODEL_VERSION],
+            "platform": f"effnet-serve_{self.service.model.engine.backend}",
+            "inputs": [
+                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+                {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]},
+            ],
+            "outputs": [
+                {"name": "logits", "datatype": "FP32", "shape": [-1, self.num_classes]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, self.num_classes]},
+                {"name": "features", "datatype": "FP32", "shape": [-1, self.num_features]},
+            ],
+        }
+
+    def properties(self) -> dict[str, str]:
+        """Facts a client may want beyond the tensors (gRPC ``properties``)."""
+        return {
+            "input_dtypes": "image: BYTES; input: FP32 or UINT8",
+            "num_classes": str(self.num_classes),
+            "num_features": str(self.num_features),
+        }
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def _check_outputs(self, outputs: Sequence[RequestedOutput] | None) -> list[RequestedOutput]:
+        if not outputs:
+            return [RequestedOutput(name) for name in OUTPUTS]
+        seen: set[str] = set()
+        for output in outputs:
+            if output.name not in OUTPUTS:
+                raise BadRequest(f"unknown output '{output.name}'; the model has {', '.join(OUTPUTS)}")
+            if output.name in seen:
+                raise BadRequest(f"output '{output.name}' requested twice")
+            seen.add(output.name)
+            k = output.classification
+            width = self.num_features if output.name == "features" else self.num_classes
+            if k > width:
+                raise BadRequest(f"output '{output.name}': classification {k} exceeds its {width} values")
+        return list(outputs)
+
+    async def infer(
+        self,
+        inputs: Sequence[InputTensor],
+        outputs: Sequence[RequestedOutput] | None,
+        *,
+        deadline: float,
+        cancel_when: asyncio.Future[object] | None = None,
+    ) -> list[OutputTensor]:
+        """Run one request (inside ``service.admit()``, which the caller holds); its output tensors."""
+        requested = self._check_outputs(outputs)
+        names = [t.name for t in inputs]
+        if len(inputs) != 1 or names[0] not in (IMAGE_INPUT, TENSOR_INPUT):
+            unknown = [n for n in names if n not in (IMAGE_INPUT, TENSOR_INPUT)]
+            detail = f"unknown input '{unknown[0]}'; " if unknown else ""
+            raise BadRequest(
+                f"{detail}the model takes exactly one input: '{IMAGE_INPUT}' (BYTES, encoded images) or "
+                f"'{TENSOR_INPUT}' (FP32 or UINT8 [N, 3, {self.size}, {self.size}]); got {names or 'none'}"
+            )
+        tensor = inputs[0]
+        limit = self.service.settings.max_images_per_request
+        if tensor.name == IMAGE_INPUT:
+            blobs = self._image_blobs(tensor)
+            if len(blobs) > limit:
+                raise TooManyImages(f"{len(blobs)} images in one request; the limit is {limit}")
+            results = await self.service.infer(blobs, deadline=deadline, cancel_when=cancel_when)
+        else:
+            batch = self._pixel_batch(tensor)
+            if len(batch) > limit:
+                raise TooManyImages(f"{len(batch)} images in one request; the limit is {limit}")
+            results = await self.service.infer_arrays(batch, deadline=deadline, cancel_when=cancel_when)
+        features = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
+        logits = np.stack([r[1] for r in results]).astype(np.float32, copy=False)
+        values = {"logits": logits, "features": features}
+        if any(o.name == "probabilities" for o in requested):
+            values["probabilities"] = softmax(logits).astype(np.float32)
+        return [self._output(o, values[o.name]) for o in requested]
+
+    def _image_blobs(self, tensor: InputTensor) -> list[tuple[str | None, bytes]]:
+        if tensor.datatype != "BYTES":
+            raise BadRequest(f"input '{IMAGE_INPUT}' must be BYTES (encoded image files), not {tensor.datatype}")
+        shape = tensor.shape
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+            raise BadRequest(f"input '{IMAGE_INPUT}' must have shape [N] or [N, 1] with N >= 1, not {shape}")
+        elements = list(tensor.data)
+        blobs: list[tuple[str | None, bytes]] = []
+        for e in elements:
+            if not isinstance(e, bytes):  # pragma: no cover - the transports decode to bytes
+                raise BadRequest(f"input '{IMAGE_INPUT}': elements must be bytes")
+            blobs.append((None, e))
+        return blobs
+
+    def _pixel_batch(self, tensor: InputTensor) -> np.ndarray:
+        if tensor.datatype not in ("FP32", "UINT8"):
+            raise BadRequest(f"input '{TENSOR_INPUT}' must be FP32 or UINT8, not {tensor.datatype}")
+        s = self.size
+        shape = tensor.shape
+        if len(shape) != 4 or shape[1:] != [3, s, s] or shape[0] < 1:
+            raise BadRequest(f"input '{TENSOR_INPUT}' must have shape [N, 3, {s}, {s}] with N >= 1, not {shape}")
+        assert isinstance(tensor.data, np.ndarray)
+        return tensor.data
+
+    def _output(self, requested: RequestedOutput, values: np.ndarray) -> OutputTensor:
+        k = requested.classification
+        if not k:
+            return OutputTensor(requested.name, "FP32", list(values.shape), values, requested)
+        labels = self.labels if requested.name != "features" else None
+        rows: list[bytes] = []
+        for row in values:
+            best = np.argsort(-row, kind="stable")[:k]
+            for index in best:
+                # Triton's format: the value as C's "%f", the class index, the label when there is one.
+                text = f"{float(row[index]):f}:{int(index)}" + (f":{labels[index]}" if labels else "")
+                rows.append(text.encode("utf-8"))
+        return OutputTensor(requested.name, "BYTES", [len(values), k], rows, requested)
+
+
+def deadline_for(parameters: dict[str, Any], default_s: float, remaining_s: float | None = None) -> float:
+    """A ``time.monotonic()`` deadline: the server's, shortened by the request's ``timeout`` parameter
+    and by the transport's own deadline (``remaining_s``, e.g. a gRPC deadline)."""
+    timeout = request_timeout_s(parameters, default_s)
+    if remaining_s is not None:
+        timeout = min(timeout, max(0.0, remaining_s))
+    return time.monotonic() + timeout

@@ -1,0 +1,327 @@
+"""The Open Inference Protocol over HTTP/REST (``/v2/...``), with Triton's binary-data extension.
+
+A request body is JSON, or (binary-data extension) a JSON header of ``Inference-Header-Content-Length``
+bytes followed by the binary contents of each input whose parameters give ``binary_data_size``, in input
+order. An output comes back binary when it asks for ``binary_data: true`` or the request asks for
+``binary_data_output: true``; the response is then the JSON header followed by those outputs' contents,
+with ``Inference-Header-Content-Length``. In JSON, ``image`` elements are base64 text (image files are not
+UTF-8 strings).
+
+Every error is the protocol's ``{"error": "<message>"}`` with the status of the service's error (400,
+401, 404, 413, 503 with Retry-After, 504, ...). Body limit, request id, metrics and drain are the HTTP
+front-end's, shared with ``/predict``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import zlib
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from service.core.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientGone,
+    NotReady,
+    QueueFull,
+    ServiceError,
+    ServiceUnavailable,
+    ShuttingDown,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from service.core.runtime import InferenceService, Lifecycle
+from service.core.settings import Settings
+from service.v2 import tensors
+from service.v2.protocol import (
+    EXTENSIONS,
+    IMAGE_INPUT,
+    MODEL_VERSION,
+    SERVER_NAME,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+    V2Model,
+    deadline_for,
+)
+
+log = logging.getLogger("service.v2.rest")
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def server_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("effnet-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def v2_error(request: Request, exc: ServiceError) -> JSONResponse:
+    """The protocol's error body for a service error; the reason is kept for the request metrics."""
+    if exc.reject_reason is not None:
+        request.state.reject_reason = exc.reject_reason
+    request.state.error_code = exc.code
+    if exc.status_code >= 500 and not isinstance(exc, (QueueFull, NotReady, ShuttingDown, ServiceUnavailable)):
+        log.error("%s: %s", exc.code, exc.message, extra={"request_id": getattr(request.state, "request_id", None)})
+    return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
+
+
+def _service(request: Request) -> InferenceService:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise NotReady("model is not loaded yet")
+    return service
+
+
+def _model(request: Request) -> V2Model:
+    service = _service(request)
+    model = getattr(request.app.state, "v2_model", None)
+    if model is None or model.service is not service:
+        model = V2Model(service)
+        request.app.state.v2_model = model
+    return model
+
+
+def check_bearer(settings: Settings, authorization: str | None) -> None:
+    """``Unauthorized`` unless the ``Authorization: Bearer`` value is the configured key (or none is)."""
+    key = settings.api_key
+    if key is None:
+        return
+    scheme, _, supplied = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        supplied.strip().encode("utf-8"), key.get_secret_value().encode("utf-8")
+    ):
+        raise Unauthorized()
+
+
+# -- request decoding ---------------------------------------------------------------------------------------
+def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported (gzip, deflate or none)")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"body is not valid {encoding} data: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise BodyTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    return out
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where}: 'parameters' must be an object")
+    return value
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None
+) -> tuple[dict[str, Any], list[InputTensor], list[RequestedOutput] | None]:
+    """Body (+ the binary-data header) -> (request JSON, input tensors, requested outputs)."""
+    if header_length is not None:
+        try:
+            json_size = int(header_length)
+        except ValueError:
+            raise BadRequest(f"{HEADER_LENGTH} must be an integer") from None
+        if not 0 < json_size <= len(body):
+            raise BadRequest(f"{HEADER_LENGTH} {json_size} does not fit a body of {len(body)} bytes")
+        head, binary = body[:json_size], memoryview(body)[json_size:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        request = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise BadRequest("request must be a JSON object")
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("request needs 'inputs', a non-empty list")
+    inputs: list[InputTensor] = []
+    offset = 0
+    for i, item in enumerate(raw_inputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest(f"inputs[{i}] must be an object with a 'name'")
+        name = item["name"]
+        datatype, shape = item.get("datatype"), item.get("shape")
+        if not isinstance(datatype, str) or not isinstance(shape, list):
+            raise BadRequest(f"input '{name}' needs 'datatype' (a string) and 'shape' (a list)")
+        parameters = _parameters(item.get("parameters"), f"input '{name}'")
+        size = parameters.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise BadRequest(f"input '{name}': binary_data_size {size} exceeds the binary data sent")
+            data = tensors.from_raw(binary[offset : offset + size], datatype, shape, name)
+            offset += size
+        elif "data" in item:
+            data = tensors.from_json(item["data"], datatype, shape, name)
+            if datatype == "BYTES":
+                data = _json_bytes(name, data, parameters)
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
+        inputs.append(InputTensor(name, datatype, shape, data, parameters))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
+    outputs = None
+    raw_outputs = request.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw_outputs
+        ):
+            raise BadRequest("'outputs' must be a list of objects with a 'name'")
+        outputs = [RequestedOutput(o["name"], _parameters(o.get("parameters"), f"output '{o['name']}'"))
+                   for o in raw_outputs]
+    return request, inputs, outputs
+
+
+def _json_bytes(name: str, elements: list[Any], parameters: dict[str, Any]) -> list[bytes]:
+    """BYTES elements given as JSON strings: base64 for ``image`` (or with ``content_type: base64``),
+    else UTF-8 text."""
+    if name == IMAGE_INPUT or parameters.get("content_type") in ("base64", "b64"):
+        out = []
+        for i, text in enumerate(elements):
+            try:
+                out.append(base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text,
+                                            validate=True))
+            except (binascii.Error, ValueError):
+                raise BadRequest(f"input '{name}': element {i + 1} is not base64 (JSON carries images as base64; "
+                                 "or send them binary with the binary-data extension)") from None
+        return out
+    return [text.encode("utf-8") for text in elements]
+
+
+# -- response encoding --------------------------------------------------------------------------------------
+def _binary_wanted(output: OutputTensor, request_parameters: dict[str, Any]) -> bool:
+    own = output.requested.parameters.get("binary_data") if output.requested else None
+    if own is not None:
+        return bool(own)
+    return bool(request_parameters.get("binary_data_output", False))
+
+
+def encode_response(
+    model: V2Model, request_json: dict[str, Any], outputs: list[OutputTensor]
+) -> Response:
+    request_parameters = _parameters(request_json.get("parameters"), "request")
+    body: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
+    if "id" in request_json:
+        body["id"] = str(request_json["id"])
+    blobs: list[bytes] = []
+    out_json = []
+    for output in outputs:
+        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
+        if _binary_wanted(output, request_parameters):
+            raw = tensors.to_raw(output.data, output.datatype)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = tensors.to_json(output.data, output.datatype)
+        out_json.append(entry)
+    body["outputs"] = out_json
+    head = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(head, media_type="application/json")
+    return Response(
+        b"".join([head, *blobs]),
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(head))},
+    )
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -- routes -------------------------------------------------------------------------------------------------
+def v2_router() -> APIRouter:
+    # Not in /openapi.json: the protocol's contract is its own specification (open_inference_rest.yaml),
+    # and the FastAPI document describes this service's native API.
+    router = APIRouter(prefix="/v2", include_in_schema=False)
+
+    @router.get("", summary="Server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
+
+    @router.get("/health/live", summary="Server live (200; 503 only after a fatal failure)")
+    async def live(request: Request) -> Any:
+        service = getattr(request.app.state, "service", None)
+        live = service is None or service.state is not Lifecycle.FAILED
+        return JSONResponse({"live": live}, 200 if live else 503)
+
+    @router.get("/health/ready", summary="Server ready (200 once warmed up; 503 while loading or draining)")
+    async def ready(request: Request) -> Any:
+        service = getattr(request.app.state, "service", None)
+        is_ready = service is not None and service.ready
+        return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
+
+    async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Any:
+        try:
+            model = _model(request)
+            model.check(model_name, model_version)
+        except ServiceError as exc:
+            return v2_error(request, exc)
+        return model.metadata()
+
+    async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Any:
+        try:
+            model = _model(request)
+            model.check(model_name, model_version)
+        except ServiceError as exc:
+            return v2_error(request, exc)
+        return JSONResponse({"name": model.name, "ready": model.ready}, 200 if model.ready else 503)
+
+    async def model_infer(request: Request, model_name: str, model_version: str | None = None) -> Any:
+        try:
+            model = _model(request)
+            model.check(model_name, model_version)
+            service = model.service
+            check_bearer(service.settings, request.headers.get("authorization"))
+            with service.admit():
+                body = _decompress(
+                    await request.body(), request.headers.get("content-encoding"), service.settings.max_body_bytes
+                )
+                request_json, inputs, outputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+                for tensor in inputs:
+                    if tensor.name == IMAGE_INPUT and tensor.datatype == "BYTES":
+                        request.state.images = len(tensor.data)
+                parameters = _parameters(request_json.get("parameters"), "request")
+                deadline = deadline_for(parameters, service.settings.request_timeout_s)
+                watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+                try:
+                    results = await model.infer(inputs, outputs, deadline=deadline, cancel_when=watcher)
+                finally:
+                    watcher.cancel()
+            return encode_response(model, request_json, results)
+        except ServiceError as exc:
+            return v2_error(request, exc)
+        except ClientGone:
+            request.state.reject_reason = "client_gone"
+            return JSONResponse({"error": "client disconnected"}, 499)
+
+    for suffix in ("", "/versions/{model_version}"):
+        path = "/models/{model_name}" + suffix
+        router.add_api_route(path, model_metadata, methods=["GET"], summary="Model metadata")
+        router.add_api_route(path + "/ready", model_ready, methods=["GET"], summary="Model ready")
+        router.add_api_route(path + "/infer", model_infer, methods=["POST"], summary="Inference")
+    return router
