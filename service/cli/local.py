@@ -1,0 +1,73 @@
+"""In-process inference: the core's ``InferenceService``, as the server runs it, without any transport.
+
+Each image is one ``infer`` call, so a bad image fails only its own row. Many calls are in flight at once:
+the service's decode threads turn bytes into arrays while its inference thread runs the previous batch,
+and the dynamic batcher groups the decoded images into batches of up to ``EFFNET_MAX_BATCH_SIZE``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from service.cli.results import Result, failure
+from service.core.errors import ServiceError
+from service.core.loading import LoadedModel, load_model
+from service.core.metrics import Metrics
+from service.core.outputs import embedding, top_classes
+from service.core.runtime import InferenceService
+from service.core.settings import Settings
+
+# No per-image deadline in a batch job: the queue is never overfilled (see ``concurrency``), so an image
+# waits for at most a few batches; this only bounds a hung engine.
+IMAGE_DEADLINE_S = 3600.0
+
+
+class LocalRunner:
+    """Loads the model from ``settings`` (the server's EFFNET_* settings) and runs images through it."""
+
+    def __init__(self, settings: Settings, task: str, *, top_k: int = 5, normalize: bool = False,
+                 model: LoadedModel | None = None) -> None:
+        self.settings = settings
+        self.task = task
+        self.top_k = top_k
+        self.normalize = normalize
+        self.model = model if model is not None else load_model(settings)
+        self.model_name = self.model.variant.name
+        self.num_classes = self.model.num_classes
+        self.dim = self.model.num_features
+        self.max_file_bytes = settings.max_body_bytes
+        self._service: InferenceService | None = None
+
+    def default_concurrency(self) -> int:
+        """Images in flight: enough to keep every decode thread busy while two batches wait to run."""
+        s = self.settings
+        return min(s.max_queue, 2 * s.max_batch_size + 2 * s.effective_decode_threads)
+
+    def describe(self) -> str:
+        e = self.model.engine
+        return f"{self.model_name} in-process ({e.backend}, {e.device}, {e.dtype})"
+
+    async def start(self) -> None:
+        self._service = InferenceService(self.settings, self.model, Metrics(self.settings.max_batch_size,
+                                                                             process_metrics=False))
+        await self._service.start()
+
+    async def close(self) -> None:
+        if self._service is not None:
+            await self._service.close()
+
+    async def run(self, path: str, data: bytes) -> Result:
+        service = self._service
+        assert service is not None, "start() first"
+        try:
+            with service.admit():
+                ((pooled, logits),) = await service.infer(
+                    [(None, data)], deadline=time.monotonic() + IMAGE_DEADLINE_S
+                )
+        except ServiceError as exc:
+            # The core names the image by its position in a request ("image 1: ..."); here the row names it.
+            return failure(path, exc.code, exc.message.removeprefix("image 1: "))
+        if self.task == "predict":
+            scores = top_classes(logits, self.model.labels, self.top_k)
+            return Result(path, top_k=[{"index": c.index, "label": c.label, "score": c.score} for c in scores])
+        return Result(path, embedding=embedding(pooled, normalize=self.normalize))

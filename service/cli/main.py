@@ -1,0 +1,334 @@
+"""``efficientnet-batch``: the command line, and the run that connects PATHs, a runner and an output.
+
+Exit status: 0 when every image succeeded (or there was nothing left to do), 1 when any image failed or
+the run could not go on (model not loadable, server gone), 2 for a usage error, 130 / 143 when stopped
+by SIGINT (Ctrl-C) / SIGTERM. An interrupted run leaves a valid output that ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+from service.cli.discover import discover
+from service.cli.progress import PROG, Reporter, format_duration, make_reporter
+from service.cli.results import FatalError, Result, failure
+from service.cli.sinks import OutputError, Sink, open_sink, output_format
+
+EXAMPLES = """\
+examples:
+  efficientnet-batch predict photos/ --output results.jsonl --top-k 3
+  efficientnet-batch features photos/ extra.jpg --output embeddings.npy --normalize
+  efficientnet-batch predict photos/ --output results.parquet --server http://10.0.0.5:8000 --concurrency 16
+  efficientnet-batch predict photos/ --output results.jsonl --resume     # after an interruption
+
+In-process runs read the server's settings from the environment (EFFNET_MODEL, EFFNET_WEIGHTS,
+EFFNET_BACKEND, EFFNET_DTYPE, EFFNET_NUM_THREADS, EFFNET_DECODE_THREADS, EFFNET_MAX_BATCH_SIZE, ...).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("paths", nargs="+", metavar="PATH",
+                        help="image files and folders (walked recursively; images recognised by content)")
+    common.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="results file: .jsonl, .parquet (needs pyarrow) or, for features, .npy; '-' for "
+                             "JSON lines on stdout")
+    existing = common.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue an existing output: skip the paths already in it, retry its errors")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    where = common.add_argument_group("where the model runs")
+    where.add_argument("--server", metavar="URL",
+                       help="send the images to a running service (or a load balancer) instead of loading the "
+                            "model in this process")
+    where.add_argument("--api-key", metavar="KEY", default=os.environ.get("EFFNET_API_KEY") or None,
+                       help="the server's API key (default: $EFFNET_API_KEY)")
+    where.add_argument("--concurrency", type=_positive_int, metavar="N",
+                       help="images in flight at once; with --server, requests (default 8); in-process, "
+                            "images being decoded or queued (default from the batch size and decode threads)")
+    where.add_argument("--retries", type=_non_negative_int, default=10, metavar="N",
+                       help="with --server: how often one request is retried after a 503/502/504/429 or a "
+                            "connection failure, with backoff, before the run stops (default 10)")
+    where.add_argument("--model", metavar="NAME", help="in-process: the variant (default: $EFFNET_MODEL or lite0)")
+    where.add_argument("--weights", metavar="FILE", help="in-process: a checkpoint (default: $EFFNET_WEIGHTS)")
+    shown = common.add_argument_group("progress")
+    shown.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress and no summary; per-image errors are still printed")
+    shown.add_argument("--progress-every", type=float, metavar="SECONDS",
+                       help="print a plain progress line every SECONDS instead of a bar (the default when "
+                            "stderr is not a terminal, every 10 s)")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Classify or embed every image under the given paths, in-process or with a running service.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="task", required=True, metavar="{predict,features}")
+    predict = commands.add_parser("predict", parents=[common], help="top-k classes of each image (as /predict)",
+                                  description="Top-k classes of each image, as POST /predict gives them.")
+    predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
+                         help="classes per image (default 5)")
+    features = commands.add_parser("features", parents=[common], help="pooled embedding of each image "
+                                   "(as /features)", description="The pooled embedding of each image, as POST "
+                                   "/features gives it.")
+    features.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
+
+
+class Usage(Exception):
+    """A mistake on the command line, found after parsing (exit 2)."""
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+class Run:
+    def __init__(self, args: argparse.Namespace, reporter: Reporter) -> None:
+        self.args = args
+        self.reporter = reporter
+        self.task: str = args.task
+        self.runner = None
+        self.sink: Sink | None = None
+        self.ok = 0
+        self.failed = 0
+        self.signal: int | None = None
+        self.fatal: str | None = None
+        self.elapsed = 0.0
+        self.skipped = 0  # paths already done in a resumed output
+
+    def make_runner(self):
+        args = self.args
+        top_k = getattr(args, "top_k", 5)
+        normalize = getattr(args, "normalize", False)
+        if args.server:
+            if args.model or args.weights:
+                raise Usage("--model and --weights apply in-process; the server serves its own model")
+            from service.cli.remote import RemoteRunner
+
+            return RemoteRunner(args.server, self.task, top_k=top_k, normalize=normalize, api_key=args.api_key,
+                                concurrency=args.concurrency or 8, retries=args.retries)
+        from pydantic import ValidationError
+
+        from service.cli.local import LocalRunner
+        from service.core.settings import Settings
+
+        overrides: dict[str, object] = {"warmup": False}  # a batch job warms up on its first images
+        if args.model:
+            overrides["model"] = args.model
+        if args.weights:
+            overrides["weights"] = args.weights
+        try:
+            settings = Settings(**overrides)
+        except ValidationError as exc:
+            problems = "; ".join(f"EFFNET_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+            raise Usage(f"invalid setting: {problems}") from None
+        if args.concurrency and args.concurrency > settings.max_queue:
+            raise Usage(f"--concurrency {args.concurrency} is above EFFNET_MAX_QUEUE ({settings.max_queue})")
+        return LocalRunner(settings, self.task, top_k=top_k, normalize=normalize)
+
+    async def main(self, images: list[str]) -> None:
+        from service.core.errors import StartupError
+
+        args = self.args
+        try:
+            self.runner = runner = self.make_runner()
+        except StartupError as exc:
+            raise FatalError(f"cannot load the model: {exc}") from None
+        try:
+            await runner.start()
+            if self.task == "predict" and args.top_k > runner.num_classes:
+                raise Usage(f"--top-k {args.top_k} is more than the model's {runner.num_classes} classes")
+            self.sink = sink = open_sink(args.output, self.task, dim=runner.dim, resume=args.resume,
+                                         overwrite=args.overwrite)
+            try:
+                self.skipped = sum(1 for p in images if p in sink.done)
+                pending = [p for p in images if p not in sink.done]
+                what = "predict" if self.task == "predict" else "features"
+                self.reporter.start(len(pending), f"{what} with {runner.describe()} -> {sink.label}")
+                await self._process(pending, args.concurrency or runner.default_concurrency())
+            finally:
+                sink.close()
+        finally:
+            await runner.close()
+
+    async def _process(self, pending: list[str], concurrency: int) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if self.signal is not None:  # a second signal: leave now (rows written so far stay)
+                os._exit(128 + signum)
+            self.signal = signum
+            stop.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        paths: Iterator[str] = iter(pending)
+        started = time.monotonic()
+        workers = [asyncio.ensure_future(self._worker(paths)) for _ in range(min(concurrency, len(pending)))]
+        everything = asyncio.gather(*workers)
+        stopper = asyncio.ensure_future(stop.wait())
+        ticker = asyncio.ensure_future(self._tick())
+        try:
+            await asyncio.wait({everything, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not everything.done():  # interrupted: in-flight images are dropped (a resume redoes them)
+                everything.cancel()
+            try:
+                await everything
+            except asyncio.CancelledError:
+                pass
+        except FatalError as exc:
+            self.fatal = str(exc)
+        finally:
+            for task in (*workers, stopper, ticker):
+                task.cancel()
+            await asyncio.gather(*workers, stopper, ticker, return_exceptions=True)
+            self.elapsed = time.monotonic() - started
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self.reporter.tick()
+
+    async def _worker(self, paths: Iterator[str]) -> None:
+        for path in paths:
+            result = await self._one(path)
+            self.sink.write(result)
+            if result.ok:
+                self.ok += 1
+            else:
+                self.failed += 1
+                self.reporter.error(path, result.error["message"])
+            self.reporter.advance(result.ok)
+
+    async def _one(self, path: str) -> Result:
+        refused = self.sink.refuses(path)
+        if refused:
+            return failure(path, "unsupported_path", refused)
+        limit = self.runner.max_file_bytes
+        try:
+            data = await asyncio.to_thread(_read, path, limit)
+        except _TooLarge as exc:
+            where = "EFFNET_MAX_BODY_BYTES" if self.runner.__class__.__name__ == "LocalRunner" else "the server's"
+            return failure(path, "body_too_large", f"file is {exc.size} bytes; the limit is {limit} ({where})")
+        except OSError as exc:
+            return failure(path, "unreadable", f"cannot read file: {exc.strerror or exc}")
+        return await self.runner.run(path, data)
+
+    # ---- the end --------------------------------------------------------------------------------------------
+    def summary(self, ignored: int, unreadable_dirs: int) -> str:
+        done = self.ok + self.failed
+        rate = done / self.elapsed if self.elapsed > 0 else 0.0
+        errors = _count(self.failed, "error")
+        head = _count(done, "image")
+        if self.signal is not None:
+            head = f"interrupted by {signal.Signals(self.signal).name} after {head}"
+        took = f"{self.elapsed:.1f} s" if self.elapsed < 60 else format_duration(self.elapsed)
+        parts = [f"{PROG}: {head} in {took} ({rate:.1f} images/s): {self.ok} ok, {errors}"]
+        if self.skipped:
+            parts.append(f"{self.skipped} already done")
+        if self.sink is not None and self.sink.retried:
+            parts.append(_count(self.sink.retried, "earlier error") + " tried again")
+        retried = getattr(self.runner, "retried", 0)
+        if retried:
+            parts.append(_count(retried, "request") + " retried")
+        if ignored:
+            parts.append(_count(ignored, "non-image file") + " ignored")
+        if unreadable_dirs:
+            parts.append(_count(unreadable_dirs, "folder") + " unreadable")
+        line = "; ".join(parts)
+        if self.sink is not None:
+            line += f" -> {self.sink.label}"
+        if self.signal is not None or self.fatal:
+            line += " (run again with --resume to finish)"
+        return line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _read(path: str, limit: int | None) -> bytes:
+    with open(path, "rb") as f:
+        if limit is None:
+            return f.read()
+        data = f.read(limit + 1)
+        if len(data) > limit:
+            raise _TooLarge(max(os.fstat(f.fileno()).st_size, len(data)))
+        return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{PROG}: %(message)s")
+    try:
+        output_format(args.output, args.task)
+    except OutputError as exc:
+        parser.error(str(exc))
+    if args.resume and args.output == "-":
+        parser.error("--resume needs an output file, not stdout")
+
+    found = discover(args.paths)
+    if found.missing:
+        parser.error("no such file or folder: " + ", ".join(found.missing))
+    for folder, reason in found.unreadable_dirs:
+        print(f"error: {folder}: cannot list folder: {reason}", file=sys.stderr)
+    reporter = make_reporter(quiet=args.quiet, every=args.progress_every)
+    run = Run(args, reporter)
+    try:
+        asyncio.run(run.main(found.images))
+    except Usage as exc:
+        reporter.finish()
+        parser.error(str(exc))
+    except OutputError as exc:
+        reporter.finish()
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except FatalError as exc:
+        run.fatal = str(exc)
+    except KeyboardInterrupt:  # Ctrl-C while the model was still loading
+        reporter.finish()
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    reporter.finish()
+    if run.fatal:
+        print(f"{PROG}: error: {run.fatal}", file=sys.stderr)
+    if run.sink is not None or not run.fatal:
+        reporter.say(run.summary(found.ignored, len(found.unreadable_dirs)))
+    if run.signal is not None:
+        return 128 + run.signal
+    if run.fatal or run.failed or found.unreadable_dirs:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

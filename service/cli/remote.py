@@ -1,0 +1,161 @@
+"""Server mode: each image is one ``POST /predict`` or ``/features`` to a running service (or a load balancer).
+
+At most ``concurrency`` requests are in flight (one per worker, and the connection pool holds no more).
+What an image cannot help is retried: a 503 (overloaded, warming up, draining; its ``Retry-After`` is
+honoured), a 429, a gateway's 502/504, the service's own 504, and connection failures, with exponential
+backoff and jitter. When an image's retries run out the server is treated as gone and the run stops
+(resumable), rather than writing an error row for every image left. What is the image's own fault
+(400, 413, 415, a 500 from its batch) is its error row, with the service's code and message. A refused
+API key (401/403) or a URL that is not the service (404) stops the run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+
+from service.cli.results import FatalError, Result, failure
+
+RETRY_STATUSES = {429, 502, 503, 504}
+FATAL_STATUSES = {401, 403, 404, 405}
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+RETRY_AFTER_MAX_S = 120.0
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_seconds(attempt: int, retry_after: float | None = None) -> float:
+    """Wait before retry number ``attempt`` (1-based): exponential with jitter, never below Retry-After."""
+    exponential = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+    if retry_after is not None:
+        return max(min(retry_after, RETRY_AFTER_MAX_S), exponential)
+    return exponential
+
+
+def _error_of(response: httpx.Response) -> tuple[str, str]:
+    """(code, message) from the service's JSON error body, or from whatever a proxy answered."""
+    try:
+        error = response.json()["error"]
+        # The service names the image by its position in the request ("image 1: ..."); the row names it.
+        return str(error["code"]), str(error["message"]).removeprefix("image 1: ")
+    except Exception:  # a proxy's HTML page, an empty body
+        text = " ".join(response.text.split())[:200]
+        return f"http_{response.status_code}", text or response.reason_phrase
+
+
+class RemoteRunner:
+    def __init__(self, url: str, task: str, *, top_k: int = 5, normalize: bool = False, api_key: str | None = None,
+                 concurrency: int = 8, retries: int = 10, timeout_s: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        self.task = task
+        self.top_k = top_k
+        self.normalize = normalize
+        self.concurrency = concurrency
+        self.retries = retries
+        self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retried = 0  # requests sent again (503, connection failures, ...), for the summary
+        self.model_name = "?"
+        self.num_classes = 0
+        self.dim = 0
+        self.max_file_bytes: int | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    def default_concurrency(self) -> int:
+        return self.concurrency
+
+    def describe(self) -> str:
+        return f"{self.model_name} at {self.url}"
+
+    async def start(self) -> None:
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        timeout = httpx.Timeout(self.timeout_s, connect=10.0)
+        self._client = httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout, headers=self.headers)
+        info = await self._get_info()
+        self.model_name = str(info.get("model", "?"))
+        self.num_classes = int(info.get("num_classes", 0))
+        self.dim = int(info.get("num_features", 0))
+        limits_info = info.get("limits") or {}
+        self.max_file_bytes = limits_info.get("max_body_bytes")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _get_info(self) -> dict[str, Any]:
+        """``GET /info`` (open even when an API key is set), retried like any request."""
+        response = await self._send("GET", "/info", what="GET /info")
+        if response.status_code != 200:
+            code, message = _error_of(response)
+            raise FatalError(f"{self.url}/info answered {response.status_code} ({message}): is this the service?")
+        try:
+            return response.json()
+        except ValueError:
+            raise FatalError(f"{self.url}/info did not answer JSON: is this the service?") from None
+
+    async def _send(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
+        """One request, retried on 503/429/502/504 and connection failures; FatalError when retries run out."""
+        assert self._client is not None, "start() first"
+        attempt = 0
+        while True:
+            try:
+                response = await self._client.request(method, path, **kwargs)
+            except httpx.TransportError as exc:  # refused, reset, timed out, protocol error
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                wait = None
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    return response
+                code, message = _error_of(response)
+                reason = f"{response.status_code} {code}: {message}"
+                wait = retry_after_seconds(response.headers.get("retry-after"))
+            attempt += 1
+            if attempt > self.retries:
+                retries = f"{self.retries} retr" + ("y" if self.retries == 1 else "ies")
+                raise FatalError(f"{what}: giving up after {retries} ({reason})")
+            self.retried += 1
+            await asyncio.sleep(backoff_seconds(attempt, wait))
+
+    async def run(self, path: str, data: bytes) -> Result:
+        if self.task == "predict":
+            endpoint, params = "/predict", {"top_k": self.top_k}
+        else:
+            endpoint, params = "/features", {"normalize": "true" if self.normalize else "false"}
+        response = await self._send(
+            "POST", endpoint, what=path, params=params, content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        status = response.status_code
+        if status in FATAL_STATUSES:
+            code, message = _error_of(response)
+            hint = " (check --api-key)" if status in (401, 403) else ""
+            raise FatalError(f"{self.url}{endpoint} answered {status} {code}: {message}{hint}")
+        if status != 200:
+            return failure(path, *_error_of(response))
+        try:
+            result = response.json()["results"][0]
+            if self.task == "predict":
+                return Result(path, top_k=result["top_k"])
+            return Result(path, embedding=np.asarray(result["embedding"], dtype=np.float64))
+        except (ValueError, KeyError, IndexError, TypeError):
+            return failure(path, "bad_response", f"the server answered 200 with an unexpected body: "
+                                                 f"{response.text[:200]}")
