@@ -7,10 +7,17 @@ queued forever. Its decoded images then become queue items, each with its own fu
 A batch closes when it holds ``max_batch_size`` images, or ``max_batch_delay`` after its oldest image
 was queued, or as soon as every admitted image is queued (none is still decoding, so none is about to
 join): a lone request never waits out the delay, and under load the queue is already full when the
-previous batch ends, so batches close at once. Inference runs in one dedicated thread, off the event
-loop. A batch that raises fails only its own items. Items of a request that timed out or was cancelled
-(client gone) are removed from the queue, freeing their slots, and their results are dropped if their
-batch is already running.
+previous batch ends, so batches close at once. A batch that raises fails only its own items. Items of
+a request that timed out or was cancelled (client gone) are removed from the queue, freeing their room,
+and their results are dropped if their batch is already running.
+
+Batches in flight: up to ``max_concurrent_batches`` batches run at once, each in an inference *slot* of
+its own (a thread of the executor; on a GPU also a CUDA stream and pinned buffers that the engine keeps
+per slot). While one batch computes on the device, the next is stacked and copied in. A slot is taken
+before a batch is formed, so while every slot is busy the queue keeps growing into a bigger next batch.
+With ``buffers`` (one array per slot, shape ``(max_batch_size, *image_shape)``, pinned memory on a GPU)
+a batch is stacked into its slot's buffer, never into freshly allocated memory. One slot (the CPU
+default) is the plain one-batch-at-a-time batcher.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from service.core.errors import ClientGone, InferenceFailed, QueueFull, RequestT
 
 log = logging.getLogger("service.core.batching")
 
-RunBatch = Callable[[np.ndarray], Sequence[np.ndarray]]
-"""Takes a stacked NCHW float32 batch, returns arrays whose first dimension is N (e.g. features, logits)."""
+RunBatch = Callable[[np.ndarray, int], Sequence[np.ndarray]]
+"""Takes a stacked NCHW batch (uint8 pixels in the service) and the inference slot it runs in (0 ..
+max_concurrent_batches - 1; never two batches at once in one slot); returns arrays whose first dimension
+is N (e.g. features, logits)."""
 
 
 class BatchObserver:
@@ -43,6 +52,9 @@ class BatchObserver:
         pass
 
     def batch_finished(self, size: int, duration_s: float, ok: bool) -> None:
+        pass
+
+    def batches_in_flight_changed(self, batches: int) -> None:
         pass
 
 
@@ -118,7 +130,9 @@ class Reservation:
 
 
 class DynamicBatcher:
-    """Groups queued images into batches and runs them through ``run_batch`` in one worker thread."""
+    """Groups queued images into batches and runs them through ``run_batch``, up to
+    ``max_concurrent_batches`` at once (``executor`` must have that many threads; by default the batcher
+    makes its own pool)."""
 
     def __init__(
         self,
@@ -129,9 +143,18 @@ class DynamicBatcher:
         max_queue: int,
         executor: Executor | None = None,
         observer: BatchObserver | None = None,
+        max_concurrent_batches: int = 1,
+        buffers: Sequence[np.ndarray] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if max_concurrent_batches < 1:
+            raise ValueError("max_concurrent_batches must be >= 1")
+        if buffers is not None:
+            if len(buffers) != max_concurrent_batches:
+                raise ValueError(f"need one buffer per slot ({max_concurrent_batches}), got {len(buffers)}")
+            if any(len(b) < max_batch_size for b in buffers):
+                raise ValueError(f"every slot buffer must hold max_batch_size ({max_batch_size}) images")
         if max_queue < max_batch_size:
             raise ValueError("max_queue must be >= max_batch_size, or batches could never fill")
         if max_delay_s < 0:
@@ -140,12 +163,19 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.max_concurrent_batches = max_concurrent_batches
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="effnet-infer")
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=max_concurrent_batches, thread_name_prefix="effnet-infer"
+        )
         self._observer = observer or BatchObserver()
+        self._buffers = list(buffers) if buffers is not None else None
         self._queue: deque[_Item] = deque()
         self._admitted = 0  # reserved room + queued items: what max_queue bounds
-        self._running = 0  # items in the batch being run
+        self._running = 0  # items in the batches being run
+        self._free_slots = list(range(max_concurrent_batches - 1, -1, -1))  # a stack: slot 0 first
+        self._slot_freed = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._accepting = True
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -165,6 +195,10 @@ class DynamicBatcher:
     @property
     def idle(self) -> bool:
         return self._admitted == 0 and self._running == 0
+
+    @property
+    def batches_in_flight(self) -> int:
+        return len(self._in_flight)
 
     @property
     def accepting(self) -> bool:
@@ -197,6 +231,11 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
             self._worker = None
+        # Batches still running (the drain timed out): their items fail with ShuttingDown now.
+        for task in list(self._in_flight):
+            task.cancel()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
         while self._queue:
             item = self._queue.popleft()
             item.queued = False
@@ -255,10 +294,29 @@ class DynamicBatcher:
 
     # -- the worker ------------------------------------------------------------------------------------
     async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            # A free slot first, then the batch: while every slot is busy, the queue grows into the
+            # next batch instead of waiting as many small ones.
+            while not self._free_slots:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
             batch = await self._next_batch()
-            if batch:
-                await self._run(batch)
+            if not batch:
+                continue
+            slot = self._free_slots.pop()
+            task = loop.create_task(self._run(batch, slot), name=f"effnet-batch-{slot}")
+            self._in_flight.add(task)
+            self._observer.batches_in_flight_changed(len(self._in_flight))
+            task.add_done_callback(lambda t, slot=slot: self._batch_done(t, slot))
+
+    def _batch_done(self, task: asyncio.Task[None], slot: int) -> None:
+        self._in_flight.discard(task)
+        self._free_slots.append(slot)
+        self._slot_freed.set()
+        self._observer.batches_in_flight_changed(len(self._in_flight))
+        if not task.cancelled() and task.exception() is not None:  # pragma: no cover - _run catches all
+            log.error("batch task failed", exc_info=task.exception())
 
     async def _next_batch(self) -> list[_Item]:
         """Wait until a batch should close, then take it off the queue (empty if all was withdrawn)."""
@@ -285,16 +343,17 @@ class DynamicBatcher:
         self._observer.queue_depth_changed(self._admitted)
         return batch
 
-    async def _run(self, batch: list[_Item]) -> None:
-        """Run one batch in the inference thread and resolve its items' futures."""
+    async def _run(self, batch: list[_Item], slot: int) -> None:
+        """Run one batch in an inference thread, in ``slot``, and resolve its items' futures."""
         loop = asyncio.get_running_loop()
-        self._running = len(batch)
+        self._running += len(batch)
         self._observer.batch_started(len(batch), [loop.time() - item.enqueued_at for item in batch])
         t0 = time.perf_counter()
         ok = False
+        buffer = self._buffers[slot] if self._buffers is not None else None
         try:
             outputs = await loop.run_in_executor(
-                self._executor, _stack_and_run, self._run_batch, [item.array for item in batch]
+                self._executor, _stack_and_run, self._run_batch, [item.array for item in batch], slot, buffer
             )
             ok = True
         except asyncio.CancelledError:
@@ -308,7 +367,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result(tuple(output[index] for output in outputs))
         finally:
-            self._running = 0
+            self._running -= len(batch)
             self.batches_run += 1
             self._observer.batch_finished(len(batch), time.perf_counter() - t0, ok)
 
@@ -324,9 +383,12 @@ def _consume(future: asyncio.Future[object]) -> None:
         future.exception()
 
 
-def _stack_and_run(run_batch: RunBatch, arrays: list[np.ndarray]) -> Sequence[np.ndarray]:
-    batch = np.stack(arrays)
-    outputs = run_batch(batch)
+def _stack_and_run(run_batch: RunBatch, arrays: list[np.ndarray], slot: int,
+                   buffer: np.ndarray | None) -> Sequence[np.ndarray]:
+    # Into the slot's own (pinned) buffer when there is one: no allocation per batch. The slot is not
+    # reused before this batch's run_batch has returned, so nothing else writes the buffer meanwhile.
+    batch = np.stack(arrays) if buffer is None else np.stack(arrays, out=buffer[: len(arrays)])
+    outputs = run_batch(batch, slot)
     for output in outputs:
         if len(output) != len(arrays):
             raise RuntimeError(f"engine returned {len(output)} rows for a batch of {len(arrays)}")

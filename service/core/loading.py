@@ -151,8 +151,8 @@ def load_model(settings: Settings) -> LoadedModel:
     except (ValueError, KeyError) as exc:
         raise StartupError(f"unknown EFFNET_MODEL {settings.model!r}: {exc}") from None
     device = resolve_device(settings.device)
-    backend = resolve_backend(settings.backend, device, settings.dtype)
-    dtype = _DTYPES[settings.dtype]
+    backend = resolve_backend(settings.backend, device, settings.effective_dtype)
+    dtype = _DTYPES[settings.effective_dtype]
     torch.set_num_threads(settings.effective_num_threads)
 
     weights_file: str | None = None
@@ -193,13 +193,13 @@ def load_model(settings: Settings) -> LoadedModel:
     size = variant.preprocess.input_size
     try:
         engine = build_engine(backend, net, device, dtype, num_threads=settings.effective_num_threads,
-                              image_size=size)
+                              image_size=size, cuda_graphs=settings.cuda_graphs)
         features, logits = engine.run(np.zeros((1, 3, size, size), dtype=np.uint8))
     except StartupError:
         raise
     except Exception as exc:
         raise StartupError(
-            f"cannot run {variant.name} on {device} in {settings.dtype}: {_first_line(exc)}"
+            f"cannot run {variant.name} on {device} in {settings.effective_dtype}: {_first_line(exc)}"
         ) from None
     if features.shape != (1, num_features) or logits.shape != (1, len(labels)):
         raise StartupError(

@@ -147,6 +147,12 @@ class Metrics(BatchObserver):
             registry=r,
         )
         self.ready = Gauge("effnet_ready", "1 when the service is ready to serve, else 0.", registry=r)
+        self.batches_in_flight = Gauge(
+            "effnet_batches_in_flight",
+            "Batches running at this moment (stacking, copying or computing), at most "
+            "EFFNET_MAX_CONCURRENT_BATCHES.",
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 
@@ -158,6 +164,9 @@ class Metrics(BatchObserver):
         self.batch_size.observe(size)
         for wait in queue_waits_s:
             self.queue_wait.observe(max(0.0, wait))
+
+    def batches_in_flight_changed(self, batches: int) -> None:
+        self.batches_in_flight.set(batches)
 
     def batch_finished(self, size: int, duration_s: float, ok: bool) -> None:
         self.inference_duration.observe(duration_s)

@@ -7,6 +7,7 @@ Every front-end (HTTP, V2 REST and gRPC, the batch command) drives this one obje
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -74,14 +75,20 @@ class InferenceService:
         self._decode_pool = ThreadPoolExecutor(
             settings.effective_decode_threads, thread_name_prefix="effnet-decode"
         )
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="effnet-infer")
+        # One inference thread per batch in flight; an engine that keeps per-slot buffers (pinned memory
+        # and a CUDA stream per slot on a GPU) hands the batcher the buffers to stack into.
+        slots = settings.effective_max_concurrent_batches
+        self._infer_pool = ThreadPoolExecutor(slots, thread_name_prefix="effnet-infer")
+        make_buffers = getattr(model.engine, "input_buffers", None)
         self.batcher = DynamicBatcher(
-            model.engine.run,
+            _slot_runner(model.engine),
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
             executor=self._infer_pool,
             observer=metrics,
+            max_concurrent_batches=slots,
+            buffers=make_buffers(slots, settings.max_batch_size) if make_buffers is not None else None,
         )
         self.state = Lifecycle.STARTING
         self.failure: str | None = None  # why the service failed after start-up (state FAILED)
@@ -135,8 +142,13 @@ class InferenceService:
         started = time.perf_counter()
         try:
             # The first passes at each batch size pay for kernel selection and allocation; do that
-            # before the first user does. Runs on the inference thread, so it never overlaps a batch.
-            for batch_size in sorted({1, self.settings.max_batch_size}):
+            # before the first user does. Runs on an inference thread before any batch can. An engine
+            # with its own warm-up (the torch engine: every bucket on every slot, CUDA graph capture)
+            # does it itself.
+            engine_warm_up = getattr(self.model.engine, "warm_up", None)
+            if engine_warm_up is not None:
+                await loop.run_in_executor(self._infer_pool, engine_warm_up, self.settings.max_batch_size)
+            for batch_size in sorted({1, self.settings.max_batch_size}) if engine_warm_up is None else ():
                 batch = np.zeros((batch_size, 3, size, size), dtype=np.uint8)
                 for _ in range(WARMUP_ROUNDS):
                     await loop.run_in_executor(self._infer_pool, self.model.engine.run, batch)
@@ -272,6 +284,16 @@ def normalised_to_pixels(batch: np.ndarray, spec: object) -> np.ndarray:
             "range. Send the UINT8 pixels instead"
         )
     return rounded.astype(np.uint8)
+
+
+def _slot_runner(engine: object) -> Callable[[np.ndarray, int], Sequence[np.ndarray]]:
+    """``engine.run`` as the batcher calls it, ``(batch, slot)``; engines without slots ignore the slot."""
+    run = engine.run  # type: ignore[attr-defined]
+    try:
+        takes_slot = "slot" in inspect.signature(run).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        takes_slot = False
+    return run if takes_slot else (lambda batch, slot: run(batch))
 
 
 def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes) -> np.ndarray:

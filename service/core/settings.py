@@ -49,8 +49,12 @@ class Settings(BaseSettings):
             "auto (cuda when available, else cpu), cpu, cuda or cuda:N. An absent GPU is a start-up error."
         ),
     )
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Compute dtype of the model: float32, float16 or bfloat16."
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description=(
+            "Compute dtype of the model: auto (float32 on CPU, bfloat16 on a GPU; benchmarks/gpu_check.sh "
+            "measures its top-1 agreement with CPU float32), float32, float16 or bfloat16."
+        ),
     )
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
@@ -119,8 +123,27 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description=(
-            "Threads decoding and preprocessing images. Default: half the CPUs (at least 1), since they "
-            "compete with inference for the same cores."
+            "Threads decoding and preprocessing images. Default: half the CPUs (at least 1) on CPU, since "
+            "they compete with inference for the same cores; all CPUs but one on a GPU host, where decoding "
+            "is the work the CPUs do."
+        ),
+    )
+    max_concurrent_batches: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description=(
+            "Batches in flight at once, each in its own inference slot (a thread; on a GPU also a CUDA stream "
+            "and pinned input/output buffers), so the next batch is stacked and copied while one computes. "
+            "Default: 1 on CPU, 2 on a GPU."
+        ),
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description=(
+            "On a GPU with the torch engine: capture one CUDA graph per batch-size bucket (powers of two up "
+            "to max_batch_size) and slot during warm-up, pad each batch to its bucket and replay it (no "
+            "per-kernel launch cost). Off: eager PyTorch."
         ),
     )
     api_key: SecretStr | None = Field(
@@ -213,8 +236,32 @@ class Settings(BaseSettings):
         return self.num_threads or available_cpus()
 
     @property
+    def on_gpu(self) -> bool:
+        """Whether the model will run on a GPU (device cuda..., or auto with a GPU visible)."""
+        if self.device.startswith("cuda"):
+            return True
+        if self.device != "auto":
+            return False
+        import torch
+
+        return torch.cuda.is_available()
+
+    @property
     def effective_decode_threads(self) -> int:
-        return self.decode_threads or max(1, available_cpus() // 2)
+        if self.decode_threads:
+            return self.decode_threads
+        return max(1, available_cpus() - 1) if self.on_gpu else max(1, available_cpus() // 2)
+
+    @property
+    def effective_max_concurrent_batches(self) -> int:
+        return self.max_concurrent_batches or (2 if self.on_gpu else 1)
+
+    @property
+    def effective_dtype(self) -> str:
+        """The dtype ``auto`` stands for: bfloat16 on a GPU, float32 on CPU; any other value as set."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.on_gpu else "float32"
 
     @property
     def random_weights(self) -> bool:

@@ -46,7 +46,7 @@ class FakeEngine:
             self.gate.set()
         self.batch_running = threading.Event()
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         batch = np.asarray(batch)
         if batch.dtype != np.uint8 or batch.ndim != 4:
             raise TypeError(f"expected a uint8 NCHW batch, got {batch.dtype} with shape {batch.shape}")

@@ -25,7 +25,7 @@ class RecordingEngine:
         self.batches: list[list[float]] = []
         self.gate = gate
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: np.ndarray, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         if self.gate is not None:
             assert self.gate.wait(10), "test gate never opened"
         values = batch.reshape(len(batch), -1)[:, 0]
@@ -318,3 +318,194 @@ def test_answering_a_request_never_formats_its_images(monkeypatch):
         return out
 
     assert [float(o[1]) for o in run(main())] == [2.0, 4.0]
+
+
+# -- batches in flight ------------------------------------------------------------------------------------
+
+
+class SlotEngine:
+    """Records, per batch, its slot, values and whether it was given a slot buffer (by identity of the
+    memory); holds a batch while its first value has a gate that is clear; raises on a poisoned (-1)
+    item. Tracks how many batches run at once, and whether a slot was ever used twice at once."""
+
+    def __init__(self, buffers: list[np.ndarray] | None = None) -> None:
+        self.buffers = buffers
+        self.gates: dict[float, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.running: set[int] = set()
+        self.most_at_once = 0
+        self.slot_reused_while_busy = False
+        self.records: list[tuple[int, list[float], bool]] = []
+
+    def __call__(self, batch: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        values = batch.reshape(len(batch), -1)[:, 0].tolist()
+        with self.lock:
+            self.slot_reused_while_busy |= slot in self.running
+            self.running.add(slot)
+            self.most_at_once = max(self.most_at_once, len(self.running))
+            in_buffer = self.buffers is not None and np.shares_memory(batch, self.buffers[slot])
+            self.records.append((slot, values, in_buffer))
+        try:
+            gate = self.gates.get(values[0])
+            if gate is not None:
+                assert gate.wait(10), "test gate never opened"
+            if -1.0 in values:
+                raise RuntimeError("poisoned batch")
+            return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True), np.asarray(values) * 2
+        finally:
+            with self.lock:
+                self.running.discard(slot)
+
+
+class InFlightObserver(batching.BatchObserver):
+    def __init__(self) -> None:
+        self.in_flight: list[int] = []
+
+    def batches_in_flight_changed(self, batches: int) -> None:
+        self.in_flight.append(batches)
+
+
+def test_two_batches_in_flight_the_second_finishes_while_the_first_is_held():
+    """With two slots, a batch held in the engine does not stop the next one: it runs in the other slot
+    and its request is answered first; the gauge counts two in flight, then none."""
+    engine = SlotEngine()
+    held = engine.gates[1.0] = threading.Event()
+    observer = InFlightObserver()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=1, max_delay_s=0.0, max_queue=4,
+                                 max_concurrent_batches=2, observer=observer)
+        batcher.start()
+        first = asyncio.ensure_future(submit(batcher, [1.0]))
+        await asyncio.sleep(0.1)
+        second = await submit(batcher, [2.0])
+        assert not first.done() and batcher.batches_in_flight == 1
+        held.set()
+        out = await first
+        await batcher.close()
+        return out, second
+
+    first, second = run(main())
+    assert float(first[0][1]) == 2.0 and float(second[0][1]) == 4.0
+    assert sorted(slot for slot, _, _ in engine.records) == [0, 1]
+    assert engine.most_at_once == 2 and not engine.slot_reused_while_busy
+    assert max(observer.in_flight) == 2 and observer.in_flight[-1] == 0
+
+
+def test_one_slot_runs_one_batch_at_a_time_and_the_queue_grows_meanwhile():
+    """The default: one batch at a time; while it runs, later images gather into one bigger batch."""
+    engine = SlotEngine()
+    held = engine.gates[1.0] = threading.Event()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_s=0.0, max_queue=16)
+        batcher.start()
+        first = asyncio.ensure_future(submit(batcher, [1.0]))
+        await asyncio.sleep(0.1)
+        later = [asyncio.ensure_future(submit(batcher, [v])) for v in (2.0, 3.0, 4.0)]
+        await asyncio.sleep(0.1)
+        held.set()
+        await asyncio.gather(first, *later)
+        await batcher.close()
+
+    run(main())
+    assert [values for _, values, _ in engine.records] == [[1.0], [2.0, 3.0, 4.0]]
+    assert engine.most_at_once == 1
+
+
+def test_batches_are_stacked_into_their_slot_buffer_and_the_buffers_are_reused():
+    """Given one buffer per slot, every batch arrives as a view of its own slot's buffer (no allocation
+    per batch), and each answer is copied out before the buffer is refilled."""
+    buffers = [np.zeros((4, 3, 2, 2), dtype=np.float32) for _ in range(2)]
+    engine = SlotEngine(buffers)
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=4, max_delay_s=0.0, max_queue=64,
+                                 max_concurrent_batches=2, buffers=buffers)
+        batcher.start()
+        outs = await asyncio.gather(*(submit(batcher, [float(v), float(v) + 0.5]) for v in range(20)))
+        await batcher.close()
+        return outs
+
+    outs = run(main())
+    assert [[float(o[1]) for o in out] for out in outs] == [[2.0 * v, 2.0 * v + 1.0] for v in range(20)]
+    assert len(engine.records) >= 10 and all(in_buffer for _, _, in_buffer in engine.records)
+    assert not engine.slot_reused_while_busy
+
+
+def test_a_failing_batch_in_one_slot_leaves_the_batch_in_the_other_slot_alone():
+    engine = SlotEngine()
+    held = engine.gates[-1.0] = threading.Event()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=2, max_delay_s=0.0, max_queue=8,
+                                 max_concurrent_batches=2)
+        batcher.start()
+        poisoned = asyncio.ensure_future(submit(batcher, [-1.0, 5.0]))  # held, then fails
+        await asyncio.sleep(0.1)
+        good = await submit(batcher, [6.0, 7.0])  # runs meanwhile in the other slot
+        held.set()
+        outcome = await asyncio.gather(poisoned, return_exceptions=True)
+        later = await submit(batcher, [8.0])
+        await batcher.close()
+        return good, outcome[0], later
+
+    good, failed, later = run(main())
+    assert [float(o[1]) for o in good] == [12.0, 14.0]
+    assert isinstance(failed, InferenceFailed)
+    assert float(later[0][1]) == 16.0
+
+
+def test_a_request_split_over_concurrent_batches_gets_its_rows_in_order():
+    """Seven images over batches of two in two slots (which may finish in either order)."""
+    engine = SlotEngine()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=2, max_delay_s=0.0, max_queue=16,
+                                 max_concurrent_batches=2)
+        batcher.start()
+        out = await submit(batcher, [float(v) for v in range(7)])
+        await batcher.close()
+        return out
+
+    assert [float(o[1]) for o in run(main())] == [2.0 * v for v in range(7)]
+
+
+def test_timeout_and_drain_with_two_batches_in_flight():
+    """Both slots held: a queued request times out (504) and frees its room; close() waits for the
+    running batches up to its drain timeout, then fails them with ShuttingDown."""
+    engine = SlotEngine()
+    gates = [engine.gates.setdefault(v, threading.Event()) for v in (1.0, 2.0)]
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=1, max_delay_s=0.0, max_queue=2,
+                                 max_concurrent_batches=2)
+        batcher.start()
+        running = [asyncio.ensure_future(submit(batcher, [v])) for v in (1.0, 2.0)]
+        await asyncio.sleep(0.1)
+        assert batcher.batches_in_flight == 2 and batcher.admitted == 0
+        with pytest.raises(RequestTimeout):
+            await submit(batcher, [3.0], timeout=0.2)
+        assert batcher.admitted == 0
+        started = time.perf_counter()
+        await batcher.close(drain_timeout=0.3)
+        waited = time.perf_counter() - started
+        for gate in gates:
+            gate.set()
+        return waited, await asyncio.gather(*running, return_exceptions=True)
+
+    waited, outcomes = run(main())
+    assert 0.25 <= waited < 2.0
+    assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
+    assert [values for _, values, _ in engine.records] == [[1.0], [2.0]]  # 3.0 never ran
+
+
+def test_slot_configuration_is_validated():
+    with pytest.raises(ValueError, match="max_concurrent_batches"):
+        DynamicBatcher(RecordingEngine(), max_batch_size=1, max_delay_s=0.0, max_queue=4, max_concurrent_batches=0)
+    with pytest.raises(ValueError, match="one buffer per slot"):
+        DynamicBatcher(RecordingEngine(), max_batch_size=1, max_delay_s=0.0, max_queue=4, max_concurrent_batches=2,
+                       buffers=[np.zeros((1, 1))])
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DynamicBatcher(RecordingEngine(), max_batch_size=4, max_delay_s=0.0, max_queue=4,
+                       buffers=[np.zeros((2, 1))])

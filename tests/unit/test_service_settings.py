@@ -16,7 +16,7 @@ def test_defaults(monkeypatch):
     settings = Settings()
     assert settings.model == "efficientnet-lite0"
     assert settings.weights is None and not settings.random_weights
-    assert settings.device == "auto" and settings.dtype == "float32" and settings.backend == "auto"
+    assert settings.device == "auto" and settings.dtype == "auto" and settings.backend == "auto"
     assert settings.max_queue >= settings.max_batch_size
     assert settings.cors_origin_list == []
     assert settings.api_key is None

@@ -16,15 +16,16 @@ from service.core.engines.torch_engine import TorchEngine
 
 def build_engine(
     backend: str, net: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, num_threads: int,
-    image_size: int,
+    image_size: int, cuda_graphs: bool = True,
 ) -> Engine:
-    """The engine ``backend`` names, around ``net`` (an ``EfficientNet`` in eval mode)."""
+    """The engine ``backend`` names, around ``net`` (an ``EfficientNet`` in eval mode). ``cuda_graphs``:
+    the torch engine on a GPU captures and replays CUDA graphs (see ``TorchEngine``)."""
     if backend == "onnxruntime":
         return OnnxRuntimeEngine(net, device, num_threads, image_size=image_size)
     if backend == "openvino":
         return OpenVinoEngine(net, device, num_threads, image_size=image_size)
     if backend == "torch":
-        return TorchEngine(net, device, dtype, image_size=image_size)
+        return TorchEngine(net, device, dtype, image_size=image_size, cuda_graphs=cuda_graphs)
     raise ValueError(f"unknown backend {backend!r}")
 
 
