@@ -33,7 +33,10 @@ from model import (
     imagenet_classes,
 )
 from service.core.engines import Engine, build_engine
+from service.core.engines.int8 import Int8Engine
 from service.core.errors import StartupError
+from service.core.imaging import Preprocessor
+from service.core.quantized import Int8Info, int8_engine
 from service.core.settings import Settings
 
 log = logging.getLogger("service.core.loading")
@@ -53,6 +56,7 @@ class LoadedModel:
     weights_source: str  # "package" | "file" | "random"
     weights_file: str | None
     weights_sha256: str | None
+    quantization: Int8Info | None = None  # how the int8 model was obtained (EFFNET_DTYPE=int8 only)
 
     @property
     def num_classes(self) -> int:
@@ -92,6 +96,10 @@ _BACKEND_MODULES = {"onnxruntime": ("onnxruntime", "pip install onnx onnxruntime
 
 def resolve_backend(name: str, device: torch.device, dtype: str = "float32") -> str:
     """The engine to build: ``auto`` is onnxruntime for float32 on CPU when installed, else torch."""
+    if dtype == "int8":
+        return _resolve_int8_backend(name, device)
+    if name == "openvino" and dtype == "bfloat16" and device.type == "cpu" and _installed("openvino"):
+        return name  # bf16 on CPU through OpenVINO; the engine refuses a CPU without bf16
     if name == "auto":
         if device.type == "cpu" and dtype == "float32" and _installed("onnxruntime"):
             return "onnxruntime"
@@ -103,6 +111,20 @@ def resolve_backend(name: str, device: torch.device, dtype: str = "float32") -> 
         if dtype != "float32":
             raise StartupError(f"EFFNET_BACKEND={name} serves float32 only, not {dtype}; "
                                "use EFFNET_BACKEND=torch for float16/bfloat16")
+    return name
+
+
+def _resolve_int8_backend(name: str, device: torch.device) -> str:
+    if device.type != "cpu":
+        raise StartupError(f"EFFNET_DTYPE=int8 runs on cpu (onnxruntime or openvino), not {device}; "
+                           "use float16 or bfloat16 on a GPU")
+    if name in ("auto", "onnxruntime"):
+        name = "onnxruntime"
+    elif name != "openvino":
+        raise StartupError(f"EFFNET_DTYPE=int8 runs with EFFNET_BACKEND=onnxruntime or openvino, not {name}")
+    module, how = _BACKEND_MODULES[name]
+    if not _installed(module):
+        raise StartupError(f"EFFNET_DTYPE=int8 with {name} needs {module} installed ({how})")
     return name
 
 
@@ -152,7 +174,8 @@ def load_model(settings: Settings) -> LoadedModel:
         raise StartupError(f"unknown EFFNET_MODEL {settings.model!r}: {exc}") from None
     device = resolve_device(settings.device)
     backend = resolve_backend(settings.backend, device, settings.effective_dtype)
-    dtype = _DTYPES[settings.effective_dtype]
+    # int8 is not a torch dtype: see service.core.quantized. ``auto`` is resolved by the settings.
+    dtype = _DTYPES.get(settings.effective_dtype, torch.float32)
     torch.set_num_threads(settings.effective_num_threads)
 
     weights_file: str | None = None
@@ -192,8 +215,12 @@ def load_model(settings: Settings) -> LoadedModel:
 
     size = variant.preprocess.input_size
     try:
-        engine = build_engine(backend, net, device, dtype, num_threads=settings.effective_num_threads,
-                              image_size=size, cuda_graphs=settings.cuda_graphs)
+        quantization = None
+        if settings.effective_dtype == "int8":
+            engine, quantization = _int8_engine(settings, backend, net, variant, weights_sha256)
+        else:
+            engine = build_engine(backend, net, device, dtype, num_threads=settings.effective_num_threads,
+                                  image_size=size, cuda_graphs=settings.cuda_graphs)
         features, logits = engine.run(np.zeros((1, 3, size, size), dtype=np.uint8))
     except StartupError:
         raise
@@ -215,6 +242,21 @@ def load_model(settings: Settings) -> LoadedModel:
         weights_source=source,
         weights_file=weights_file,
         weights_sha256=weights_sha256,
+        quantization=quantization,
+    )
+
+
+def _int8_engine(settings: Settings, backend: str, net: EfficientNet, variant: Any,
+                 weights_sha256: str | None) -> tuple[Engine, Int8Info]:
+    """The int8 engine from EFFNET_INT8_MODEL, the cache, or a quantisation on EFFNET_CALIBRATION_DIR."""
+    size = variant.preprocess.input_size
+    # Calibration photos go through the service's own preprocessing (draft decoding included).
+    preprocessor = Preprocessor(variant.preprocess, max_pixels=settings.max_image_pixels)
+    return int8_engine(
+        net=net, variant=variant.name, image_size=size, weights_sha256=weights_sha256,
+        calibration_dir=settings.calibration_dir, int8_model=settings.int8_model, cache_dir=settings.cache_dir,
+        read=preprocessor,
+        build=lambda model: Int8Engine(model, backend, settings.effective_num_threads, image_size=size),
     )
 
 

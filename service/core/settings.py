@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -49,11 +50,37 @@ class Settings(BaseSettings):
             "auto (cuda when available, else cpu), cpu, cuda or cuda:N. An absent GPU is a start-up error."
         ),
     )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
         "auto",
         description=(
             "Compute dtype of the model: auto (float32 on CPU, bfloat16 on a GPU; benchmarks/gpu_check.sh "
-            "measures its top-1 agreement with CPU float32), float32, float16 or bfloat16."
+            "measures its top-1 agreement with CPU float32), float32, float16 or bfloat16 (torch; bfloat16 "
+            "also on CPU with EFFNET_BACKEND=openvino where the CPU has bf16), or int8: a statically quantised "
+            "model on CPU (onnxruntime, or openvino), from EFFNET_INT8_MODEL or calibrated on "
+            "EFFNET_CALIBRATION_DIR."
+        ),
+    )
+    calibration_dir: str | None = Field(
+        None,
+        description=(
+            "With EFFNET_DTYPE=int8: a folder of at least 32 representative photos (JPEG, PNG, ...) to "
+            "quantise on at start-up; unreadable files are skipped with a warning. Every fifth photo is held "
+            "out to measure top-1 agreement with float32 (/info). The result is cached in EFFNET_CACHE_DIR."
+        ),
+    )
+    cache_dir: str = Field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "effnet-cache"),
+        description=(
+            "Where the int8 model quantised at start-up is cached, keyed by variant, weights SHA-256, "
+            "calibration set and library versions; a corrupt entry is rebuilt. Default: effnet-cache under "
+            "the temporary folder (/tmp), writable under a read-only root."
+        ),
+    )
+    int8_model: str | None = Field(
+        None,
+        description=(
+            "With EFFNET_DTYPE=int8: serve this int8 ONNX file (made by python -m model.quantize) instead of "
+            "quantising at start-up; checked against the variant's input and outputs."
         ),
     )
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
@@ -211,7 +238,7 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("weights", "labels", "api_key", mode="before")
+    @field_validator("weights", "labels", "api_key", "calibration_dir", "int8_model", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():

@@ -97,6 +97,8 @@ async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
         threads={"torch": settings.effective_num_threads, "decode": settings.effective_decode_threads},
         auth_required=settings.api_key is not None,
         versions=_versions(),
+        precision=engine.dtype,
+        quantization=model.quantization.as_dict() if model.quantization else None,  # type: ignore[arg-type]
     )
 
 

@@ -81,6 +81,19 @@ class LimitsInfo(BaseModel):
     max_images_per_request: int
 
 
+class QuantizationInfo(BaseModel):
+    source: str = Field(description="calibrated (EFFNET_CALIBRATION_DIR, at start-up or from the cache) or file "
+                        "(EFFNET_INT8_MODEL).")
+    recipe: str | None = Field(description="The quantisation recipe recorded in the model.")
+    calibration_count: int | None = Field(description="Readable photos in the calibration set.")
+    calibration_sha256: str | None = Field(description="SHA-256 over the calibration files' names and bytes.")
+    held_out_agreement: float | None = Field(
+        description="Top-1 agreement with float32 on the calibration photos held out of calibration (0..1)."
+    )
+    cache_hit: bool | None = Field(description="True when the model came from EFFNET_CACHE_DIR; null for a file.")
+    cache_file: str | None = Field(description="The cache entry served or written (null if none).")
+
+
 class InfoResponse(BaseModel):
     model: str
     state: str = Field(description="warming, ready, lame_duck, draining, stopped or failed.")
@@ -100,3 +113,7 @@ class InfoResponse(BaseModel):
     threads: dict[str, int]
     auth_required: bool
     versions: dict[str, str]
+    precision: str = Field(description="Numeric precision of the served model: float32, float16, bfloat16 or int8.")
+    quantization: QuantizationInfo | None = Field(
+        None, description="How the int8 model was obtained (EFFNET_DTYPE=int8 only)."
+    )

@@ -23,7 +23,7 @@ def build_engine(
     if backend == "onnxruntime":
         return OnnxRuntimeEngine(net, device, num_threads, image_size=image_size)
     if backend == "openvino":
-        return OpenVinoEngine(net, device, num_threads, image_size=image_size)
+        return OpenVinoEngine(net, device, num_threads, image_size=image_size, bfloat16=dtype == torch.bfloat16)
     if backend == "torch":
         return TorchEngine(net, device, dtype, image_size=image_size, cuda_graphs=cuda_graphs)
     raise ValueError(f"unknown backend {backend!r}")

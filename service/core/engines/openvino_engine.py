@@ -10,33 +10,44 @@ from service.core.engines.base import as_uint8_batch as _uint8
 from service.core.errors import StartupError
 
 
+def cpu_has_bf16(core) -> bool:
+    """Whether OpenVINO reports native bf16 on this CPU (AVX-512 BF16 or AMX); else it would emulate it."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVinoEngine:
     """OpenVINO on the same in-memory ONNX export, CPU only, forced to f32 precision.
 
     On CPUs with bf16 support OpenVINO would otherwise pick bf16 by itself, which is not the same model:
     ``INFERENCE_PRECISION_HINT=f32`` keeps it float32 (checked against PyTorch at start-up).
+    ``bfloat16=True`` (EFFNET_DTYPE=bfloat16) asks for bf16 on purpose, and is refused on a CPU without it.
     """
 
     backend = "openvino"
 
     def __init__(self, net: torch.nn.Module, device: torch.device, num_threads: int,
-                 *, image_size: int | None = None) -> None:
+                 *, image_size: int | None = None, bfloat16: bool = False) -> None:
         import openvino as ov
 
         if device.type != "cpu":
             raise StartupError("EFFNET_BACKEND=openvino runs on cpu only; use torch on a GPU")
         core = ov.Core()
+        if bfloat16 and not cpu_has_bf16(core):
+            raise StartupError(
+                "EFFNET_DTYPE=bfloat16 with EFFNET_BACKEND=openvino needs a CPU with bf16 support "
+                "(AVX-512 BF16 or AMX), which this one lacks; use float32 or int8"
+            )
         graph = core.read_model(export_onnx_bytes(net.eval(), image_size=image_size, with_features=True,
                                                    uint8_input=True))
         self._compiled = core.compile_model(graph, "CPU", {
             "INFERENCE_NUM_THREADS": num_threads,
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32",
             "PERFORMANCE_HINT": "LATENCY",
         })
         self._request = self._compiled.create_infer_request()
         self._outputs = [self._compiled.output("features"), self._compiled.output("logits")]
         self.device = str(device)
-        self.dtype = "float32"
+        self.dtype = "bfloat16" if bfloat16 else "float32"
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         x = _uint8(batch)

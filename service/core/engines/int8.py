@@ -1,0 +1,92 @@
+"""An int8 (QDQ) ONNX model on CPU, with onnxruntime or OpenVINO: the engine behind ``EFFNET_DTYPE=int8``.
+
+The model is a static quantisation of the uint8-input export (``model.quantize``), so the batch is the
+same uint8 NCHW batch the float engines take. Where the model comes from (the cache, a calibration run at
+start-up, or ``EFFNET_INT8_MODEL``) is ``service.core.quantized``'s business.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from service.core.engines.base import as_uint8_batch
+from service.core.errors import StartupError
+
+
+def check_int8_io(model: bytes, image_size: int) -> None:
+    """``StartupError`` unless ``model`` takes uint8 (N, 3, S, S) and outputs ``features`` and ``logits``.
+
+    Checked from the graph's declared inputs and outputs, before a session is built; the probe run at
+    start-up then checks the output shapes against the variant.
+    """
+    import onnx
+
+    try:
+        graph = onnx.load_from_string(model).graph
+    except Exception as exc:  # DecodeError and friends: not an ONNX model at all
+        raise StartupError(f"the int8 model is not a readable ONNX model ({type(exc).__name__})") from None
+    if len(graph.input) != 1:
+        raise StartupError(f"the int8 model has {len(graph.input)} inputs; expected one uint8 image batch")
+    tensor = graph.input[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    if tensor.elem_type != onnx.TensorProto.UINT8 or len(dims) != 4 or dims[1:] != [3, image_size, image_size]:
+        kind = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+        shape = "x".join("N" if d is None else str(d) for d in dims)
+        raise StartupError(
+            f"the int8 model takes {kind} {shape}; this variant needs uint8 Nx3x{image_size}x{image_size} "
+            "(quantise it with python -m model.quantize for the same variant)"
+        )
+    outputs = [o.name for o in graph.output]
+    if outputs != ["features", "logits"]:
+        raise StartupError(f"the int8 model outputs {outputs}; expected ['features', 'logits']")
+
+
+class Int8Engine:
+    """A QDQ int8 model on CPU: onnxruntime (its int8 kernels use VNNI where the CPU has it) or OpenVINO."""
+
+    dtype = "int8"
+
+    def __init__(self, model: bytes, backend: str, num_threads: int, *, image_size: int) -> None:
+        check_int8_io(model, image_size)
+        self.backend = backend
+        self.device = "cpu"
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            # As the float engine: no spinning threads taking quota from decoding.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            self._run = self._run_onnxruntime
+        elif backend == "openvino":
+            import openvino as ov
+
+            core = ov.Core()
+            compiled = core.compile_model(core.read_model(model), "CPU", {
+                "INFERENCE_NUM_THREADS": num_threads,
+                # The operators left in float stay float32 (not bf16, which OpenVINO would pick here).
+                "INFERENCE_PRECISION_HINT": "f32",
+                "PERFORMANCE_HINT": "LATENCY",
+            })
+            self._request = compiled.create_infer_request()
+            self._outputs = [compiled.output("features"), compiled.output("logits")]
+            self._run = self._run_openvino
+        else:
+            raise StartupError(f"EFFNET_DTYPE=int8 runs with onnxruntime or openvino, not {backend}")
+
+    def _run_onnxruntime(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features, logits = self._session.run(None, {"input": x})
+        return features, logits
+
+    def _run_openvino(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = self._request.infer({0: x})
+        return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return self._run(as_uint8_batch(batch))
