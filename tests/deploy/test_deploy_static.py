@@ -103,7 +103,10 @@ def gpu_patch(kind: str) -> dict:
 
 
 def prestop_sleep_s(container: dict) -> int:
-    pre_stop = container["lifecycle"]["preStop"]
+    """The preStop sleep in seconds (0 without one)."""
+    pre_stop = container.get("lifecycle", {}).get("preStop")
+    if pre_stop is None:
+        return 0
     if "sleep" in pre_stop:
         return int(pre_stop["sleep"]["seconds"])
     command = pre_stop["exec"]["command"]
@@ -217,16 +220,57 @@ def settings_class():
 
 
 # -- shutdown timing ----------------------------------------------------------------------------------------
+COMPOSE_REPLICAS = ("effnet-1", "effnet-2")
+
+
+def compose_services() -> dict[str, dict]:
+    return load_yaml(REPO / "docker-compose.yml")["services"]
+
+
+def haproxy_config() -> list[list[str]]:
+    """deploy/haproxy/haproxy.cfg as lists of words per line (comments dropped)."""
+    lines = []
+    for raw in (REPO / "deploy" / "haproxy" / "haproxy.cfg").read_text().splitlines():
+        words = raw.split("#", 1)[0].split()
+        if words:
+            lines.append(words)
+    return lines
+
+
+def haproxy_seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(ms|s)?", value)
+    assert match, value
+    return int(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
+
+
+def haproxy_detection_s() -> float:
+    """Worst case before HAProxy takes a replica whose /readyz turned 503 out: one ``inter`` until the
+    first failed check, then ``fall - 1`` more checks ``fastinter`` apart, plus one ``timeout check``."""
+    words = next(line for line in haproxy_config() if line[0] == "default-server")
+
+    def param(name: str, default: str) -> str:
+        return words[words.index(name) + 1] if name in words else default
+
+    inter = haproxy_seconds(param("inter", "2s"))  # HAProxy's defaults: inter 2s, fall 3
+    fastinter = haproxy_seconds(param("fastinter", param("inter", "2s")))
+    timeout = haproxy_seconds(next((line[2] for line in haproxy_config() if line[:2] == ["timeout", "check"]), "0"))
+    return inter + (int(param("fall", "3")) - 1) * fastinter + timeout
+
+
 @pytest.mark.parametrize("variant", ["base", "gpu"])
-def test_grace_period_covers_prestop_and_drain(variant):
+def test_grace_period_covers_lame_duck_and_drain(variant):
+    """Kubernetes relies on the server's lame duck, not on a preStop sleep: the pod leaves the endpoints
+    when it is deleted, and while that propagates the server still answers (with Connection: close, which
+    a preStop sleep cannot do for kept-alive connections). The grace period covers delay + drain."""
     deployment = base_objects()["Deployment"]
     settings = base_settings() if variant == "base" else gpu_settings()
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     sleep = prestop_sleep_s(only_container(deployment))
+    delay = float(settings["EFFNET_SHUTDOWN_DELAY_S"])
     drain = float(settings["EFFNET_SHUTDOWN_DRAIN_S"])
-    # After the drain the server still closes connections (uvicorn's graceful tail): keep a margin.
-    assert grace >= sleep + drain + 5, (grace, sleep, drain)
-    assert sleep >= 5, "preStop must give endpoint removal time to propagate before SIGTERM"
+    # After the drain the server closes connections and exits (under 1 s): keep a margin.
+    assert grace >= sleep + delay + drain + 5, (grace, sleep, delay, drain)
+    assert sleep + delay >= 10, "endpoint removal and cloud load balancer checks need time before refusals"
 
 
 @pytest.mark.parametrize("variant", ["base", "gpu"])
@@ -235,14 +279,46 @@ def test_drain_outlasts_request_timeout(variant):
     assert float(settings["EFFNET_SHUTDOWN_DRAIN_S"]) >= float(settings["EFFNET_REQUEST_TIMEOUT_S"])
 
 
-def test_compose_stop_grace_covers_drain():
-    service = load_yaml(REPO / "docker-compose.yml")["services"]["effnet"]
+@pytest.mark.parametrize("replica", COMPOSE_REPLICAS)
+def test_compose_stop_grace_covers_lame_duck_and_drain(replica):
+    service = compose_services()[replica]
     grace = service["stop_grace_period"]
     match = re.fullmatch(r"(\d+)s", grace)
     assert match, f"write stop_grace_period in seconds, got {grace!r}"
+    delay = float(service["environment"]["EFFNET_SHUTDOWN_DELAY_S"])
     drain = float(service["environment"]["EFFNET_SHUTDOWN_DRAIN_S"])
-    assert int(match.group(1)) >= drain + 5
+    assert int(match.group(1)) >= delay + drain + 5
     assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
+
+
+def test_compose_lame_duck_outlasts_the_haproxy_health_checks():
+    """The replicas keep serving until HAProxy has surely taken them out, with a margin of 2x."""
+    detection = haproxy_detection_s()
+    for replica in COMPOSE_REPLICAS:
+        delay = float(compose_services()[replica]["environment"]["EFFNET_SHUTDOWN_DELAY_S"])
+        assert delay >= 2 * detection, (replica, delay, detection)
+
+
+def test_compose_puts_both_replicas_behind_haproxy_checking_readyz():
+    services = compose_services()
+    replicas = [services[name] for name in COMPOSE_REPLICAS]
+    assert replicas[0] == replicas[1], "the two replicas must be configured alike"
+    assert all("ports" not in r for r in replicas), "clients reach the replicas only through HAProxy"
+    haproxy = services["haproxy"]
+    assert "./deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in haproxy["volumes"]
+    assert f"{PORT}:{PORT}" in haproxy["ports"]
+    assert set(COMPOSE_REPLICAS) <= set(haproxy["depends_on"])
+    config = haproxy_config()
+    servers = {line[1]: line[2] for line in config if line[0] == "server"}
+    assert servers == {name: f'"${{{name.upper().replace("-", "_")}_ADDR-{name}:{PORT}}}"' for name in COMPOSE_REPLICAS}
+    assert ["option", "httpchk"] in config
+    check = next(line for line in config if line[:2] == ["http-check", "send"])
+    assert check[check.index("uri") + 1] == "/readyz" and check[check.index("meth") + 1] == "GET"
+    assert ["http-check", "expect", "status", "200"] in config
+    default_server = next(line for line in config if line[0] == "default-server")
+    assert "check" in default_server
+    bind = next(line for line in config if line[0] == "bind")
+    assert bind[1].endswith(f':{PORT}}}"')
 
 
 # -- probes, ports ------------------------------------------------------------------------------------------
@@ -462,8 +538,9 @@ def test_rendered_base_uses_the_cpu_image_and_settings():
     assert rendered["ConfigMap"]["data"] == base_settings()
 
 
-def test_compose_gpu_override_reserves_an_nvidia_gpu():
-    service = load_yaml(REPO / "docker-compose.gpu.yml")["services"]["effnet"]
+@pytest.mark.parametrize("replica", COMPOSE_REPLICAS)
+def test_compose_gpu_override_reserves_an_nvidia_gpu(replica):
+    service = load_yaml(REPO / "docker-compose.gpu.yml")["services"][replica]
     assert service["build"]["target"] == "gpu"
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(
@@ -475,20 +552,22 @@ def test_compose_gpu_override_reserves_an_nvidia_gpu():
     assert service["environment"]["EFFNET_DEVICE"].startswith("cuda")
 
 
-def test_compose_cpu_service_is_hardened():
-    service = load_yaml(REPO / "docker-compose.yml")["services"]["effnet"]
+@pytest.mark.parametrize("replica", COMPOSE_REPLICAS)
+def test_compose_cpu_service_is_hardened(replica):
+    service = compose_services()[replica]
     assert service["build"]["target"] == "cpu"
     assert service["read_only"] is True
     assert any(t.split(":")[0] == "/tmp" for t in service["tmpfs"])
     assert service["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in service["security_opt"]
-    assert any(str(p).endswith(f":{PORT}") for p in service["ports"])
+    haproxy = compose_services()["haproxy"]
+    assert haproxy["read_only"] is True and haproxy["cap_drop"] == ["ALL"]
 
 
 # -- settings are names the service reads -------------------------------------------------------------------
 def settings_sources() -> dict[str, dict[str, str]]:
-    compose = load_yaml(REPO / "docker-compose.yml")["services"]["effnet"]["environment"]
-    gpu_override = load_yaml(REPO / "docker-compose.gpu.yml")["services"]["effnet"]["environment"]
+    compose = compose_services()["effnet-1"]["environment"]
+    gpu_override = load_yaml(REPO / "docker-compose.gpu.yml")["services"]["effnet-1"]["environment"]
     compose_gpu = {**compose, **gpu_override}
     return {
         "k8s/base/settings.env": base_settings(),
@@ -597,8 +676,9 @@ def test_prometheus_scrapes_the_service_metrics_endpoint():
         for static in job.get("static_configs", [])
         for target in static["targets"]
     ]
-    assert ("/metrics", f"effnet:{PORT}") in targets
-    assert "effnet" in compose
+    for replica in COMPOSE_REPLICAS:
+        assert ("/metrics", f"{replica}:{PORT}") in targets
+        assert replica in compose
     for rule_file in config.get("rule_files", []):
         assert (REPO / "deploy" / "prometheus" / rule_file).is_file(), rule_file
     prometheus = compose["prometheus"]
