@@ -152,7 +152,7 @@ for k in kustomizations:
         path = entry.get("path") if isinstance(entry, dict) else entry
         if path:
             patches.add((k.parent / path).resolve())
-lists = {"objects": [], "patches": [], "custom": [], "other": [], "kustomize_dirs": []}
+lists = {"objects": [], "patches": [], "custom": [], "kserve": [], "other": [], "kustomize_dirs": []}
 for p in files:
     if p in kustomizations:
         lists["kustomize_dirs"].append(str(p.parent))
@@ -163,6 +163,8 @@ for p in files:
     docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
     if not docs or not all(isinstance(d, dict) and "apiVersion" in d and "kind" in d for d in docs):
         lists["other"].append(str(p))
+    elif any(d["apiVersion"].split("/")[0] == "serving.kserve.io" for d in docs):
+        lists["kserve"].append(str(p))
     elif any(d["apiVersion"].split("/")[0].endswith("coreos.com") for d in docs):
         lists["custom"].append(str(p))
     else:
@@ -173,6 +175,7 @@ EOF
 mapfile -t K8S_OBJECTS <"$TMP/k8s-objects.txt"
 mapfile -t K8S_PATCHES <"$TMP/k8s-patches.txt"
 mapfile -t K8S_CUSTOM <"$TMP/k8s-custom.txt"
+mapfile -t K8S_KSERVE <"$TMP/k8s-kserve.txt"
 mapfile -t K8S_OTHER <"$TMP/k8s-other.txt"
 mapfile -t K8S_DIRS <"$TMP/k8s-kustomize_dirs.txt"
 ((${#K8S_OBJECTS[@]})) || fail "no Kubernetes manifests found under k8s/"
@@ -194,6 +197,19 @@ kv "${K8S_OBJECTS[@]}"
 for f in "${K8S_PATCHES[@]}"; do skip "$f: kustomize patch (partial object), validated in the rendered output"; done
 for f in "${K8S_CUSTOM[@]}"; do skip "$f: custom resource, no schema offline; its fields are checked by tests/deploy/test_deploy_static.py"; done
 for f in "${K8S_OTHER[@]}"; do skip "$f: not a Kubernetes object (Helm values)"; done
+
+step "KServe manifests against the kserve package's models"
+# The kserve SDK (PyPI) carries a generated model per KServe API type; scripts/validate_kserve.py reads
+# them from the wheel (not installed: it would pull in KServe's whole runtime) and checks every field,
+# with kubernetes-validate's strict schemas for the core types inside (containers, probes...).
+KSERVE_VERSION="${KSERVE_VERSION:-0.21.0}"
+if ((${#K8S_KSERVE[@]})); then
+    "$VENV_BIN/pip" download --quiet --no-deps --dest "$TMP/kserve" "kserve==$KSERVE_VERSION" \
+        || fail "cannot download the kserve $KSERVE_VERSION wheel from the package index"
+    "$PY" scripts/validate_kserve.py "$TMP"/kserve/kserve-*.whl "${K8S_KSERVE[@]}"
+else
+    skip "no KServe manifests under k8s/"
+fi
 
 step "kustomize render + kubernetes-validate --strict (rendered)"
 if ((${#RENDER[@]})); then
