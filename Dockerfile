@@ -74,7 +74,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     TORCH_HOME=/tmp/.cache/torch
 WORKDIR /tmp
-EXPOSE 8000
+# 8000: HTTP (REST, /v2 REST, metrics); 8001: gRPC (Open Inference Protocol, EFFNET_GRPC_PORT).
+EXPOSE 8000 8001
 # Liveness only: /readyz is for load balancers. python is in the image, curl is not.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]

@@ -351,17 +351,18 @@ def test_startup_probe_allows_the_model_load(variant):
 def test_container_port_service_and_image_agree():
     objects = base_objects()
     container = only_container(objects["Deployment"])
-    assert [p["containerPort"] for p in container["ports"]] == [PORT]
+    # HTTP, and gRPC (the Open Inference Protocol) on the service's default EFFNET_GRPC_PORT.
+    grpc_port = settings_class().model_fields["grpc_port"].default
+    assert [p["containerPort"] for p in container["ports"]] == [PORT, grpc_port]
     service_ports = objects["Service"]["spec"]["ports"]
-    assert len(service_ports) == 1
-    assert resolve_port(service_ports[0]["targetPort"], container) == PORT
+    assert [resolve_port(p["targetPort"], container) for p in service_ports] == [PORT, grpc_port]
     # No command override in the pod: the image's CMD decides the port, and it must be the same one.
     assert "command" not in container and "args" not in container
     for target in runtime_targets():
         cmd = json.loads(resolved_instruction(target, "CMD"))
         assert cmd[cmd.index("--port") + 1] == str(PORT)
         assert cmd[cmd.index("--host") + 1] == "0.0.0.0", "the default 127.0.0.1 is unreachable"
-        assert str(PORT) in resolved_instruction(target, "EXPOSE").split()
+        assert {str(PORT), str(grpc_port)} <= set(resolved_instruction(target, "EXPOSE").split())
 
 
 def test_selectors_match_the_pods():
