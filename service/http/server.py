@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         log.error("invalid configuration: %s", problems)
         return 2
+    if settings.grpc_port:
+        # A taken gRPC port fails the start in one line, before the model load, like a taken HTTP port.
+        from service.v2.grpc_server import port_problem
+
+        if problem := port_problem(args.host, settings.grpc_port):
+            log.error("startup failed: %s", problem)
+            return 1
     try:
         model = load_model(settings)
     except StartupError as exc:

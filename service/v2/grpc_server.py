@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -331,6 +332,25 @@ def grpc_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the gRPC port cannot be bound (taken, no permission, bad address), or None if it can.
+
+    A check before start-up, for a clear one-line error; the server still reports a failure to bind.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve the gRPC address {host}: {exc.strerror}"
+    for family, kind, proto, _, address in infos[:1]:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                return f"cannot bind the gRPC port {grpc_address(host, port)} (EFFNET_GRPC_PORT): {exc.strerror}"
+    return None
+
+
 class GrpcServer:
     """The gRPC front-end: ``await start()`` binds and serves, ``await stop(grace)`` finishes calls in flight."""
 
@@ -364,4 +384,4 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-__all__ = ["GrpcServer", "HealthServicer", "InferenceServicer", "grpc_address", "grpc_status"]
+__all__ = ["GrpcServer", "HealthServicer", "InferenceServicer", "grpc_address", "grpc_status", "port_problem"]

@@ -1,12 +1,14 @@
-"""SIGTERM while gRPC clients keep a real Lite0 server busy: the gRPC front-end follows the service's
-shutdown. During the lame duck ``grpc.health.v1`` turns NOT_SERVING at once while ModelInfer still answers;
-then new calls get UNAVAILABLE, every call admitted before is answered, and the process exits 0.
+"""The gRPC front-end's lifecycle in real server processes. SIGTERM while gRPC clients keep a Lite0 server
+busy: it follows the service's shutdown. During the lame duck ``grpc.health.v1`` turns NOT_SERVING at once
+while ModelInfer still answers; then new calls get UNAVAILABLE, every call admitted before is answered, and
+the process exits 0. And a gRPC port that is taken fails the start in one line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 
 import grpc
@@ -101,3 +103,20 @@ def test_sigterm_during_grpc_load_answers_every_admitted_call(photos):
     assert not_serving_at and not_serving_at[0] - sigterm_at < 0.5, "health did not turn NOT_SERVING at once"
     ok_after_not_serving = [s for s, _, c in outcomes if c == "OK" and s > not_serving_at[0]]
     assert ok_after_not_serving, "ModelInfer should still answer during the lame duck"
+
+
+def test_a_taken_grpc_port_fails_the_start_in_one_line():
+    """A gRPC port already in use ends the start at once with exit 1 and one clear log line, before the
+    model load (no traceback), like any start that cannot succeed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServiceProcess({"EFFNET_MODEL": MODEL, "EFFNET_GRPC_PORT": str(port)})
+        try:
+            assert server.wait_exit(60) == 1
+            log = server.logs()
+        finally:
+            server.close()
+    assert f"cannot bind the gRPC port 127.0.0.1:{port} (EFFNET_GRPC_PORT)" in log
+    assert "Traceback" not in log
