@@ -31,7 +31,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tests.helpers.images import load_photos
 from tests.helpers.server import ServiceProcess, free_port
 
-from .common import machine, markdown_table, save_json
+from .common import SUMMARY_MARKER, machine, markdown_table, save_json
 
 MODEL = "efficientnet-lite0"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -143,12 +143,30 @@ def main() -> int:
     args = parser.parse_args()
     result = asyncio.run(run(args))
     path = save_json("protocols", result)
-    print(markdown_table(result["rows"], [
-        ("door", "door", ""), ("images_per_s", "images/s", ".1f"), ("p50_ms", "p50 ms", ".0f"),
-        ("p99_ms", "p99 ms", ".0f"), ("requests", "requests", "d"), ("errors", "errors", "d"),
-    ]))
-    print(f"written to {path}")
+    print(f"raw results: {path}")
+    print(SUMMARY_MARKER)
+    print(summary(result))
     return 0
+
+
+def summary(result: dict) -> str:
+    """The Markdown that docs/benchmarks.md shows (``make bench`` copies it there)."""
+    rows = {r["door"]: r for r in result["rows"]}
+    grpc_rate = rows["V2 gRPC (raw BYTES)"]["images_per_s"]
+    predict_rate = rows["/predict (multipart)"]["images_per_s"]
+    return "\n".join([
+        f"Machine: {result['machine']}; model {MODEL}; one server process, all CPUs; {result['clients']} "
+        f"concurrent clients per door, one JPEG per request; {result['rounds']} interleaved rounds of "
+        f"{result['seconds_per_round']:g} s per door.",
+        "",
+        markdown_table(result["rows"], [
+            ("door", "door", ""), ("images_per_s", "images/s", ".1f"), ("p50_ms", "p50 ms", ".0f"),
+            ("p99_ms", "p99 ms", ".0f"), ("requests", "requests", "d"), ("errors", "errors", "d"),
+        ]),
+        "",
+        f"gRPC (binary BYTES) / /predict (multipart): {grpc_rate:.1f} / {predict_rate:.1f} = "
+        f"{grpc_rate / predict_rate:.2f}",
+    ])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 SUITE = [
     ("Engines", "bench_engines", []),
     ("Service under load", "bench_service", []),
+    ("Protocols: /predict, V2 REST and V2 gRPC", "bench_protocols", []),
     ("Training memory: MemoryEfficientSwish", "bench_train_memory", []),
 ]
 
