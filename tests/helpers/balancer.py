@@ -1,0 +1,187 @@
+"""A real HAProxy in front of service replicas, and a steady load through it, for the rolling-restart tests.
+
+    with HAProxy({"effnet-1": replica_1.url, "effnet-2": replica_2.url}) as lb:
+        lb.wait_state("effnet-1", "UP")
+        with Load(lb.url, photo, clients=6) as load:
+            ...
+        load.outcomes   # one Outcome per request: status, error code, timings, X-Request-ID
+
+HAProxy runs ``deploy/haproxy/haproxy.cfg`` itself, the file docker-compose.yml uses, with the addresses
+given through the environment variables that file reads. No pytest here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.helpers.server import REPO, free_port
+
+HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
+BACKEND = "effnet-replicas"
+
+
+def haproxy_binary() -> str | None:
+    return shutil.which("haproxy")
+
+
+class HAProxy:
+    """``haproxy -db -f deploy/haproxy/haproxy.cfg`` on free loopback ports; ``servers`` maps the config's
+    server names (effnet-1, effnet-2) to replica URLs (http://127.0.0.1:PORT)."""
+
+    def __init__(self, servers: dict[str, str]) -> None:
+        binary = haproxy_binary()
+        if binary is None:
+            raise RuntimeError("haproxy is not installed (Debian package 'haproxy')")
+        self.port = free_port()
+        self.stats_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stats_url = f"http://127.0.0.1:{self.stats_port}/stats;csv"
+        env = dict(os.environ)
+        env["HAPROXY_BIND"] = f"127.0.0.1:{self.port}"
+        env["HAPROXY_STATS_BIND"] = f"127.0.0.1:{self.stats_port}"
+        for name, url in servers.items():
+            env[f"{name.upper().replace('-', '_')}_ADDR"] = url.removeprefix("http://")
+        self._log = tempfile.NamedTemporaryFile(prefix="haproxy-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [binary, "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                self.stats()
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"haproxy did not start:\n{self.logs()}") from None
+                time.sleep(0.05)
+
+    def logs(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """The backend's rows of the stats CSV by server name (and "BACKEND"): status, wretr, wredis..."""
+        text = httpx.get(self.stats_url, timeout=5).text.lstrip("# ")
+        return {row["svname"]: row for row in csv.DictReader(io.StringIO(text)) if row["pxname"] == BACKEND}
+
+    def counters(self) -> dict[str, int]:
+        """The backend's retries (wretr), redispatches (wredis), responses 5xx, and connection errors."""
+        row = self.stats()["BACKEND"]
+        return {key: int(row[key] or 0) for key in ("wretr", "wredis", "hrsp_5xx", "econ", "eresp")}
+
+    def wait_state(self, server: str, state: str, timeout: float = 60.0) -> float:
+        """Wait until HAProxy reports ``server`` as ``state`` (UP, DOWN...); seconds waited."""
+        started = time.monotonic()
+        while True:
+            status = self.stats()[server]["status"]
+            if status.split()[0] == state:  # "UP", "DOWN", "UP 1/2" (going down), "DOWN 1/2" (going up)
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{server} is {status!r}, not {state} after {timeout} s:\n{self.logs()[-3000:]}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+            os.unlink(self._log.name)
+
+    def __enter__(self) -> HAProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass
+class Outcome:
+    """One request through the load balancer."""
+
+    request_id: str
+    started: float  # time.monotonic()
+    ended: float
+    status: int | None = None  # None: failed at the transport level
+    code: str | None = None  # the service's error code for a non-200 JSON answer
+    retry_after: str | None = None
+    error: str | None = None
+
+
+class Load:
+    """``clients`` concurrent clients posting ``photo`` to /predict back to back through ``url``, each on its
+    own kept-alive connection, in a background thread, until ``stop()``. Request ids are
+    ``<prefix>-<client>-<n>``; every outcome is kept in ``outcomes``."""
+
+    def __init__(self, url: str, photo: bytes, *, clients: int, prefix: str = "load", timeout: float = 30.0):
+        self.url, self.photo, self.clients, self.prefix, self.timeout = url, photo, clients, prefix, timeout
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="load", daemon=True)
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> list[Outcome]:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("the load clients did not stop")
+        return self.outcomes
+
+    def ok_count(self) -> int:
+        return sum(1 for o in self.outcomes if o.status == 200)
+
+    async def _client(self, index: int) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout) as client:
+            sequence = 0
+            while not self._stop.is_set():
+                request_id = f"{self.prefix}-{index}-{sequence}"
+                sequence += 1
+                started = time.monotonic()
+                outcome = Outcome(request_id, started, started)
+                try:
+                    response = await client.post(
+                        "/predict", files={"file": ("photo.jpg", self.photo)}, headers={"X-Request-ID": request_id}
+                    )
+                    outcome.status = response.status_code
+                    outcome.retry_after = response.headers.get("retry-after")
+                    if response.status_code != 200:
+                        try:
+                            outcome.code = response.json()["error"]["code"]
+                        except Exception:  # noqa: BLE001 - HAProxy's own error pages are HTML
+                            outcome.code = "not-json"
+                except httpx.HTTPError as exc:
+                    outcome.error = repr(exc)
+                outcome.ended = time.monotonic()
+                self.outcomes.append(outcome)
+                if outcome.status == 503:
+                    await asyncio.sleep(0.05)  # a client honouring Retry-After, briefly
+
+    async def _run(self) -> None:
+        await asyncio.gather(*(self._client(i) for i in range(self.clients)))
+
+    def __enter__(self) -> Load:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._thread.is_alive():
+            self.stop()
