@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import threading
 import time
 
@@ -22,6 +23,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http as thttp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -51,6 +53,8 @@ def server():
         "EFFNET_MAX_QUEUE": str(MAX_QUEUE),
         "EFFNET_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
         "EFFNET_MAX_BODY_BYTES": str(MAX_BODY),
+        # One decoding thread on any machine: the deadline test queues slow images ahead of a fast one.
+        "EFFNET_DECODE_THREADS": "1",
     }
     with ServiceProcess(env) as service:
         service.grpc_url = f"127.0.0.1:{grpc_port}"
@@ -371,10 +375,20 @@ def test_full_queue_is_unavailable_with_retry_advice(server, photos):
     assert all(r.headers.get("retry-after") == "1" and "queue" in r.json()["error"] for r in refused)
 
 
+def slow_png() -> bytes:
+    """A 9-megapixel PNG (a smooth gradient, 330 kB): ~0.15 s to decode and resize, no JPEG draft mode."""
+    x = np.linspace(0, 255, 3000, dtype=np.float32)
+    pixels = np.stack([np.add.outer(x, x) / 2, np.add.outer(x, x[::-1]) / 2, np.tile(x, (3000, 1))], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_grpc_deadline_shorter_than_queue_wait(server, photos):
-    """A call whose gRPC deadline passes while its image waits behind others gets DEADLINE_EXCEEDED, and
-    its image leaves the queue: only the other calls' images are ever run."""
-    filler = [photos["grace_hopper.jpg"]] * 5  # 3 x 5 queued ahead: 150+ ms of work on any CPU
+    """A call whose gRPC deadline passes while its image waits behind others (admitted, counted in the queue)
+    gets DEADLINE_EXCEEDED, the server counts the timeout, and its image leaves the queue: only the other
+    calls' images are ever run."""
+    filler = [slow_png()] * 2  # 3 x 2 ahead of it on the one decoding thread: ~1 s of work
 
     async def scenario():
         client = tgrpc_aio.InferenceServerClient(server.grpc_url)
@@ -386,9 +400,9 @@ def test_grpc_deadline_shorter_than_queue_wait(server, photos):
 
             fillers = [asyncio.ensure_future(client.infer(MODEL, [tensor(filler)], headers=GRPC_AUTH))
                        for _ in range(3)]
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
             try:
-                await client.infer(MODEL, [tensor([photos["coffee.jpg"]])], headers=GRPC_AUTH, client_timeout=0.1)
+                await client.infer(MODEL, [tensor([photos["coffee.jpg"]])], headers=GRPC_AUTH, client_timeout=0.2)
                 late = None
             except InferenceServerException as exc:
                 late = exc.status()
@@ -401,12 +415,12 @@ def test_grpc_deadline_shorter_than_queue_wait(server, photos):
     timeouts_before = metric(server, "effnet_rejected_total", reason="timeout")
     late, done = asyncio.run(scenario())
     assert late == "StatusCode.DEADLINE_EXCEEDED"
-    assert all(r.as_numpy("logits").shape == (5, 1000) for r in done)
+    assert all(r.as_numpy("logits").shape == (2, 1000) for r in done)
     deadline = time.monotonic() + 5
     while metric(server, "effnet_rejected_total", reason="timeout") <= timeouts_before:
         assert time.monotonic() < deadline, "the server never counted the timed-out call"
         time.sleep(0.05)
-    assert metric(server, "effnet_images_total") - images_before == 15  # the late image never ran
+    assert metric(server, "effnet_images_total") - images_before == 6  # the late image never ran
     assert metric(server, "effnet_queue_depth") == 0
 
 
