@@ -18,9 +18,11 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import httpx
@@ -37,8 +39,15 @@ MODEL = "efficientnet-lite0"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-async def drive(clients: int, seconds: float, send: Callable[[int], Awaitable[bool]]) -> dict:
-    """``clients`` loops calling ``send(i)`` for ``seconds``; latencies of the successful calls."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(clients: int, seconds: float, send: Callable[[int], Awaitable[bool]], server_pid: int) -> dict:
+    """``clients`` loops calling ``send(i)`` for ``seconds``; latencies of the successful calls, and the CPU
+    seconds the server and this (client) process used meanwhile."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -55,8 +64,15 @@ async def drive(clients: int, seconds: float, send: Callable[[int], Awaitable[bo
                 errors += 1
 
     started = time.perf_counter()
+    server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
     await asyncio.gather(*(loop() for _ in range(clients)))
-    return {"seconds": time.perf_counter() - started, "latencies": latencies, "errors": errors}
+    return {
+        "seconds": time.perf_counter() - started,
+        "latencies": latencies,
+        "errors": errors,
+        "server_cpu_s": cpu_seconds(server_pid) - server_cpu,
+        "client_cpu_s": time.process_time() - client_cpu,
+    }
 
 
 def v2_binary_body(photo: bytes) -> tuple[bytes, int]:
@@ -112,14 +128,15 @@ async def run(args: argparse.Namespace) -> dict:
                 "V2 gRPC (raw BYTES)": v2_grpc_binary,
             }
             for send in doors.values():  # warm the connections and the engine
-                await drive(args.clients, 1.5, send)
+                await drive(args.clients, 1.5, send, server.pid)
             for _ in range(args.rounds):
                 for name, send in doors.items():
-                    result = await drive(args.clients, args.seconds, send)
-                    total = totals.setdefault(name, {"seconds": 0.0, "latencies": [], "errors": 0})
-                    total["seconds"] += result["seconds"]
+                    result = await drive(args.clients, args.seconds, send, server.pid)
+                    total = totals.setdefault(name, {"seconds": 0.0, "latencies": [], "errors": 0,
+                                                     "server_cpu_s": 0.0, "client_cpu_s": 0.0})
+                    for key in ("seconds", "errors", "server_cpu_s", "client_cpu_s"):
+                        total[key] += result[key]
                     total["latencies"] += result["latencies"]
-                    total["errors"] += result["errors"]
     rows = []
     for name, total in totals.items():
         ordered = sorted(total["latencies"])
@@ -128,6 +145,8 @@ async def run(args: argparse.Namespace) -> dict:
             "images_per_s": len(ordered) / total["seconds"],
             "p50_ms": statistics.median(ordered) * 1e3,
             "p99_ms": ordered[int(0.99 * (len(ordered) - 1))] * 1e3,
+            "server_cpu_ms": total["server_cpu_s"] / max(1, len(ordered)) * 1e3,
+            "client_cpu_ms": total["client_cpu_s"] / max(1, len(ordered)) * 1e3,
             "requests": len(ordered),
             "errors": total["errors"],
         })
@@ -161,11 +180,14 @@ def summary(result: dict) -> str:
         "",
         markdown_table(result["rows"], [
             ("door", "door", ""), ("images_per_s", "images/s", ".1f"), ("p50_ms", "p50 ms", ".0f"),
-            ("p99_ms", "p99 ms", ".0f"), ("requests", "requests", "d"), ("errors", "errors", "d"),
+            ("p99_ms", "p99 ms", ".0f"), ("server_cpu_ms", "server CPU ms/image", ".2f"),
+            ("client_cpu_ms", "client CPU ms/image", ".2f"), ("requests", "requests", "d"),
+            ("errors", "errors", "d"),
         ]),
         "",
         f"gRPC (binary BYTES) / /predict (multipart): {grpc_rate:.1f} / {predict_rate:.1f} = "
-        f"{grpc_rate / predict_rate:.2f}",
+        f"{grpc_rate / predict_rate:.2f}; server CPU per image "
+        f"{rows['V2 gRPC (raw BYTES)']['server_cpu_ms']:.2f} / {rows['/predict (multipart)']['server_cpu_ms']:.2f} ms",
     ])
 
 
