@@ -12,8 +12,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,7 +124,9 @@ def test_fp32_input_maps_back_to_exactly_the_pixels_it_encodes():
 
 
 def test_committed_grpc_code_is_what_the_proto_generates():
-    result = subprocess.run(["bash", "scripts/gen_protos.sh", "--check"], cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, "PY": sys.executable}  # grpcio-tools of the interpreter running the tests
+    result = subprocess.run(["bash", "scripts/gen_protos.sh", "--check"], cwd=REPO, capture_output=True, text=True,
+                            env=env)
     assert result.returncode == 0, result.stderr
 
 
