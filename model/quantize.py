@@ -155,10 +155,12 @@ def _batches(images: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def quantize_onnx(float_model: bytes, images: np.ndarray, *, metadata: dict[str, str] | None = None,
-                  batch_size: int = 8) -> bytes:
+                  batch_size: int = 8, overrides: dict | None = None, pre_process: bool = True) -> bytes:
     """Statically quantise ``float_model`` (an ONNX export taking uint8 NCHW) calibrated on ``images``.
 
     Returns the QDQ model's bytes, with ``metadata`` (and the recipe) in its metadata properties.
+    ``overrides`` (keyword arguments of ``onnxruntime.quantization.quantize_static``) and ``pre_process``
+    exist for the recipe study (benchmarks/bench_int8_recipes.py); the service uses neither.
     """
     import onnx
     import onnxruntime as ort
@@ -186,15 +188,14 @@ def quantize_onnx(float_model: bytes, images: np.ndarray, *, metadata: dict[str,
         raw.write_bytes(float_model)
         # Shape inference and graph folding first: without it the static-padding arithmetic stays in the
         # graph, Pad is left between float tensors, and the int8 model ran only 1.3x float32, not 2.5x.
-        quant_pre_process(str(raw), str(source))
-        quantize_static(
-            str(source), str(target), Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        if pre_process:
+            quant_pre_process(str(raw), str(source))
+        else:
+            source = raw
+        options = dict(quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                       weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        options.update(overrides or {})
+        quantize_static(str(source), str(target), Reader(), **options)
         model = onnx.load(str(target))
     for key, value in {"recipe": RECIPE, **(metadata or {})}.items():
         entry = model.metadata_props.add()

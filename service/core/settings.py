@@ -151,8 +151,9 @@ class Settings(BaseSettings):
         ge=1,
         description=(
             "Threads decoding and preprocessing images. Default: half the CPUs (at least 1) on CPU, since "
-            "they compete with inference for the same cores; all CPUs but one on a GPU host, where decoding "
-            "is the work the CPUs do."
+            "they compete with inference for the same cores; all CPUs with EFFNET_DTYPE=int8, whose inference "
+            "is cheap enough that decoding is the larger share; all CPUs but one on a GPU host, where "
+            "decoding is the work the CPUs do."
         ),
     )
     max_concurrent_batches: int | None = Field(
@@ -277,6 +278,10 @@ class Settings(BaseSettings):
     def effective_decode_threads(self) -> int:
         if self.decode_threads:
             return self.decode_threads
+        if self.dtype == "int8":
+            # int8 inference costs a third of float32's, so decoding becomes the larger share: measured on
+            # 2 CPUs, 2 decode threads served 268 images/s against 193 with 1 (float32: 179 either way).
+            return available_cpus()
         return max(1, available_cpus() - 1) if self.on_gpu else max(1, available_cpus() // 2)
 
     @property

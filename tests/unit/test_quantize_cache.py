@@ -162,3 +162,28 @@ def test_bfloat16_on_openvino_is_refused_where_the_cpu_lacks_it(monkeypatch):
     monkeypatch.setattr(ov_engine, "cpu_has_bf16", lambda core: False)
     with pytest.raises(StartupError, match="needs a CPU with bf16 support"):
         load_model(Settings(dtype="bfloat16", backend="openvino", num_threads=1))
+
+
+def test_bfloat16_on_openvino_gives_float32_top1_on_the_real_photos(photos):
+    """Where the CPU has bf16 (this one: AVX-512 BF16), OpenVINO serves it and keeps every photo's top-1."""
+    ov = pytest.importorskip("openvino")
+    from service.core.engines.openvino_engine import cpu_has_bf16
+    from service.core.imaging import Preprocessor
+
+    if not cpu_has_bf16(ov.Core()):
+        pytest.skip("this CPU has no bf16; the refusal is tested above")
+    bf16 = load_model(Settings(dtype="bfloat16", backend="openvino", num_threads=1))
+    f32 = load_model(Settings(dtype="float32", backend="onnxruntime", num_threads=1))
+    assert bf16.engine.dtype == "bfloat16" and bf16.engine.backend == "openvino"
+    pre = Preprocessor(f32.preprocess, max_pixels=10**8)
+    batch = np.stack([pre(data) for data in photos.values()])
+    assert bf16.engine.run(batch)[1].argmax(1).tolist() == f32.engine.run(batch)[1].argmax(1).tolist()
+
+
+def test_int8_decodes_on_every_cpu_by_default():
+    """int8 inference is cheap enough that decoding is the larger share: all CPUs decode unless told."""
+    from service.core.settings import available_cpus
+
+    assert Settings(dtype="int8").effective_decode_threads == available_cpus()
+    assert Settings(dtype="int8", decode_threads=1).effective_decode_threads == 1
+    assert Settings(dtype="float32").effective_decode_threads == max(1, available_cpus() // 2)
