@@ -47,7 +47,7 @@ def test_environment_is_read(monkeypatch):
     "overrides",
     [
         {"device": "gpu"},
-        {"dtype": "int8"},
+        {"dtype": "float64"},
         {"backend": "tensorrt"},
         {"max_batch_size": 0},
         {"max_batch_size": 8, "max_queue": 4},
