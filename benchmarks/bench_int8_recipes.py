@@ -34,14 +34,17 @@ def recipes(float_model: bytes) -> dict[str, tuple[dict, bool]]:
     """name -> (quantize_static overrides, run quant_pre_process first)."""
     from onnxruntime.quantization import CalibrationMethod, QuantType
 
-    classifier = [n.name for n in onnx.load_from_string(float_model).graph.node if n.op_type in ("Gemm", "MatMul")]
+    nodes = onnx.load_from_string(float_model).graph.node
+    classifier = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+    normalisation = [n.name for n in nodes if n.name.startswith("/normalize/")]
     return {
         "chosen: per-channel s8 weights, u8 activations, min-max": ({}, True),
         "per-tensor weights": ({"per_channel": False}, True),
         "entropy calibration": ({"calibrate_method": CalibrationMethod.Entropy}, True),
         "percentile calibration (99.999)": ({"calibrate_method": CalibrationMethod.Percentile,
                                              "extra_options": {"CalibPercentile": 99.999}}, True),
-        "classifier kept float32": ({"nodes_to_exclude": classifier}, True),
+        "classifier kept float32": ({"nodes_to_exclude": classifier + normalisation}, True),
+        "input normalisation quantised too": ({"nodes_to_exclude": []}, True),
         "s8 activations": ({"activation_type": QuantType.QInt8}, True),
         "s8 symmetric activations": ({"activation_type": QuantType.QInt8,
                                       "extra_options": {"ActivationSymmetric": True}}, True),
