@@ -251,7 +251,7 @@ def _int8_engine(settings: Settings, backend: str, net: EfficientNet, variant: A
     """The int8 engine from EFFNET_INT8_MODEL, the cache, or a quantisation on EFFNET_CALIBRATION_DIR."""
     size = variant.preprocess.input_size
     if variant.global_config.activation == "swish":
-        # Measured (docs/benchmarks.md): B0 int8 ran 0.83-1.16x float32 with onnxruntime: the Sigmoid, Mul
+        # Measured (docs/benchmarks.md): B0 int8 ran 0.8-1.2x float32 with onnxruntime: the Sigmoid, Mul
         # and ReduceMean of Swish and squeeze-excitation around every convolution eat what int8 saves.
         log.warning("int8 barely speeds up %s (Swish and squeeze-excitation are not int8 work); "
                     "EFFNET_DTYPE=bfloat16 with EFFNET_BACKEND=openvino is faster where the CPU has bf16",
