@@ -51,6 +51,9 @@ def backoff_seconds(attempt: int, retry_after: float | None = None) -> float:
     return exponential
 
 
+_RAW_IMAGE = {"Content-Type": "application/octet-stream"}
+
+
 def _error_of(response: httpx.Response) -> tuple[str, str]:
     """(code, message) from the service's JSON error body, or from whatever a proxy answered."""
     try:
@@ -79,6 +82,11 @@ class RemoteRunner:
         self.dim = 0
         self.max_file_bytes: int | None = None
         self._client: httpx.AsyncClient | None = None
+        # The query string once, not merged into every request's URL.
+        if task == "predict":
+            self._target = f"/predict?top_k={top_k}"
+        else:
+            self._target = f"/features?normalize={'true' if normalize else 'false'}"
 
     def default_concurrency(self) -> int:
         return self.concurrency
@@ -136,15 +144,9 @@ class RemoteRunner:
             await asyncio.sleep(backoff_seconds(attempt, wait))
 
     async def run(self, path: str, data: bytes) -> Result:
-        if self.task == "predict":
-            endpoint, params = "/predict", {"top_k": self.top_k}
-        else:
-            endpoint, params = "/features", {"normalize": "true" if self.normalize else "false"}
-        response = await self._send(
-            "POST", endpoint, what=path, params=params, content=data,
-            headers={"Content-Type": "application/octet-stream"},
-        )
+        response = await self._send("POST", self._target, what=path, content=data, headers=_RAW_IMAGE)
         status = response.status_code
+        endpoint = self._target.split("?", 1)[0]
         if status in FATAL_STATUSES:
             code, message = _error_of(response)
             hint = " (check --api-key)" if status in (401, 403) else ""
