@@ -20,6 +20,9 @@ inside a time budget (what does not fit is reported as skipped):
     an estimate of its share spent decoding.
 (e) torch.compile (mode ``reduce-overhead``) of the same served forward against eager and CUDA graphs,
     with its compile time.
+(f) JPEG decoding on the GPU: nvJPEG through torchvision plus an antialiased bicubic resize and the same
+    crop, in batches: images/s, and Lite0's top-1 agreement with the Pillow path (never a dependency of
+    the service; measured to see whether it would pay).
 
 Writes gpu_check.json and gpu_check.md into ``--out``. ``--device cpu --quick`` runs every part small on
 the CPU (no compile, no nvidia-smi): the plumbing check this repository can run without a GPU.
@@ -346,6 +349,66 @@ def decoding(jpegs: list[bytes], workers: int, seconds: float) -> list[dict]:
     return rows
 
 
+# -- (f) JPEG decoding on the GPU (nvJPEG through torchvision), optional ----------------------------------------
+
+
+def _gpu_preprocess(datas: list[torch.Tensor], spec, device: torch.device) -> torch.Tensor:
+    """nvJPEG decode of a list of JPEGs on ``device``, then the service's resize/crop there."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return resize_and_crop_tensors(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device), spec)
+
+
+def resize_and_crop_tensors(images: list[torch.Tensor], spec) -> torch.Tensor:
+    """``model.resize_and_crop`` on uint8 CHW tensors (any device): the crop window in source pixels, then
+    an antialiased bicubic resize to the input size; uint8 NCHW."""
+    import torch.nn.functional as F
+
+    size = spec.input_size
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=images[0].device)
+    for i, image in enumerate(images):
+        _, h, w = image.shape
+        window = size * min(h, w) / spec.resize_size
+        crop_w, crop_h = min(w, window), min(h, window)
+        left, top = int(round((w - crop_w) / 2)), int(round((h - crop_h) / 2))
+        region = image[:, top: top + int(round(crop_h)), left: left + int(round(crop_w))]
+        resized = F.interpolate(region[None].float(), size=(size, size), mode="bicubic", antialias=True,
+                                align_corners=False)
+        out[i] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def gpu_decoding(device: torch.device, jpegs: list[bytes], seconds: float) -> list[dict]:
+    """nvJPEG batches against the Pillow path: images/s of decode + resize + crop on the GPU, and Lite0's
+    top-1 agreement (float32 on the GPU) between the two paths' pixels."""
+    net = lite0_net()
+    spec = net.variant.preprocess
+    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    rows = []
+    for batch in (len(jpegs), 4 * len(jpegs)):
+        chunk = (datas * 4)[:batch]
+        _gpu_preprocess(chunk, spec, device)
+        sync(device)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            _gpu_preprocess(chunk, spec, device)
+            sync(device)
+            done += batch
+        rate = done / (time.perf_counter() - started)
+        rows.append({"batch": batch, "images_per_s": rate})
+        log(f"nvjpeg decode+resize batch {batch}: {rate:8.0f} images/s")
+    pre = Preprocessor(spec, max_pixels=10**8)
+    pillow = np.stack([pre(b) for b in jpegs])
+    gpu = _gpu_preprocess(datas, spec, device).cpu().numpy()
+    engine = TorchEngine(net, device, torch.float32, image_size=spec.input_size)
+    _, ref = engine.run(pillow)
+    _, got = engine.run(gpu)
+    rows.append({"agreement": {**compare(ref, got), "mean_abs_pixel_diff": float(np.abs(
+        pillow.astype(np.int16) - gpu.astype(np.int16)).mean())}})
+    log(f"nvjpeg path vs Pillow path: {rows[-1]['agreement']}")
+    return rows
+
+
 # -- (d) the service end to end ---------------------------------------------------------------------------------
 
 
@@ -397,17 +460,19 @@ def _metric_totals(url: str) -> dict[str, float]:
 
 
 def run_load(url: str, jpeg_files: list[str], *, seconds: float, processes: int, connections: int,
-             raw: bool) -> dict:
+             raw: bool, per_request: int = 1) -> dict:
     """benchmarks.loadgen in a process of its own (its workers fork from a process without CUDA)."""
     command = [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--seconds", str(seconds),
-               "--processes", str(processes), "--connections", str(connections), "--images", *jpeg_files]
+               "--processes", str(processes), "--connections", str(connections), "--per-request", str(per_request),
+               "--images", *jpeg_files]
     out = subprocess.run(command + (["--raw"] if raw else []), cwd=REPO, capture_output=True, text=True,
                          timeout=seconds + 180, check=True)
     return json.loads(out.stdout)
 
 
 def service_end_to_end(device: str, model: str, jpeg_files: list[str], *, seconds: float, processes: int,
-                       connections: int, max_batch: int, decode_cpu_ms: float | None, raw: bool = False) -> dict:
+                       connections: int, max_batch: int, decode_cpu_ms: float | None, raw: bool = False,
+                       per_request: int = 1) -> dict:
     from tests.helpers.server import ServiceProcess
 
     env = {"EFFNET_DEVICE": device, "EFFNET_MODEL": model, "EFFNET_MAX_BATCH_SIZE": str(max_batch),
@@ -425,7 +490,7 @@ def service_end_to_end(device: str, model: str, jpeg_files: list[str], *, second
         # are divided by the window, the client's by its sending time.
         window = time.perf_counter()
         load = run_load(server.url, jpeg_files, seconds=seconds, processes=processes, connections=connections,
-                        raw=raw)
+                        raw=raw, per_request=per_request)
         window = time.perf_counter() - window
         gpu = sampler.stop()
         after, cpu_after = _metric_totals(server.url), _cpu_seconds(server.pid)
@@ -443,7 +508,8 @@ def service_end_to_end(device: str, model: str, jpeg_files: list[str], *, second
             if server_cores > 0 else None
     if load["ok"] == 0:
         row["server_log_tail"] = logs[-2000:]
-    log(f"service {model} on {device} ({load['connections']} connections, {load['encoding']}): "
+    log(f"service {model} on {device} ({load['connections']} connections, {load['encoding']}, "
+        f"{per_request} image(s) per request): "
         f"{row['images_per_s']:.0f} images/s, p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, mean batch "
         f"{row['mean_batch'] or 0:.1f}, server CPU {server_cores:.1f} cores, GPU util {gpu['gpu_util_mean']}, "
         f"ready after {ready_s:.0f} s; codes {load['codes']}")
@@ -500,19 +566,31 @@ def markdown(report: dict) -> str:
                   for r in report["decode"]]
         lines.append("")
     if report.get("service"):
-        lines += ["## Service end to end (POST /predict, one JPEG per request)", "",
-                  "| model | connections | body | images/s | p50 ms | p99 ms | mean batch | server CPU cores | "
+        lines += ["## Service end to end (POST /predict with ImageNet-sized JPEGs)", "",
+                  "| model | connections | body | images/req | images/s | p50 ms | p99 ms | mean batch | "
+                  "server CPU cores | "
                   "decode share (est.) | GPU util % | ready s | errors |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["service"]:
             if "error" in r:
-                lines.append(f"| {r.get('model')} | | | error: {r['error']} | | | | | | | | |")
+                lines.append(f"| {r.get('model')} | | | | error: {r['error']} | | | | | | | | |")
                 continue
             errors = sum(v for k, v in r["codes"].items() if k != "200")
-            lines.append(f"| {r['model']} | {r['connections']} | {r['encoding']} | {r['images_per_s']:.0f} | "
+            lines.append(f"| {r['model']} | {r['connections']} | {r['encoding']} | {r['images_per_request']} | "
+                         f"{r['images_per_s']:.0f} | "
                          f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {_fmt(r['mean_batch'], '.1f')} | "
                          f"{r['server_cpu_cores']:.1f} | {_fmt(r.get('decode_share_of_server_cpu_est'), '.0%')} | "
                          f"{_fmt(r['gpu_util_mean'])} | {r['ready_s']:.0f} | {errors} |")
+        lines.append("")
+    if report.get("gpu_decode"):
+        lines += ["## JPEG decoding on the GPU (nvJPEG + bicubic resize, torchvision)", ""]
+        for r in report["gpu_decode"]:
+            if "agreement" in r:
+                a = r["agreement"]
+                lines.append(f"- against the Pillow path (Lite0 float32): top-1 agree {a['top1_agree']:.3f}, max rel "
+                             f"err {a['max_rel_err']:.2e}, mean abs pixel difference {a['mean_abs_pixel_diff']:.2f}")
+            else:
+                lines.append(f"- batch {r['batch']}: {r['images_per_s']:.0f} images/s")
         lines.append("")
     if report.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in report["errors"]] + [""]
@@ -525,7 +603,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--budget-s", type=float, default=420.0, help="the whole run's time budget")
     parser.add_argument("--quick", action="store_true", help="small sizes (the CPU plumbing check)")
-    parser.add_argument("--parts", nargs="+", default=["check", "model", "decode", "service", "compile"])
+    parser.add_argument("--parts", nargs="+", default=["check", "model", "decode", "service", "gpu_decode",
+                                                       "compile"])
     parser.add_argument("--pytest", default=None, help="summary line of the GPU unit tests, for the report")
     args = parser.parse_args()
     budget = Budget(args.budget_s)
@@ -572,16 +651,18 @@ def main() -> int:
         jpeg_files.append(str(jpeg_dir / f"{i:03d}.jpg"))
     e2e_seconds = 3.0 if quick else 15.0
     procs, conns = (1, 8) if quick else (max(2, cpus // 4), 64)
-    for model, raw in ([(LITE0, False)] if quick else [(LITE0, False), (LITE0, True), ("efficientnet-b0", False)]):
-        def one(model=model, raw=raw) -> None:
+    runs = [(LITE0, False, 1), (LITE0, True, 1), (LITE0, False, 8), ("efficientnet-b0", False, 1)]
+    for model, raw, per_request in ([(LITE0, False, 1), (LITE0, False, 4)] if quick else runs):
+        def one(model=model, raw=raw, per_request=per_request) -> None:
             if not budget.fits(e2e_seconds + 60):
                 report["service"].append({"model": model, "error": "skipped (time budget)"})
                 return
             report["service"].append(service_end_to_end(
                 args.device, model, jpeg_files, seconds=e2e_seconds, processes=procs, connections=conns,
-                max_batch=8 if quick else 128, decode_cpu_ms=decode_ms, raw=raw))
+                max_batch=8 if quick else 128, decode_cpu_ms=decode_ms, raw=raw, per_request=per_request))
         part(f"service:{model}", one)
     if device.type == "cuda":
+        part("gpu_decode", lambda: report.__setitem__("gpu_decode", gpu_decoding(device, jpegs, 2.0)))
         report["compile"] = []
         part("compile", lambda: report["compile"].extend(
             compiled(device, "efficientnet-b0", [1, 256], "bfloat16", "reduce-overhead", budget)))

@@ -27,14 +27,22 @@ _LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 _CLOSE = re.compile(rb"(?i)\r\nconnection:\s*close")
 
 
-def encode_request(host: str, path: str, image: bytes, *, raw: bool = False, name: str = "image.jpg") -> bytes:
-    """One complete HTTP/1.1 POST carrying ``image``."""
+def encode_request(host: str, path: str, image: bytes | list[bytes] | None, *, raw: bool = False) -> bytes:
+    """One complete HTTP/1.1 POST carrying ``image`` (a list: one multipart part each), or a GET of ``path``
+    when ``image`` is None."""
+    if image is None:
+        return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: effnet-loadgen\r\nAccept: */*\r\n\r\n".encode()
+    images = image if isinstance(image, list) else [image]
     if raw:
-        body, content_type = image, "image/jpeg"
+        if len(images) != 1:
+            raise ValueError("a raw body carries one image")
+        body, content_type = images[0], "image/jpeg"
     else:
         boundary = "effnetloadgenboundary7MA4YWxkTrZu0gW"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-                f"Content-Type: image/jpeg\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        body = b"".join(
+            (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"image{i}.jpg\"\r\n"
+             "Content-Type: image/jpeg\r\n\r\n").encode() + data + b"\r\n" for i, data in enumerate(images)
+        ) + f"--{boundary}--\r\n".encode()
         content_type = f"multipart/form-data; boundary={boundary}"
     head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: effnet-loadgen\r\nAccept: */*\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n")
@@ -78,11 +86,15 @@ async def _connection(host: str, port: int, requests: list[bytes], offset: int, 
         writer.close()
 
 
-def _process(url: str, path: str, images: list[bytes], raw: bool, connections: int, start_at: float,
-             seconds: float, seed: int, queue: mp.Queue) -> None:
+def _process(url: str, path: str, images: list[bytes | None], raw: bool, connections: int, start_at: float,
+             seconds: float, seed: int, queue: mp.Queue, per_request: int = 1) -> None:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    requests = [encode_request(f"{host}:{port}", path, image, raw=raw) for image in images]
+    if per_request > 1:
+        bodies: list = [[images[(i + k) % len(images)] for k in range(per_request)] for i in range(len(images))]
+    else:
+        bodies = list(images)
+    requests = [encode_request(f"{host}:{port}", path, body, raw=raw) for body in bodies]
     latencies: list[float] = []
     codes: Counter = Counter()
 
@@ -102,13 +114,16 @@ def _process(url: str, path: str, images: list[bytes], raw: bool, connections: i
     queue.put({"latencies": latencies, "codes": dict(codes), "cpu_s": time.process_time() - cpu0})
 
 
-def run_load(url: str, images: list[bytes], *, seconds: float, processes: int = 1, connections: int = 16,
-             raw: bool = False, path: str = "/predict") -> dict:
-    """Closed-loop load for ``seconds``; returns requests/s, latency percentiles and status counts."""
+def run_load(url: str, images: list[bytes | None], *, seconds: float, processes: int = 1, connections: int = 16,
+             raw: bool = False, path: str = "/predict", per_request: int = 1) -> dict:
+    """Closed-loop load for ``seconds``; returns requests/s, latency percentiles and status counts.
+    ``images``: the bodies to post in turn, or ``[None]`` for GET requests of ``path``; ``per_request``
+    images per multipart request."""
     ctx = mp.get_context("fork")
     queue: mp.Queue = ctx.Queue()
     start_at = time.time() + 0.5  # every process starts sending at the same moment
-    workers = [ctx.Process(target=_process, args=(url, path, images, raw, connections, start_at, seconds, p, queue))
+    workers = [ctx.Process(target=_process,
+                           args=(url, path, images, raw, connections, start_at, seconds, p, queue, per_request))
                for p in range(processes)]
     for w in workers:
         w.start()
@@ -122,8 +137,8 @@ def run_load(url: str, images: list[bytes], *, seconds: float, processes: int = 
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
     return {
         "seconds": seconds, "processes": processes, "connections": processes * connections,
-        "encoding": "raw" if raw else "multipart",
-        "requests_per_s": len(latencies) / seconds,
+        "encoding": "raw" if raw else "multipart", "images_per_request": per_request,
+        "requests_per_s": len(latencies) / seconds, "images_per_s_sent": len(latencies) * per_request / seconds,
         "p50_ms": q[49] * 1e3, "p90_ms": q[89] * 1e3, "p99_ms": q[98] * 1e3,
         "ok": len(latencies), "codes": dict(codes),
         "client_cpu_s": sum(r["cpu_s"] for r in results),
@@ -139,10 +154,11 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--connections", type=int, default=16, help="per process")
     parser.add_argument("--raw", action="store_true", help="raw image/jpeg bodies instead of multipart")
+    parser.add_argument("--per-request", type=int, default=1, help="images per multipart request")
     args = parser.parse_args()
     images = [Path(p).read_bytes() for p in args.images]
     result = run_load(args.url, images, seconds=args.seconds, processes=args.processes,
-                      connections=args.connections, raw=args.raw, path=args.path)
+                      connections=args.connections, raw=args.raw, path=args.path, per_request=args.per_request)
     print(json.dumps(result, indent=2))
     return 0
 
