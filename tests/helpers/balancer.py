@@ -1,13 +1,14 @@
 """A real HAProxy in front of service replicas, and a steady load through it, for the rolling-restart tests.
 
-    with HAProxy({"effnet-1": replica_1.url, "effnet-2": replica_2.url}) as lb:
-        lb.wait_state("effnet-1", "UP")
-        with Load(lb.url, photo, clients=6) as load:
-            ...
-        load.outcomes   # one Outcome per request: status, error code, timings, X-Request-ID
+    cluster = Cluster()                       # two replicas (compose's shutdown settings) behind HAProxy
+    with Load(cluster.lb.url, photo, clients=6) as load:
+        ...                                   # SIGTERM / SIGKILL replicas, cluster.replace(name)
+    load.outcomes                             # one Outcome per request: status, error code, timings, id
+    cluster.close()
 
 HAProxy runs ``deploy/haproxy/haproxy.cfg`` itself, the file docker-compose.yml uses, with the addresses
-given through the environment variables that file reads. No pytest here.
+given through the environment variables that file reads. No pytest here: benchmarks/rolling_restart.py
+uses it too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import csv
 import io
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -25,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import yaml
 
-from tests.helpers.server import REPO, free_port
+from tests.helpers.server import REPO, ServiceProcess, free_port
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 BACKEND = "effnet-replicas"
@@ -185,3 +188,67 @@ class Load:
     def __exit__(self, *exc_info: object) -> None:
         if self._thread.is_alive():
             self.stop()
+
+
+SERVERS = ("effnet-1", "effnet-2")
+
+
+def compose_replica_env() -> dict[str, str]:
+    """The replicas' shutdown timing as docker-compose.yml sets it (the pair the HAProxy config is tuned
+    for), on a small CPU budget: Lite0, one inference and one decoding thread each."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["effnet-1"]["environment"]
+    return {
+        "EFFNET_MODEL": "efficientnet-lite0",
+        "EFFNET_NUM_THREADS": "1",
+        "EFFNET_DECODE_THREADS": "1",
+        "EFFNET_MAX_BATCH_SIZE": "4",
+        "EFFNET_MAX_QUEUE": "8",
+        "EFFNET_REQUEST_TIMEOUT_S": compose["EFFNET_REQUEST_TIMEOUT_S"],
+        "EFFNET_SHUTDOWN_DELAY_S": compose["EFFNET_SHUTDOWN_DELAY_S"],
+        "EFFNET_SHUTDOWN_DRAIN_S": compose["EFFNET_SHUTDOWN_DRAIN_S"],
+    }
+
+
+class Cluster:
+    """Two replicas behind HAProxy (``env``: settings over ``compose_replica_env()``); ``replace(name)``
+    starts a new replica on the port of one that has exited."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = {**compose_replica_env(), **(env or {})}
+        self.replicas = {name: ServiceProcess(self.env, threads=None) for name in SERVERS}
+        for replica in self.replicas.values():
+            replica.wait_ready()
+        self.lb = HAProxy({name: r.url for name, r in self.replicas.items()})
+        for name in SERVERS:
+            self.lb.wait_state(name, "UP", timeout=30)
+
+    def replace(self, name: str) -> dict[str, float]:
+        """Start a new replica where ``name`` was (the old one has exited) and wait until HAProxy sends it
+        traffic again: seconds to ready and to UP."""
+        started = time.monotonic()
+        replica = ServiceProcess(self.env, threads=None, port=self.replicas[name].port)
+        self.replicas[name] = replica
+        replica.wait_ready()
+        ready = time.monotonic() - started
+        self.lb.wait_state(name, "UP", timeout=30)
+        return {"ready_s": round(ready, 2), "back_in_lb_s": round(time.monotonic() - started, 2)}
+
+    def heal(self) -> None:
+        """Both replicas running and UP (after a test that killed one and failed before replacing it)."""
+        for name, replica in self.replicas.items():
+            if replica.proc.poll() is not None:
+                self.replace(name)
+        for name in SERVERS:
+            self.lb.wait_state(name, "UP", timeout=30)
+
+    def close(self) -> None:
+        self.lb.close()
+        # No load balancer any more: a second SIGTERM cuts each lame duck short.
+        running = [r for r in self.replicas.values() if r.proc.poll() is None]
+        for replica in running:
+            replica.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        for replica in running:
+            replica.proc.send_signal(signal.SIGTERM)
+        for replica in self.replicas.values():
+            replica.stop(timeout=30)

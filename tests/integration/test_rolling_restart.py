@@ -27,78 +27,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.helpers.balancer import HAProxy, Load, Outcome, haproxy_binary
-from tests.helpers.server import REPO, ServiceProcess
+from tests.helpers.balancer import SERVERS, Cluster, Load, Outcome, haproxy_binary
+from tests.helpers.server import ServiceProcess
 
 if haproxy_binary() is None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         raise RuntimeError("CI: haproxy is missing; .ci/run installs the Debian package 'haproxy'")
     pytest.skip("haproxy is not installed (Debian package 'haproxy')", allow_module_level=True)
 
-SERVERS = ("effnet-1", "effnet-2")
 CLIENTS = 6
-
-
-def compose_replica_env() -> dict[str, str]:
-    """The replicas' shutdown timing as docker-compose.yml sets it (the pair the HAProxy config is tuned
-    for), on a small CPU budget: Lite0, one inference and one decoding thread each."""
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["effnet-1"]["environment"]
-    return {
-        "EFFNET_MODEL": "efficientnet-lite0",
-        "EFFNET_NUM_THREADS": "1",
-        "EFFNET_DECODE_THREADS": "1",
-        "EFFNET_MAX_BATCH_SIZE": "4",
-        "EFFNET_MAX_QUEUE": "8",
-        "EFFNET_REQUEST_TIMEOUT_S": compose["EFFNET_REQUEST_TIMEOUT_S"],
-        "EFFNET_SHUTDOWN_DELAY_S": compose["EFFNET_SHUTDOWN_DELAY_S"],
-        "EFFNET_SHUTDOWN_DRAIN_S": compose["EFFNET_SHUTDOWN_DRAIN_S"],
-    }
-
-
-class Cluster:
-    """Two replicas behind HAProxy; ``restart(name, ...)`` replaces one on the same port."""
-
-    def __init__(self) -> None:
-        self.env = compose_replica_env()
-        self.replicas = {name: ServiceProcess(self.env, threads=None) for name in SERVERS}
-        for replica in self.replicas.values():
-            replica.wait_ready()
-        self.lb = HAProxy({name: r.url for name, r in self.replicas.items()})
-        for name in SERVERS:
-            self.lb.wait_state(name, "UP", timeout=30)
-
-    def replace(self, name: str) -> dict[str, float]:
-        """Start a new replica where ``name`` was (the old one has exited) and wait until HAProxy sends it
-        traffic again: seconds to ready and to UP."""
-        started = time.monotonic()
-        replica = ServiceProcess(self.env, threads=None, port=self.replicas[name].port)
-        self.replicas[name] = replica
-        replica.wait_ready()
-        ready = time.monotonic() - started
-        self.lb.wait_state(name, "UP", timeout=30)
-        return {"ready_s": round(ready, 2), "back_in_lb_s": round(time.monotonic() - started, 2)}
-
-    def heal(self) -> None:
-        """Both replicas running and UP (after a test that killed one and failed before replacing it)."""
-        for name, replica in self.replicas.items():
-            if replica.proc.poll() is not None:
-                self.replace(name)
-        for name in SERVERS:
-            self.lb.wait_state(name, "UP", timeout=30)
-
-    def close(self) -> None:
-        self.lb.close()
-        # No load balancer any more: a second SIGTERM cuts each lame duck short.
-        running = [r for r in self.replicas.values() if r.proc.poll() is None]
-        for replica in running:
-            replica.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        for replica in running:
-            replica.proc.send_signal(signal.SIGTERM)
-        for replica in self.replicas.values():
-            replica.stop(timeout=30)
 
 
 @pytest.fixture(scope="module")
