@@ -103,6 +103,9 @@ def parse_ts(text: str) -> datetime:
 
 
 def test_rolling_restart_under_load_answers_every_request_200(healthy, photos):
+    """SIGTERM each replica in turn under steady load and start it again: every request is answered 200,
+    HAProxy retries and redispatches nothing, each replica leaves HAProxy inside its lame duck, serves what
+    still arrives meanwhile, and exits 0 after the delay."""
     cluster = healthy
     before = cluster.lb.counters()
     restarts = []
@@ -153,6 +156,8 @@ def test_rolling_restart_under_load_answers_every_request_200(healthy, photos):
 
 
 def test_sigkill_under_load_fails_only_requests_sent_to_that_replica_before_haproxy_noticed(healthy, photos):
+    """SIGKILL one replica under load: the failures are few (at most one per client), all sent to the dead
+    replica before HAProxy marked it down, none a wrong answer; after that every request is 200."""
     cluster = healthy
     name = "effnet-1"
     with Load(cluster.lb.url, photos["grace_hopper.jpg"], clients=CLIENTS, prefix="kill") as load:
@@ -204,6 +209,8 @@ def test_sigkill_under_load_fails_only_requests_sent_to_that_replica_before_hapr
 
 
 def test_sigterm_with_a_full_queue_loses_nothing_admitted(healthy, photos):
+    """SIGTERM a replica whose queue is full: everything it admitted is answered 200 to its client, clients
+    see only 200 and 503 ``overloaded`` with Retry-After, and it exits 0 with its drain complete."""
     cluster = healthy
     name = "effnet-2"
     replica = cluster.replicas[name]
