@@ -26,6 +26,8 @@ from model.quantize import (
 )
 from tests.helpers.calibration import make_calibration_dir
 
+pytestmark = pytest.mark.slow  # real networks quantised: not in `make test-fast`
+
 VARIANT = "efficientnet-lite0"
 CONFIG = get_efficientnet_config(VARIANT).preprocess
 

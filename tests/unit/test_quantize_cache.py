@@ -17,6 +17,8 @@ from service.core.loading import load_model
 from service.core.settings import Settings
 from tests.helpers.calibration import make_calibration_dir
 
+pytestmark = pytest.mark.slow  # real networks quantised: not in `make test-fast`
+
 VARIANT = "efficientnet-lite0"
 
 
