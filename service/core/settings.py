@@ -26,6 +26,24 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Batching defaults on a GPU (EFFNET_DEVICE=cuda, or auto with a GPU visible), where a batch of 128 costs
+# little more than one of 8 and CUDA graphs are captured for every power of two up to it. Chosen, not yet
+# measured on a GPU: benchmarks/gpu_check.sh measures images/s per batch size to tune them.
+GPU_DEFAULTS: dict[str, float] = {"max_batch_size": 128, "max_batch_delay_ms": 2.0, "max_queue": 1024}
+
+
+def gpu_expected(device: str) -> bool:
+    """Whether ``device`` (a raw EFFNET_DEVICE value) will run on a GPU: cuda..., or auto with a GPU visible."""
+    device = device.strip().lower()
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class Settings(BaseSettings):
     """All service settings, read from ``EFFNET_<NAME>`` environment variables."""
 
@@ -91,19 +109,30 @@ class Settings(BaseSettings):
             "on CPU when installed, else torch."
         ),
     )
-    max_batch_size: int = Field(8, ge=1, le=1024, description="Largest batch the dynamic batcher forms.")
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description=(
+            f"Largest batch the dynamic batcher forms. Default 8 on CPU, {GPU_DEFAULTS['max_batch_size']:g} on a GPU."
+        ),
+    )
     max_batch_delay_ms: float = Field(
         5.0,
         ge=0,
         le=10_000,
-        description="How long a batch may wait for more images after its first one arrived (milliseconds).",
+        description=(
+            "How long a batch may wait for more images after its first one arrived (milliseconds). Default 5 "
+            f"on CPU, {GPU_DEFAULTS['max_batch_delay_ms']:g} on a GPU."
+        ),
     )
     max_queue: int = Field(
         64,
         ge=1,
         description=(
             "Images admitted but not yet in a running batch (decoding or queued). A request that does "
-            "not fit gets 503 with Retry-After at once. Must be >= max_batch_size."
+            "not fit gets 503 with Retry-After at once. Must be >= max_batch_size. Default 64 on CPU, "
+            f"{GPU_DEFAULTS['max_queue']} on a GPU."
         ),
     )
     request_timeout_s: float = Field(
@@ -246,6 +275,25 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_batching_defaults(cls, data: object) -> object:
+        """On a GPU, the batching settings not given explicitly take GPU_DEFAULTS (a smaller explicit
+        max_queue caps the batch size, so that an explicit queue alone stays valid)."""
+        if not isinstance(data, dict) or not gpu_expected(str(data.get("device", "auto"))):
+            return data
+        data = dict(data)
+        data.setdefault("max_batch_delay_ms", GPU_DEFAULTS["max_batch_delay_ms"])
+        if "max_batch_size" not in data:
+            size = int(GPU_DEFAULTS["max_batch_size"])
+            try:
+                size = min(size, int(data["max_queue"])) if "max_queue" in data else size
+            except (TypeError, ValueError):
+                pass  # an invalid max_queue is reported by its own validation
+            data["max_batch_size"] = max(1, size)
+        data.setdefault("max_queue", int(GPU_DEFAULTS["max_queue"]))
+        return data
+
     @model_validator(mode="after")
     def _check_queue(self) -> Settings:
         if self.max_queue < self.max_batch_size:
@@ -266,13 +314,7 @@ class Settings(BaseSettings):
     @property
     def on_gpu(self) -> bool:
         """Whether the model will run on a GPU (device cuda..., or auto with a GPU visible)."""
-        if self.device.startswith("cuda"):
-            return True
-        if self.device != "auto":
-            return False
-        import torch
-
-        return torch.cuda.is_available()
+        return gpu_expected(self.device)
 
     @property
     def effective_decode_threads(self) -> int:

@@ -54,6 +54,22 @@ def test_defaults_follow_the_device():
         Settings(max_concurrent_batches=0)
 
 
+def test_batching_defaults_follow_the_device(monkeypatch):
+    """On a GPU the batching settings not given take the GPU defaults (batch 128, 2 ms, queue 1024), also
+    from the environment; explicit values win, and an explicit smaller queue caps the default batch."""
+    cpu = Settings(device="cpu")
+    assert (cpu.max_batch_size, cpu.max_batch_delay_ms, cpu.max_queue) == (8, 5.0, 64)
+    gpu = Settings(device="cuda")
+    assert (gpu.max_batch_size, gpu.max_batch_delay_ms, gpu.max_queue) == (128, 2.0, 1024)
+    assert Settings(device="cuda:0", max_batch_size=16).max_batch_size == 16
+    small = Settings(device="cuda", max_queue=32)
+    assert (small.max_batch_size, small.max_queue) == (32, 32)
+    monkeypatch.setenv("EFFNET_DEVICE", "cuda")
+    monkeypatch.setenv("EFFNET_MAX_BATCH_DELAY_MS", "7")
+    from_env = Settings()
+    assert (from_env.max_batch_size, from_env.max_batch_delay_ms) == (128, 7.0)
+
+
 @pytest.fixture(scope="module")
 def lite0() -> EfficientNet:
     return EfficientNet.from_pretrained("efficientnet-lite0", default_weights_path("efficientnet-lite0")).eval()

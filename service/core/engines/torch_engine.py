@@ -66,7 +66,8 @@ class TorchEngine:
     Static "SAME" padding for the served input size (no per-call shape arithmetic), plain Swish, BatchNorm
     folded into the convolutions, channels-last memory format, ``inference_mode``. The input is the uint8
     image batch, normalised on the device (``model.Normalize``: the same float32 arithmetic as the CPU
-    path), then cast to the compute dtype; a float batch is taken as already normalised.
+    path), then cast to the compute dtype; a float batch is taken as already normalised. float32 on CUDA is
+    IEEE float32 (TF32 turned off for this process).
 
     On CUDA, ``input_buffers(slots, max_batch_size)`` sets up one slot per batch in flight: a stream,
     pinned host buffers for the pixels (returned, so the batcher stacks straight into pinned memory) and
@@ -93,6 +94,11 @@ class TorchEngine:
         self._cuda = device.type == "cuda"
         if self._cuda:
             torch.backends.cudnn.benchmark = True
+            if dtype == torch.float32:
+                # float32 means float32: cuDNN would otherwise run its convolutions in TF32 (10-bit
+                # mantissa). The fast GPU path is bfloat16, the default there (EFFNET_DTYPE=auto).
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
         self.image_size = int(image_size or net.image_size or net.variant.resolution)
         self.normalize = Normalize(net.variant.preprocess).to(device)
         net = fold_batchnorm(export_form(net, self.image_size))
