@@ -128,3 +128,16 @@ def test_command_exits_2_with_the_reason_for_an_empty_folder(tmp_path, capsys):
     assert code == 2
     assert "is empty" in capsys.readouterr().err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_openvino_runs_the_same_int8_model_with_the_same_top1(quantized, float_model, photos):
+    """EFFNET_BACKEND=openvino serves the same QDQ file: same top-1 as float32 on the shared photos."""
+    pytest.importorskip("openvino")
+    from service.core.engines.int8 import Int8Engine
+
+    path, _ = quantized
+    images = np.stack([read_photo(data, CONFIG) for data in photos.values()])
+    engine = Int8Engine(path.read_bytes(), "openvino", 1, image_size=CONFIG.input_size)
+    features, logits = engine.run(images)
+    assert features.shape == (3, 1280) and logits.shape == (3, 1000)
+    assert logits.argmax(1).tolist() == top1(float_model, images).tolist()
