@@ -6,7 +6,8 @@ service's own preprocessing, and cached under ``EFFNET_CACHE_DIR`` so that a res
 again. A cache entry is keyed by everything that changes its content: variant, input size, weights
 SHA-256, calibration set (names and bytes), the quantisation recipe, and the onnx, onnxruntime and torch
 versions. An entry is trusted only when its metadata parses, names the same key and records the SHA-256
-of the model bytes beside it, and the model then loads; anything else is rebuilt (and overwritten).
+of the model bytes beside it, and the model then loads; anything else is rebuilt (and overwritten). A
+cache folder that other users can write to is not read at all (a shared /tmp must not plant a model).
 """
 
 from __future__ import annotations
@@ -91,9 +92,22 @@ def _info(model: bytes, source: str, cache_hit: bool | None, cache_file: str | N
                     cache_hit=cache_hit, cache_file=cache_file)
 
 
+def _private_folder(folder: Path) -> bool:
+    """Whether only this user can write in ``folder``: a model planted by someone else is never loaded."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _read_cache(model_path: Path, meta_path: Path, key: str) -> bytes | None:
     """The cached model bytes when the entry is whole and is the one asked for; else None (with a reason)."""
     if not model_path.exists() and not meta_path.exists():
+        return None
+    if not _private_folder(model_path.parent):
+        log.warning("int8 cache folder %s is writable by other users or not ours; not using its entries",
+                    model_path.parent)
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -113,7 +127,7 @@ def _read_cache(model_path: Path, meta_path: Path, key: str) -> bytes | None:
 def _write_cache(model_path: Path, meta_path: Path, key: str, model: bytes) -> bool:
     """Write the entry atomically (model first, then the metadata that vouches for it); False on failure."""
     try:
-        model_path.parent.mkdir(parents=True, exist_ok=True)
+        model_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         for path, data in ((model_path, model),
                            (meta_path, json.dumps({"key": key, "sha256": hashlib.sha256(model).hexdigest()},
                                                   indent=1).encode())):

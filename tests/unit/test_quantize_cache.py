@@ -189,3 +189,15 @@ def test_int8_decodes_on_every_cpu_by_default():
     assert Settings(dtype="int8").effective_decode_threads == available_cpus()
     assert Settings(dtype="int8", decode_threads=1).effective_decode_threads == 1
     assert Settings(dtype="float32").effective_decode_threads == max(1, available_cpus() // 2)
+
+
+def test_cache_folder_writable_by_others_is_not_read(tmp_path, calibration_dir, quantize_calls):
+    """On a shared /tmp another user could plant a model with matching metadata: such a folder is ignored."""
+    cache = tmp_path / "cache"
+    assert load_model(_int8(cache, calibration_dir)).quantization.cache_hit is False
+    assert cache.stat().st_mode & 0o077 == 0  # created private
+    cache.chmod(0o777)
+    assert load_model(_int8(cache, calibration_dir)).quantization.cache_hit is False
+    assert len(quantize_calls) == 2
+    cache.chmod(0o700)
+    assert load_model(_int8(cache, calibration_dir)).quantization.cache_hit is True
