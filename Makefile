@@ -36,8 +36,9 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-run
 	.venv-checkov/bin/python -m pip install --disable-pip-version-check -r constraints-checkov.txt
 	@touch $@
 
+# No load balancer sits in front of a local run, so Ctrl-C skips the lame duck (unless you set the delay).
 run: $(VENV)/.stamp-run
-	$(BIN)/efficientnet-serve --host $(HOST) --port $(PORT)
+	EFFNET_SHUTDOWN_DELAY_S=$${EFFNET_SHUTDOWN_DELAY_S:-0} $(BIN)/efficientnet-serve --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.stamp-dev .venv-checkov/.stamp
 	$(BIN)/ruff check model service tests benchmarks
