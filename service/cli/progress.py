@@ -77,7 +77,7 @@ class LineReporter(Reporter):
     def start(self, total: int, description: str) -> None:
         super().start(total, description)
         self._last = time.monotonic()
-        self.say(f"{PROG}: {description}: {total} images")
+        self.say(f"{PROG}: {description}: {total} image" + ("" if total == 1 else "s"))
 
     def tick(self) -> None:
         if time.monotonic() - self._last >= self.every and self.done < self.total:
