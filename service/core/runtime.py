@@ -7,7 +7,6 @@ Every front-end (HTTP, V2 REST and gRPC, the batch command) drives this one obje
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -81,7 +80,7 @@ class InferenceService:
         self._infer_pool = ThreadPoolExecutor(slots, thread_name_prefix="effnet-infer")
         make_buffers = getattr(model.engine, "input_buffers", None)
         self.batcher = DynamicBatcher(
-            _slot_runner(model.engine),
+            model.engine.run,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
@@ -148,10 +147,11 @@ class InferenceService:
             engine_warm_up = getattr(self.model.engine, "warm_up", None)
             if engine_warm_up is not None:
                 await loop.run_in_executor(self._infer_pool, engine_warm_up, self.settings.max_batch_size)
-            for batch_size in sorted({1, self.settings.max_batch_size}) if engine_warm_up is None else ():
-                batch = np.zeros((batch_size, 3, size, size), dtype=np.uint8)
-                for _ in range(WARMUP_ROUNDS):
-                    await loop.run_in_executor(self._infer_pool, self.model.engine.run, batch)
+            else:
+                for batch_size in sorted({1, self.settings.max_batch_size}):
+                    batch = np.zeros((batch_size, 3, size, size), dtype=np.uint8)
+                    for _ in range(WARMUP_ROUNDS):
+                        await loop.run_in_executor(self._infer_pool, self.model.engine.run, batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -284,16 +284,6 @@ def normalised_to_pixels(batch: np.ndarray, spec: object) -> np.ndarray:
             "range. Send the UINT8 pixels instead"
         )
     return rounded.astype(np.uint8)
-
-
-def _slot_runner(engine: object) -> Callable[[np.ndarray, int], Sequence[np.ndarray]]:
-    """``engine.run`` as the batcher calls it, ``(batch, slot)``; engines without slots ignore the slot."""
-    run = engine.run  # type: ignore[attr-defined]
-    try:
-        takes_slot = "slot" in inspect.signature(run).parameters
-    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
-        takes_slot = False
-    return run if takes_slot else (lambda batch, slot: run(batch))
 
 
 def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes) -> np.ndarray:

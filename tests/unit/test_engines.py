@@ -124,3 +124,26 @@ def test_auto_picks_onnxruntime_for_float32_on_cpu_and_torch_otherwise():
     assert resolve_backend("auto", cpu, "float32") == "onnxruntime"
     assert resolve_backend("auto", cpu, "bfloat16") == "torch"
     assert resolve_backend("auto", torch.device("cuda"), "float16") == "torch"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_batches_in_two_slots_at_once_give_the_answers_of_one_slot(backend, lite0, reference):
+    """With EFFNET_MAX_CONCURRENT_BATCHES=2 two inference threads run batches at once. The CPU engines must
+    answer each as if alone (OpenVINO: one infer request per slot, since a request is not thread-safe)."""
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino is not installed (pip install 'effnet-serve[openvino]')")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.core.engines import build_engine
+
+    batch, _, _ = reference
+    engine = build_engine(backend, lite0, torch.device("cpu"), torch.float32, num_threads=1, image_size=224)
+    expected = engine.run(batch)[1]
+
+    def many(slot: int) -> list[np.ndarray]:
+        return [engine.run(batch, slot)[1] for _ in range(8)]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = [logits for future in [pool.submit(many, slot) for slot in (0, 1)] for logits in future.result()]
+    for logits in results:
+        np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)

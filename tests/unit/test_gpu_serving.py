@@ -121,23 +121,6 @@ def test_torch_engine_serves_through_two_slots_with_its_own_buffers(lite0, photo
     assert metrics.batches_in_flight._value.get() == 0
 
 
-def test_engines_without_slots_are_called_as_before():
-    """An engine whose run() takes no slot (a third-party or older engine) still serves: the slot is dropped."""
-    from service.core.runtime import _slot_runner
-
-    class OldEngine:
-        def run(self, batch):
-            return batch * 2, batch
-
-    class SlotEngine:
-        def run(self, batch, slot=0):
-            return batch, np.full(len(batch), slot)
-
-    batch = np.ones((2, 3))
-    assert np.array_equal(_slot_runner(OldEngine())(batch, 1)[0], batch * 2)
-    assert _slot_runner(SlotEngine())(batch, 1)[1].tolist() == [1, 1]
-
-
 def test_float_batches_are_taken_as_normalised(lite0, pixels):
     """A float batch skips the engine's normalisation (offline callers that normalised on the CPU)."""
     from model import Normalize

@@ -16,9 +16,13 @@ class Engine(Protocol):
     device: str
     dtype: str
 
-    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """uint8 NCHW batch (resized, cropped, 0..255) -> (pooled features [N, num_features], logits
-        [N, num_classes]), float32. The engine normalises with the variant's mean/std itself."""
+        [N, num_classes]), float32. The engine normalises with the variant's mean/std itself.
+
+        ``slot``: the inference slot (0 .. max_concurrent_batches - 1) the batch runs in. The batcher never
+        runs two batches in one slot at once, so per-slot state (an OpenVINO infer request, pinned buffers
+        and a CUDA stream) needs no lock; batches in different slots may run concurrently."""
         ...
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from service.core.engines.base import as_uint8_batch
+from service.core.engines.openvino_engine import SlotRequests
 from service.core.errors import StartupError
 
 
@@ -68,25 +69,19 @@ class Int8Engine:
             import openvino as ov
 
             core = ov.Core()
-            compiled = core.compile_model(core.read_model(model), "CPU", {
+            self._requests = SlotRequests(core.compile_model(core.read_model(model), "CPU", {
                 "INFERENCE_NUM_THREADS": num_threads,
                 # The operators left in float stay float32 (not bf16, which OpenVINO would pick here).
                 "INFERENCE_PRECISION_HINT": "f32",
                 "PERFORMANCE_HINT": "LATENCY",
-            })
-            self._request = compiled.create_infer_request()
-            self._outputs = [compiled.output("features"), compiled.output("logits")]
-            self._run = self._run_openvino
+            }))
+            self._run = self._requests.infer
         else:
             raise StartupError(f"EFFNET_DTYPE=int8 runs with onnxruntime or openvino, not {backend}")
 
-    def _run_onnxruntime(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        features, logits = self._session.run(None, {"input": x})
+    def _run_onnxruntime(self, x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        features, logits = self._session.run(None, {"input": x})  # thread-safe: one session for all slots
         return features, logits
 
-    def _run_openvino(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        result = self._request.infer({0: x})
-        return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])
-
-    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        return self._run(as_uint8_batch(batch))
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        return self._run(as_uint8_batch(batch), slot)

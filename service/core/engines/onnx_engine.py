@@ -46,7 +46,8 @@ class OnnxRuntimeEngine:
         self.device = str(device)
         self.dtype = "float32"
 
-    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        # One session serves every slot: InferenceSession.run may be called from several threads at once.
         x = _uint8(batch)
         features, logits = self.session.run(None, {"input": x})
         return features, logits

@@ -15,6 +15,23 @@ def cpu_has_bf16(core) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+class SlotRequests:
+    """One OpenVINO infer request per inference slot over a compiled model with outputs ``features`` and
+    ``logits``. An infer request is not thread-safe, and batches in different slots may run at once."""
+
+    def __init__(self, compiled) -> None:
+        self._compiled = compiled
+        self._requests: dict[int, object] = {0: compiled.create_infer_request()}
+        self._outputs = [compiled.output("features"), compiled.output("logits")]
+
+    def infer(self, x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        request = self._requests.get(slot)
+        if request is None:  # each slot is used by one thread at a time, so no two threads race here
+            request = self._requests[slot] = self._compiled.create_infer_request()
+        result = request.infer({0: x})  # type: ignore[attr-defined]
+        return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])
+
+
 class OpenVinoEngine:
     """OpenVINO on the same in-memory ONNX export, CPU only, forced to f32 precision.
 
@@ -39,17 +56,13 @@ class OpenVinoEngine:
             )
         graph = core.read_model(export_onnx_bytes(net.eval(), image_size=image_size, with_features=True,
                                                    uint8_input=True))
-        self._compiled = core.compile_model(graph, "CPU", {
+        self._requests = SlotRequests(core.compile_model(graph, "CPU", {
             "INFERENCE_NUM_THREADS": num_threads,
             "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32",
             "PERFORMANCE_HINT": "LATENCY",
-        })
-        self._request = self._compiled.create_infer_request()
-        self._outputs = [self._compiled.output("features"), self._compiled.output("logits")]
+        }))
         self.device = str(device)
         self.dtype = "bfloat16" if bfloat16 else "float32"
 
-    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = _uint8(batch)
-        result = self._request.infer({0: x})
-        return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        return self._requests.infer(_uint8(batch), slot)
