@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.core.errors import NotReady, Unauthorized
+from service.core.auth import check_api_key
+from service.core.errors import NotReady
 from service.core.runtime import InferenceService
 from service.core.settings import Settings
 
@@ -24,18 +24,6 @@ def get_service(request: Request) -> InferenceService:
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
-
-
-def check_api_key(settings: Settings, supplied: str | None) -> None:
-    """Raise ``Unauthorized`` unless ``supplied`` is the configured key (or none is configured).
-
-    Shared by every front-end (HTTP bearer header, gRPC ``authorization`` metadata).
-    """
-    key = settings.api_key
-    if key is None:
-        return
-    if not hmac.compare_digest((supplied or "").encode("utf-8"), key.get_secret_value().encode("utf-8")):
-        raise Unauthorized()
 
 
 def require_api_key(

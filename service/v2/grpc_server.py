@@ -35,6 +35,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.core.auth import check_bearer
 from service.core.errors import BadRequest, NotReady, QueueFull, ServiceError, ServiceUnavailable, ShuttingDown
 from service.core.runtime import InferenceService, Lifecycle
 from service.v2 import tensors
@@ -50,7 +51,7 @@ from service.v2.protocol import (
     V2Model,
     deadline_for,
 )
-from service.v2.rest import check_bearer, server_version
+from service.v2.rest import server_version
 
 log = logging.getLogger("service.v2.grpc")
 access_log = logging.getLogger("service.access")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import json
 import logging
 import zlib
@@ -27,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive
 
+from service.core.auth import check_bearer
 from service.core.errors import (
     BadRequest,
     BodyTooLarge,
@@ -36,11 +36,9 @@ from service.core.errors import (
     ServiceError,
     ServiceUnavailable,
     ShuttingDown,
-    Unauthorized,
     UnsupportedMediaType,
 )
 from service.core.runtime import InferenceService, Lifecycle
-from service.core.settings import Settings
 from service.v2 import tensors
 from service.v2.protocol import (
     EXTENSIONS,
@@ -92,18 +90,6 @@ def _model(request: Request) -> V2Model:
         model = V2Model(service)
         request.app.state.v2_model = model
     return model
-
-
-def check_bearer(settings: Settings, authorization: str | None) -> None:
-    """``Unauthorized`` unless the ``Authorization: Bearer`` value is the configured key (or none is)."""
-    key = settings.api_key
-    if key is None:
-        return
-    scheme, _, supplied = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        supplied.strip().encode("utf-8"), key.get_secret_value().encode("utf-8")
-    ):
-        raise Unauthorized()
 
 
 # -- request decoding ---------------------------------------------------------------------------------------
