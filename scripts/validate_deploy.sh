@@ -8,7 +8,8 @@
 # kubernetes-validate; installed there if missing), promtool from the Debian "prometheus" package,
 # haproxy from the Debian "haproxy" package, kubectl (or kustomize) to render the kustomizations, and
 # checkov from $CHECKOV (default .venv-checkov/bin/checkov, else checkov on PATH). promtool, haproxy,
-# the renderer and checkov are optional: without them the step says why it is skipped. Every other failure, and every warning of
+# the renderer and checkov are optional on a developer machine (the step says why it is skipped) and
+# required in CI (CI=true). Every other failure, and every warning of
 # kubernetes-validate or docker-compose, fails the script.
 set -euo pipefail
 
@@ -26,6 +27,8 @@ trap 'rm -rf "$TMP"' EXIT
 step() { printf '\n==> %s\n' "$*"; }
 skip() { printf 'SKIP: %s\n' "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+# A validator that is not installed: skipped on a developer machine, a failure in CI (.ci/run installs it).
+missing() { if [[ "${CI:-}" =~ ^(1|true|yes)$ ]]; then fail "$* (CI must run it)"; else skip "$*"; fi; }
 
 # ---------------------------------------------------------------------------------------------------
 step "tools"
@@ -113,7 +116,7 @@ print(f"{len(rules)} dashboard queries")
 EOF
     promtool check rules "$TMP/dashboard-rules.yml"
 else
-    skip "promtool not found (Debian package 'prometheus'): Prometheus config, rules and dashboard queries not checked"
+    missing "promtool not found (Debian package 'prometheus'): Prometheus config, rules and dashboard queries not checked"
 fi
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ if command -v haproxy >/dev/null 2>&1; then
     if grep -qE '\[(WARNING|ALERT)\]' "$out"; then cat "$out"; fail "haproxy -c (loopback) printed warnings"; fi
     echo "ok"
 else
-    skip "haproxy not found (Debian package 'haproxy'): deploy/haproxy/haproxy.cfg not checked"
+    missing "haproxy not found (Debian package 'haproxy'): deploy/haproxy/haproxy.cfg not checked"
 fi
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,7 +223,7 @@ if ((${#RENDER[@]})); then
         kv "$rendered"
     done
 else
-    skip "neither kustomize nor kubectl found: kustomizations not rendered, overlays validated only as files"
+    missing "neither kustomize nor kubectl found: kustomizations not rendered, overlays validated only as files"
 fi
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,7 +248,7 @@ if [[ -x "$CHECKOV" ]]; then
         -d k8s "${skip_paths[@]}"
     "$CHECKOV" --quiet --compact --skip-download --framework dockerfile -f Dockerfile
 else
-    skip "checkov not found at $CHECKOV nor on PATH (make creates .venv-checkov): security scan not run"
+    missing "checkov not found at $CHECKOV nor on PATH (make creates .venv-checkov): security scan not run"
 fi
 
 printf '\nAll deployment checks passed.\n'

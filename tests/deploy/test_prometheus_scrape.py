@@ -8,15 +8,14 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
+from tests.helpers.components import missing_component
 from tests.helpers.server import REPO, free_port
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None, reason="the prometheus binary (Debian package 'prometheus') is not installed"
-)
+if PROMETHEUS is None:
+    missing_component("the prometheus binary (Debian package 'prometheus') is not installed")
 
 
 def _config_for(target: str, workdir: Path) -> Path:

@@ -29,12 +29,11 @@ import httpx
 import pytest
 
 from tests.helpers.balancer import SERVERS, Cluster, Load, Outcome, haproxy_binary
+from tests.helpers.components import missing_component
 from tests.helpers.server import ServiceProcess
 
 if haproxy_binary() is None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        raise RuntimeError("CI: haproxy is missing; .ci/run installs the Debian package 'haproxy'")
-    pytest.skip("haproxy is not installed (Debian package 'haproxy')", allow_module_level=True)
+    missing_component("haproxy is not installed (Debian package 'haproxy')")
 
 CLIENTS = 6
 

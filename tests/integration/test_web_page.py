@@ -19,16 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers.components import missing_component
 from tests.helpers.images import DATA
 from tests.helpers.server import ServiceProcess
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 except ImportError:
-    if IN_CI:
-        raise
-    pytest.skip("playwright is not installed (pip install -e '.[dev]')", allow_module_level=True)
+    missing_component("playwright is not installed (pip install -e '.[dev]')")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 LAUNCH_ARGS = [
     "--no-sandbox",  # CI runs as root
@@ -42,16 +41,10 @@ WAIT_MS = 60_000
 KEY = "web-page-test-key"
 
 
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason}: CI must run the browser tests (.ci/run installs chromium)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     if not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+        missing_component(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
         yield browser
@@ -229,8 +222,17 @@ def test_the_page_is_usable_from_the_keyboard(tab):
         if focused[-1] == "images":
             break
     assert "predict" in focused and focused[-1] == "images", focused
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
+    # Headless Chromium now and then drops the first chooser of a page (about 1 run in 7 here, never
+    # twice in a row); the property is that Space on the focused input opens it, so up to three presses.
+    for attempt in range(3):
+        assert page.evaluate("document.activeElement.id") == "images"
+        try:
+            with page.expect_file_chooser(timeout=10_000) as chooser:
+                page.keyboard.press("Space")
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
     chooser.value.set_files(DATA / "coffee.jpg")
     tab.card("coffee.jpg").get_by_text("espresso", exact=True).wait_for()
     assert page.locator("#progress").get_attribute("role") == "status"
