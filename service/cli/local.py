@@ -7,18 +7,17 @@ and the dynamic batcher groups the decoded images into batches of up to ``EFFNET
 
 from __future__ import annotations
 
-import time
-
 from service.cli.results import Result, failure
+from service.core.access import AccessRecord
 from service.core.errors import ServiceError
 from service.core.loading import LoadedModel, load_model
 from service.core.metrics import Metrics
 from service.core.outputs import embedding, top_classes
-from service.core.runtime import InferenceService
+from service.core.runtime import InferenceRequest, InferenceService
 from service.core.settings import Settings
 
-# No per-image deadline in a batch job: the queue is never overfilled (see ``concurrency``), so an image
-# waits for at most a few batches; this only bounds a hung engine.
+# The deadline of one image unless EFFNET_REQUEST_TIMEOUT_S is set: a batch job never overfills the queue
+# (see ``default_concurrency``), so an image waits for at most a few batches; this only bounds a hung engine.
 IMAGE_DEADLINE_S = 3600.0
 
 
@@ -36,6 +35,7 @@ class LocalRunner:
         self.num_classes = self.model.num_classes
         self.dim = self.model.num_features
         self.max_file_bytes = settings.max_body_bytes
+        self.file_limit_name = "EFFNET_MAX_BODY_BYTES"  # what a file over max_file_bytes is told
         self._service: InferenceService | None = None
 
     def default_concurrency(self) -> int:
@@ -48,8 +48,8 @@ class LocalRunner:
         return f"{self.model_name} in-process ({e.backend}, {e.device}, {e.dtype})"
 
     async def start(self) -> None:
-        self._service = InferenceService(self.settings, self.model, Metrics(self.settings.max_batch_size,
-                                                                             process_metrics=False))
+        self.metrics = Metrics(self.settings.max_batch_size, process_metrics=False)
+        self._service = InferenceService(self.settings, self.model, self.metrics)
         await self._service.start()
 
     async def close(self) -> None:
@@ -59,14 +59,17 @@ class LocalRunner:
     async def run(self, path: str, data: bytes) -> Result:
         service = self._service
         assert service is not None, "start() first"
+        record = AccessRecord("CLI", path)
         try:
-            with service.admit():
-                ((pooled, logits),) = await service.infer(
-                    [(None, data)], deadline=time.monotonic() + IMAGE_DEADLINE_S
-                )
+            ((pooled, logits),) = await service.serve(
+                InferenceRequest(images=[(None, data)]), record=record
+            )
         except ServiceError as exc:
+            record.fail(exc)
             # The core names the image by its position in a request ("image 1: ..."); here the row names it.
-            return failure(path, exc.code, exc.message.removeprefix("image 1: "))
+            return failure(path, exc.code, exc.detail)
+        finally:
+            record.finish(self.metrics)
         if self.task == "predict":
             scores = top_classes(logits, self.model.labels, self.top_k)
             return Result(path, top_k=[{"index": c.index, "label": c.label, "score": c.score} for c in scores])

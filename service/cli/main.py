@@ -129,10 +129,13 @@ class Run:
                                 concurrency=args.concurrency or 8, retries=args.retries)
         from pydantic import ValidationError
 
-        from service.cli.local import LocalRunner
-        from service.core.settings import Settings
+        from service.cli.local import IMAGE_DEADLINE_S, LocalRunner
+        from service.core.settings import Settings, settings_problems
 
         overrides: dict[str, object] = {"warmup": False}  # a batch job warms up on its first images
+        if "EFFNET_REQUEST_TIMEOUT_S" not in os.environ:
+            # No per-image deadline in a batch job (the queue is never overfilled); this bounds a hung engine.
+            overrides["request_timeout_s"] = IMAGE_DEADLINE_S
         if args.model:
             overrides["model"] = args.model
         if args.weights:
@@ -140,8 +143,7 @@ class Run:
         try:
             settings = Settings(**overrides)
         except ValidationError as exc:
-            problems = "; ".join(f"EFFNET_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
-            raise Usage(f"invalid setting: {problems}") from None
+            raise Usage(f"invalid setting: {settings_problems(exc)}") from None
         if args.concurrency and args.concurrency > settings.max_queue:
             raise Usage(f"--concurrency {args.concurrency} is above EFFNET_MAX_QUEUE ({settings.max_queue})")
         return LocalRunner(settings, self.task, top_k=top_k, normalize=normalize)
@@ -218,7 +220,7 @@ class Run:
         """Read the files in a thread, a few at a time and ahead of the workers (one thread hop per chunk,
         not per image: on a small machine the hop costs as much as reading a cached photo)."""
         limit = self.runner.max_file_bytes
-        where = "EFFNET_MAX_BODY_BYTES" if self.runner.__class__.__name__ == "LocalRunner" else "the server's"
+        where = self.runner.file_limit_name
         for first in range(0, len(pending), READ_CHUNK):
             chunk = pending[first:first + READ_CHUNK]
             for path, data in await asyncio.to_thread(_read_chunk, chunk, limit, self.sink.refuses, where):

@@ -58,8 +58,9 @@ def _error_of(response: httpx.Response) -> tuple[str, str]:
     """(code, message) from the service's JSON error body, or from whatever a proxy answered."""
     try:
         error = response.json()["error"]
-        # The service names the image by its position in the request ("image 1: ..."); the row names it.
-        return str(error["code"]), str(error["message"]).removeprefix("image 1: ")
+        # An error about one image says which ("image 1: ...") and gives the bare ``reason`` beside it; the
+        # row names the image itself.
+        return str(error["code"]), str(error.get("reason") or error["message"])
     except Exception:  # a proxy's HTML page, an empty body
         text = " ".join(response.text.split())[:200]
         return f"http_{response.status_code}", text or response.reason_phrase
@@ -81,6 +82,7 @@ class RemoteRunner:
         self.num_classes = 0
         self.dim = 0
         self.max_file_bytes: int | None = None
+        self.file_limit_name = "the server's"  # what a file over max_file_bytes is told
         self._client: httpx.AsyncClient | None = None
         # The query string once, not merged into every request's URL.
         if task == "predict":

@@ -23,6 +23,29 @@ class ServiceError(Exception):
         self.headers = dict(headers or {})
         if self.retry_after is not None:
             self.headers.setdefault("Retry-After", str(self.retry_after))
+        # Which image of the request this error is about (0-based), when it is about one; ``detail`` is
+        # then the reason without the "image N (name): " that ``message`` starts with.
+        self.image_index: int | None = None
+        self.detail = message
+
+    def about_image(self, index: int, name: str | None = None) -> ServiceError:
+        """Name the image this error is about: ``image_index`` for programs, and a message that says
+        "image N (name): ..." for people."""
+        self.image_index = index
+        self.message = f"{image_label(index, name)}: {self.detail}"
+        self.args = (self.message,)
+        return self
+
+    @property
+    def server_fault(self) -> bool:
+        """A failure of the server itself, worth an error line in the log. Overload, not ready and
+        shutting down (503) are the service working as designed; client errors are the client's."""
+        return self.status_code >= 500 and self.status_code != 503
+
+
+def image_label(index: int, name: str | None = None) -> str:
+    """How an error message names the image at ``index`` (0-based) of a request: "image 1 (cat.jpg)"."""
+    return f"image {index + 1}" + (f" ({name})" if name else "")
 
 
 class InvalidImage(ServiceError):
@@ -109,11 +132,17 @@ class InferenceFailed(ServiceError):
     code = "inference_failed"
 
 
+class ClientGone(ServiceError):
+    """The client disconnected (mid-upload or while its images waited); nobody will read the answer.
+    Counted as 499 (nginx's "client closed request"), as the front-ends' metrics and access log show it."""
+
+    status_code = 499
+    code = "client_gone"
+    reject_reason = "client_gone"
+
+    def __init__(self, message: str = "client disconnected") -> None:
+        super().__init__(message)
+
+
 class StartupError(RuntimeError):
     """A start that cannot succeed: unknown model, bad weights, missing device, bad labels file."""
-
-
-
-
-class ClientGone(Exception):
-    """The client disconnected while its images waited; nobody will read the answer."""

@@ -1,7 +1,9 @@
 """The running service: engine, batcher and decode pool, plus the lifecycle the probes report.
 
-Every front-end (HTTP, V2 REST and gRPC, the batch command) drives this one object: ``admit`` a request,
-``infer`` its encoded images, read ``state``. It knows nothing of any transport.
+Every front-end (HTTP, V2 REST and gRPC, the batch command) drives this one object through one entry,
+``serve``: admission, the image cap, the deadline, cancellation when the caller leaves, decoding, batching
+and inference, with errors that say which image failed. Probes read ``state`` (a ``Lifecycle``) or
+subscribe to its changes. It knows nothing of any transport.
 """
 
 from __future__ import annotations
@@ -9,15 +11,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
+from service.core.access import AccessRecord
 from service.core.batching import DynamicBatcher
-from service.core.errors import BadRequest, InvalidImage, NotReady, RequestTimeout, ServiceError, ShuttingDown
+from service.core.errors import (
+    BadRequest,
+    InvalidImage,
+    NotReady,
+    RequestTimeout,
+    ServiceError,
+    ShuttingDown,
+    TooManyImages,
+)
 from service.core.imaging import Preprocessor
 from service.core.loading import LoadedModel
 from service.core.metrics import Metrics
@@ -37,8 +49,8 @@ class Lifecycle(str, Enum):
     with 503 ``shutting_down``, admitted ones still answered) -> ``stopped``. A warm-up that fails moves
     to ``failed``: liveness turns 503 and the server exits non-zero with ``failure``.
 
-    For a front-end: admit work while ``admits_requests``; report ready (health "serving") only while
-    ``READY``; ``shutting_down`` is true from ``lame_duck`` on.
+    For a front-end: ``ready`` is readiness (``/readyz``, V2 ready, gRPC health "serving"), ``live`` is
+    liveness; work is admitted while ``admits_requests``; ``shutting_down`` is true from ``lame_duck`` on.
     """
 
     STARTING = "starting"
@@ -58,6 +70,42 @@ class Lifecycle(str, Enum):
     def admits_requests(self) -> bool:
         """New inference requests are accepted (ready, or lame duck: still served while LBs catch up)."""
         return self in (Lifecycle.READY, Lifecycle.LAME_DUCK)
+
+    @property
+    def ready(self) -> bool:
+        """Readiness: warmed up and not leaving. Load balancers send traffic only while this is true."""
+        return self is Lifecycle.READY
+
+    @property
+    def live(self) -> bool:
+        """Liveness: false only after a fatal failure (the orchestrator should restart the process)."""
+        return self is not Lifecycle.FAILED
+
+    def not_ready_error(self) -> ServiceError:
+        """The 503 a readiness probe (or a request refused for the same reason) gets in this state."""
+        if self.shutting_down:
+            return ShuttingDown("server is shutting down; retry on another instance", headers={"Connection": "close"})
+        if self is Lifecycle.FAILED:
+            return NotReady("service failed after start-up; see the server log")
+        return NotReady(f"model is not ready yet ({self.value})")
+
+
+@dataclass
+class InferenceRequest:
+    """One request as every front-end hands it to ``InferenceService.serve``: encoded images (with their
+    file names, if any) or already preprocessed pixels, and the caller's own deadline if it has one."""
+
+    images: Sequence[tuple[str | None, bytes]] = ()
+    pixels: np.ndarray | None = None
+    timeout_s: float | None = None  # the caller's deadline (V2 ``timeout``, gRPC deadline), if shorter
+
+    @property
+    def count(self) -> int:
+        return len(self.pixels) if self.pixels is not None else len(self.images)
+
+
+Outputs = tuple[np.ndarray, ...]
+"""Per image: (pooled features, logits), as the engine returns them."""
 
 
 class InferenceService:
@@ -101,18 +149,22 @@ class InferenceService:
     # -- lifecycle ----------------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.state is Lifecycle.READY
+        return self.state.ready
 
     def add_state_listener(self, listener: Callable[[Lifecycle], None]) -> None:
         """Call ``listener(state)`` (on the event loop) at every lifecycle change, e.g. to mirror readiness
         in a gRPC health service."""
         self._state_listeners.append(listener)
 
+    def remove_state_listener(self, listener: Callable[[Lifecycle], None]) -> None:
+        if listener in self._state_listeners:
+            self._state_listeners.remove(listener)
+
     def _set_state(self, state: Lifecycle) -> None:
         self.state = state
         self.metrics.ready.set(1 if state is Lifecycle.READY else 0)
         log.info("state: %s", state.value)
-        for listener in self._state_listeners:
+        for listener in list(self._state_listeners):
             try:
                 listener(state)
             except Exception:  # a front-end's hook must not break the lifecycle
@@ -196,15 +248,62 @@ class InferenceService:
         self._set_state(Lifecycle.STOPPED)
 
     # -- requests -----------------------------------------------------------------------------------------
+    @property
+    def max_images_per_request(self) -> int:
+        """The most images one request may hold: the setting, and never more than the whole queue (a
+        request that could never be admitted is a 413, not a 503)."""
+        return min(self.settings.max_images_per_request, self.settings.max_queue)
+
+    def check_image_count(self, count: int | None) -> None:
+        """``TooManyImages`` for a request of ``count`` images (None: more than the limit, found while
+        parsing, which stops at the limit) over the limit."""
+        limit = self.max_images_per_request
+        if count is None or count > limit:
+            held = "more" if count is None else str(count)
+            raise TooManyImages(f"too many images in one request ({held}); the limit is {limit}")
+
+    async def serve(
+        self,
+        read: InferenceRequest | Callable[[], Awaitable[InferenceRequest]],
+        *,
+        cancel_when: Callable[[], Awaitable[object]] | None = None,
+        record: AccessRecord | None = None,
+    ) -> list[Outputs]:
+        """The one request path of every front-end: admit, read the request (``read``: the request, or a
+        coroutine function that reads and parses it, so an upload in progress is admitted and counted by
+        the drain), cap its image count, set its deadline (``EFFNET_REQUEST_TIMEOUT_S`` from the end of
+        the read, shortened by the request's own), run it, and answer per-image (features, logits) in
+        order. ``cancel_when``: a coroutine function that returns when the caller has gone; the request
+        is then withdrawn and ``ClientGone`` raised. ``record``: the access record, given the image count.
+
+        Errors are ``ServiceError``s; one about a single image carries its ``image_index``.
+        """
+        with self.admit():
+            request = await read() if callable(read) else read
+            count = request.count
+            if record is not None:
+                record.images = count
+            if count < 1:
+                raise BadRequest("the request holds no image")
+            self.check_image_count(count)
+            timeout = self.settings.request_timeout_s
+            if request.timeout_s is not None:
+                timeout = min(timeout, max(0.0, request.timeout_s))
+            deadline = time.monotonic() + timeout
+            watcher = asyncio.ensure_future(cancel_when()) if cancel_when is not None else None
+            try:
+                if request.pixels is not None:
+                    return await self.infer_arrays(request.pixels, deadline=deadline, cancel_when=watcher)
+                return await self.infer(request.images, deadline=deadline, cancel_when=watcher)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+
     @contextmanager
     def admit(self) -> Iterator[None]:
         """Admission of one inference request: refused unless ready (or lame duck); counted until answered."""
         if not self.state.admits_requests:
-            if self.state.shutting_down:
-                raise ShuttingDown(
-                    "server is shutting down; retry on another instance", headers={"Connection": "close"}
-                )
-            raise NotReady(f"model is not ready yet ({self.state.value})")
+            raise self.state.not_ready_error()
         self.inflight += 1
         try:
             yield
@@ -223,7 +322,7 @@ class InferenceService:
         ``deadline`` is a ``time.monotonic()`` value covering decoding, queueing and inference.
         """
         loop = asyncio.get_running_loop()
-        with self.batcher.reserve(len(blobs)) as slot:
+        with self.batcher.reserve(len(blobs)) as room:
             decodes = [
                 loop.run_in_executor(self._decode_pool, _decode, self.preprocessor, i, name, data)
                 for i, (name, data) in enumerate(blobs)
@@ -237,7 +336,7 @@ class InferenceService:
             finally:
                 for future in decodes:
                     future.cancel()
-            return await slot.run(arrays, timeout=deadline - time.monotonic(), cancel_when=cancel_when)
+            return await room.run(arrays, timeout=deadline - time.monotonic(), cancel_when=cancel_when)
 
     async def infer_arrays(
         self,
@@ -258,8 +357,8 @@ class InferenceService:
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or len(batch) == 0:
             raise BadRequest(f"expected a batch of shape [N, 3, {size}, {size}] with N >= 1, got {list(batch.shape)}")
         pixels = batch if batch.dtype == np.uint8 else normalised_to_pixels(batch, self.model.preprocess)
-        with self.batcher.reserve(len(pixels)) as slot:
-            return await slot.run(list(pixels), timeout=deadline - time.monotonic(), cancel_when=cancel_when)
+        with self.batcher.reserve(len(pixels)) as room:
+            return await room.run(list(pixels), timeout=deadline - time.monotonic(), cancel_when=cancel_when)
 
 
 # How far (in pixel steps) a float32 input may lie from the 8-bit grid: float32 rounding of a normalised
@@ -291,9 +390,6 @@ def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: byte
         return preprocessor(data)
     except ServiceError as exc:
         # Say which image of a multi-image request was refused.
-        label = f"image {index + 1}" + (f" ({name})" if name else "")
-        exc.message = f"{label}: {exc.message}"
-        exc.args = (exc.message,)
-        raise
+        raise exc.about_image(index, name) from None
     except Exception as exc:  # pragma: no cover - decode_image maps every decoder failure already
-        raise InvalidImage(f"image {index + 1}: cannot decode image ({type(exc).__name__})") from exc
+        raise InvalidImage(f"cannot decode image ({type(exc).__name__})").about_image(index, name) from exc

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "EFFNET_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -47,7 +49,7 @@ def gpu_expected(device: str) -> bool:
 class Settings(BaseSettings):
     """All service settings, read from ``EFFNET_<NAME>`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="EFFNET_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     model: str = Field(
         "efficientnet-lite0",
@@ -340,3 +342,19 @@ class Settings(BaseSettings):
     @property
     def random_weights(self) -> bool:
         return self.weights is not None and self.weights.strip().lower() == "random"
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """A refused configuration in one line, each problem under its variable's name."""
+    return "; ".join(
+        (f"{ENV_PREFIX}{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "") + e["msg"]
+        for e in exc.errors()
+    )
+
+
+def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``EFFNET_*`` variables in the environment that no setting reads: a typo (``EFFNET_MODLE``) or a
+    setting of another release would otherwise be ignored without a word."""
+    environ = os.environ if environ is None else environ
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)

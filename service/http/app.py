@@ -9,7 +9,6 @@ admitted work before stopping.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.core.about import service_version
 from service.core.loading import LoadedModel, load_model
 from service.core.metrics import Metrics
 from service.core.runtime import InferenceService
@@ -29,13 +29,6 @@ from service.v2.rest import v2_router
 from service.web import web_router
 
 log = logging.getLogger("service.http.app")
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("effnet-serve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0+local"
 
 
 def create_app(
@@ -80,7 +73,7 @@ def create_app(
 
     app = FastAPI(
         title="EfficientNet inference service",
-        version=_version(),
+        version=service_version(),
         description="Image classification and embeddings with EfficientNet, dynamically batched.",
         lifespan=lifespan,
         docs_url=None,

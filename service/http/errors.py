@@ -1,7 +1,8 @@
 """Error responses of the HTTP front-end: every failure becomes one JSON shape.
 
 Every error response is ``{"error": {"code": str, "message": str, "request_id": str | null}}`` (422s add
-``details``). Stack traces go to the log, never to the client.
+``details``; an error about one image of the request adds ``image_index``, 0-based, and ``reason``, the
+message without its "image N: " prefix). Stack traces go to the log, never to the client.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.core.errors import NotReady, QueueFull, ServiceError, ServiceUnavailable, ShuttingDown
+from service.core.errors import ServiceError
+from service.http.asgi import access_record
 
 log = logging.getLogger("service.http.errors")
 
@@ -50,20 +52,17 @@ def error_response(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    # Remember the reason for the metrics middleware (it only sees the status code otherwise).
-    request.state.error_code = code
+    record = access_record(request)
+    record.status, record.error_code = status, code
     return JSONResponse(error_body(code, message, request_id_of(request), **extra), status, headers=headers)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    if exc.reject_reason is not None:
-        request.state.reject_reason = exc.reject_reason
-    if exc.status_code >= 500 and not isinstance(
-        exc, (QueueFull, NotReady, ShuttingDown, ServiceUnavailable)
-    ):
-        log.error("%s: %s", exc.code, exc.message, extra={"request_id": request_id_of(request)})
-    return error_response(request, exc.status_code, exc.code, exc.message, exc.headers)
+    access_record(request).fail(exc)
+    # An error about one image of the request says which, for programs, beside the message for people.
+    extra = {} if exc.image_index is None else {"image_index": exc.image_index, "reason": exc.detail}
+    return error_response(request, exc.status_code, exc.code, exc.message, exc.headers, **extra)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -93,7 +92,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         }
         for e in exc.errors()
     ]
-    request.state.reject_reason = "invalid_parameters"
+    access_record(request).reject_reason = "invalid_parameters"
     message = (
         "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in details) or "invalid request"
     )

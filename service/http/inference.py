@@ -6,20 +6,15 @@ batching and inference happen in ``service.core``.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.types import Receive
 
-from service.core.errors import ClientGone
 from service.core.outputs import embedding, top_classes
-from service.core.runtime import InferenceService
+from service.core.runtime import InferenceRequest, InferenceService, Outputs
+from service.http.asgi import access_record, disconnect_watcher
 from service.http.deps import ServiceDep, require_api_key
-from service.http.errors import error_response
 from service.http.schemas import (
     ClassScore,
     ErrorResponse,
@@ -45,31 +40,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+async def run_inference(request: Request, service: InferenceService) -> tuple[list[str | None], list[Outputs]]:
+    """The upload through the core's request entry; (file names, per-image outputs) in order."""
+    names: list[str | None] = []
 
+    async def read() -> InferenceRequest:
+        blobs = await read_images(request, service)
+        names.extend(name for name, _ in blobs)
+        return InferenceRequest(images=blobs)
 
-async def run_inference(request: Request, service: InferenceService) -> tuple[list[str | None], list[tuple]]:
-    """Admit the request, read its images and run them; (file names, per-image outputs) in order."""
-    settings = service.settings
-    with service.admit():
-        blobs = await read_images(request, settings)
-        request.state.images = len(blobs)
-        deadline = time.monotonic() + settings.request_timeout_s
-        watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
-        try:
-            outputs = await service.infer(blobs, deadline=deadline, cancel_when=watcher)
-        finally:
-            watcher.cancel()
-    return [name for name, _ in blobs], outputs
-
-
-def _client_gone(request: Request) -> JSONResponse:
-    request.state.reject_reason = "client_gone"
-    return error_response(request, 499, "client_gone", "client disconnected")
+    outputs = await service.serve(read, cancel_when=disconnect_watcher(request), record=access_record(request))
+    return names, outputs
 
 
 def _check_top_k(k: int, num_classes: int) -> None:
@@ -102,10 +83,7 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
         logits: Annotated[bool, Query(description="Also return all raw logits.")] = False,
     ) -> Any:
         _check_top_k(top_k, service.model.num_classes)
-        try:
-            names, outputs = await run_inference(request, service)
-        except ClientGone:
-            return _client_gone(request)
+        names, outputs = await run_inference(request, service)
         labels = service.model.labels
         results = []
         for name, (_, raw) in zip(names, outputs, strict=True):
@@ -128,10 +106,7 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
         service: ServiceDep,
         normalize: Annotated[bool, Query(description="L2-normalise each embedding.")] = False,
     ) -> Any:
-        try:
-            names, outputs = await run_inference(request, service)
-        except ClientGone:
-            return _client_gone(request)
+        names, outputs = await run_inference(request, service)
         results = [
             FeaturesResult(filename=name, embedding=embedding(pooled, normalize=normalize).tolist())
             for name, (pooled, _) in zip(names, outputs, strict=True)

@@ -15,31 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.core.access import AccessRecord, request_id
 from service.core.errors import BodyTooLarge
 from service.core.metrics import Metrics
+from service.http.asgi import header as _header
 from service.http.errors import error_body
 
-access_log = logging.getLogger("service.access")
 log = logging.getLogger("service.http.middleware")
-
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            try:
-                return value.decode("latin-1")
-            except Exception:  # pragma: no cover
-                return None
-    return None
 
 
 def _leaving(scope: Scope) -> bool:
@@ -78,11 +64,17 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        client = scope.get("client")
+        record = AccessRecord(
+            scope.get("method", ""),
+            scope.get("path", ""),
+            request_id(_header(scope, b"x-request-id")),
+            client=client[0] if client else None,
+        )
+        rid = record.request_id
         state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        started = time.perf_counter()
+        state["request_id"] = rid
+        state["access"] = record
         status = 0
         response_started = False
 
@@ -92,7 +84,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 response_started = True
                 headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
+                headers.append((b"x-request-id", rid.encode()))
                 if _leaving(scope) and not any(k.lower() == b"connection" for k, _ in headers):
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
@@ -102,40 +94,20 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             # Starlette's ServerErrorMiddleware already answered (and re-raised); answer only if not.
-            log.error("unhandled error", exc_info=exc, extra={"request_id": request_id})
+            log.error("unhandled error", exc_info=exc, extra={"request_id": rid})
             if not response_started:
                 status = 500
+                record.error_code = "internal_error"
                 try:
                     await send_json_error(
-                        send,
-                        500,
-                        "internal_error",
-                        "internal server error",
-                        request_id,
-                        {"x-request-id": request_id},
+                        send, 500, "internal_error", "internal server error", rid, {"x-request-id": rid}
                     )
                 except Exception:  # pragma: no cover - client gone
                     pass
             status = status or 500
         finally:
-            duration = time.perf_counter() - started
-            path = scope.get("path", "")
-            reason = state.get("reject_reason")
-            self.metrics.observe_request(path, status or 499, duration, reason)
-            client = scope.get("client")
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": scope.get("method"),
-                    "path": path,
-                    "status": status or 499,
-                    "duration_s": round(duration, 6),
-                    "client": client[0] if client else None,
-                    "reject_reason": reason,
-                    "images": state.get("images"),
-                },
-            )
+            # No response at all: the client left before one could be sent (nginx's 499).
+            record.finish(self.metrics, status or 499)
 
 
 class BodyLimitMiddleware:
@@ -156,12 +128,14 @@ class BodyLimitMiddleware:
                 size = -1
             if size > limit:
                 state = scope.setdefault("state", {})
-                state["reject_reason"] = BodyTooLarge.reject_reason
+                error = BodyTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
+                if isinstance(record := state.get("access"), AccessRecord):
+                    record.fail(error)
                 await send_json_error(
                     send,
                     413,
-                    BodyTooLarge.code,
-                    f"request body of {size} bytes exceeds the limit of {limit}",
+                    error.code,
+                    error.message,
                     state.get("request_id"),
                     {"connection": "close"},
                     v2=scope.get("path", "").startswith("/v2/"),

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-import platform
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.core.errors import NotReady, ServiceUnavailable, ShuttingDown
+from service.core.about import library_versions
+from service.core.errors import NotReady, ServiceUnavailable
 from service.core.imaging import describe
 from service.core.loading import variant_config_dict
-from service.core.runtime import InferenceService, Lifecycle
+from service.core.runtime import InferenceService
 from service.http.deps import ServiceDep, SettingsDep
 from service.http.schemas import ErrorResponse, HealthResponse, InfoResponse, ReadyResponse
-
-
-@functools.cache
-def _versions() -> dict[str, str]:
-    # Read once: importlib.metadata parses each package's METADATA file, ~1 ms a package.
-    versions = {"python": platform.python_version()}
-    for dist in ("effnet-serve", "torch", "numpy", "pillow", "fastapi", "uvicorn", "onnxruntime"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
 
 router = APIRouter(tags=["operations"])
 
@@ -41,7 +26,7 @@ router = APIRouter(tags=["operations"])
 )
 async def healthz(request: Request) -> HealthResponse:
     service: InferenceService | None = getattr(request.app.state, "service", None)
-    if service is not None and service.state is Lifecycle.FAILED:
+    if service is not None and not service.state.live:
         raise ServiceUnavailable("service failed after start-up; see the server log")
     return HealthResponse(status="ok")
 
@@ -56,11 +41,9 @@ async def readyz(request: Request) -> Any:
     service: InferenceService | None = getattr(request.app.state, "service", None)
     if service is None:
         raise NotReady("model is loading")
-    if service.ready:
-        return ReadyResponse(status="ready")
-    if service.state.shutting_down:
-        raise ShuttingDown("server is shutting down")
-    raise NotReady(f"model is not ready ({service.state.value})")
+    if not service.state.ready:
+        raise service.state.not_ready_error()
+    return ReadyResponse(status="ready")
 
 
 @router.get(
@@ -96,7 +79,7 @@ async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
         },  # type: ignore[arg-type]
         threads={"torch": settings.effective_num_threads, "decode": settings.effective_decode_threads},
         auth_required=settings.api_key is not None,
-        versions=_versions(),
+        versions=library_versions(),
         precision=engine.dtype,
         quantization=model.quantization.as_dict() if model.quantization else None,  # type: ignore[arg-type]
     )

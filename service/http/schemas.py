@@ -44,6 +44,12 @@ class ErrorDetail(BaseModel):
     details: list[dict[str, Any]] | None = Field(
         default=None, description="Per-field validation errors (422 only)."
     )
+    image_index: int | None = Field(
+        default=None, description="Which image of the request (0-based) the error is about, when it is about one."
+    )
+    reason: str | None = Field(
+        default=None, description="With image_index: the message without its 'image N (name): ' prefix."
+    )
 
 
 class ErrorResponse(BaseModel):

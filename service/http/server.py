@@ -34,8 +34,8 @@ from pydantic import ValidationError
 from service.core.errors import StartupError
 from service.core.loading import load_model
 from service.core.logconfig import configure_logging
-from service.core.runtime import Lifecycle
-from service.core.settings import Settings
+from service.core.runtime import InferenceService, Lifecycle
+from service.core.settings import Settings, settings_problems, unknown_settings
 from service.http.app import create_app
 
 log = logging.getLogger("service")
@@ -52,7 +52,9 @@ class DrainingServer(uvicorn.Server):
     uvicorn re-raises a captured SIGTERM once it has shut down, which would end the process "killed by
     SIGTERM" (143) instead of 0; this class handles the signals itself and does not.
 
-    ``phase`` says where the shutdown is: ``serving``, ``lame_duck``, ``draining``, ``closing``.
+    Where the shutdown stands is the service's ``Lifecycle`` (lame duck, draining, stopped), not a state
+    of this class; it only counts the signals, since a second one arrives before the event loop has
+    acted on the first.
     """
 
     def __init__(
@@ -63,10 +65,14 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout_s = drain_timeout_s
         self.delay_s = delay_s
         self.exit_code = 0
-        self.phase = "serving"
+        self.signals = 0  # shutdown signals received so far
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
         self._skip_delay: asyncio.Event | None = None
+
+    @property
+    def service(self) -> InferenceService | None:
+        return getattr(self.app.state, "service", None)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -77,33 +83,31 @@ class DrainingServer(uvicorn.Server):
         # A signal handler: it runs between two bytecodes of the main (event loop) thread, so it only
         # records what to do and hands the work to the loop.
         name = signal.Signals(sig).name
-        if not self.started or self._loop is None or self.phase == "closing":
+        if not self.started or self._loop is None or self.should_exit:
             # Before the server is up, or already closing: plain uvicorn behaviour.
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
             return
-        if self.phase == "serving":
-            # Counted as lame duck from here: a second signal before the loop runs the shutdown task
-            # still cuts the delay short.
-            self.phase = "lame_duck"
+        self.signals += 1
+        service = self.service
+        if self.signals == 1:
             self._loop.call_soon_threadsafe(self._begin_shutdown, f"received {name}")
-        elif self.phase == "lame_duck":
+        elif service is not None and service.state is Lifecycle.DRAINING:
+            log.info("received %s: drain skipped", name)
+            self.should_exit = True
+        else:  # lame duck, or the first signal not acted on yet: the lame duck is cut short
             log.info("received %s: lame duck cut short", name)
             assert self._skip_delay is not None
             self._loop.call_soon_threadsafe(self._skip_delay.set)
-        else:  # draining
-            log.info("received %s: drain skipped", name)
-            self.phase = "closing"
-            self.should_exit = True
 
     def _begin_shutdown(self, reason: str) -> None:
         if self._shutdown_task is None:
             self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(reason))
 
     async def on_tick(self, counter: int) -> bool:
-        service = getattr(self.app.state, "service", None)
-        if service is not None and service.state is Lifecycle.FAILED and self.exit_code == 0:
+        service = self.service
+        if service is not None and not service.state.live and self.exit_code == 0:
             # A failure after start-up (warm-up): the service cannot serve, so the process exits 1.
             log.error("exiting: %s", service.failure)
             self.exit_code = 1
@@ -111,15 +115,14 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def _shutdown(self, reason: str) -> None:
-        service = getattr(self.app.state, "service", None)
-        if service is not None and self.delay_s > 0 and service.enter_lame_duck():
-            self.phase = "lame_duck"
+        service = self.service
+        assert self._skip_delay is not None
+        if service is not None and self.delay_s > 0 and not self._skip_delay.is_set() and service.enter_lame_duck():
             log.info(
                 "%s: lame duck for %.1f s (readiness 503, requests still served; signal again to skip)",
                 reason,
                 self.delay_s,
             )
-            assert self._skip_delay is not None
             try:
                 await asyncio.wait_for(self._skip_delay.wait(), self.delay_s)
             except asyncio.TimeoutError:
@@ -127,11 +130,9 @@ class DrainingServer(uvicorn.Server):
             log.info("lame duck over: draining")
         else:
             log.info("%s: draining", reason)
-        self.phase = "draining"
         if service is not None:
             drained = await service.drain(self.drain_timeout_s)
             log.info("drain %s", "complete" if drained else "timed out")
-        self.phase = "closing"
         self.should_exit = True
 
 
@@ -159,12 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            (f"EFFNET_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "") + e["msg"]
-            for e in exc.errors()
-        )
-        log.error("invalid configuration: %s", problems)
+        log.error("invalid configuration: %s", settings_problems(exc))
         return 2
+    for name in unknown_settings():
+        log.warning("%s is set but no setting reads it (a typo, or a setting of another release?)", name)
     if settings.grpc_port:
         # A taken gRPC port fails the start in one line, before the model load, like a taken HTTP port.
         from service.v2.grpc_server import port_problem

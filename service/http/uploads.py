@@ -15,8 +15,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from service.core.errors import BadRequest, ClientGone, ServiceError, TooManyImages, UnsupportedMediaType
-from service.core.settings import Settings
+from service.core.errors import BadRequest, ClientGone, ServiceError, UnsupportedMediaType
+from service.core.runtime import InferenceService
 
 # Raw-body content types accepted besides multipart. Other image/* types (svg+xml, heic, ...) are 415.
 RAW_IMAGE_TYPES = (
@@ -52,13 +52,13 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
 }
 
 
-async def read_images(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:
+async def read_images(request: Request, service: InferenceService) -> list[tuple[str | None, bytes]]:
     """The uploaded images as (filename, bytes). A client that hangs up mid-upload raises ``ClientGone``
     (answered 499 ``client_gone``, like one that leaves while queued), not a 500 or a 400."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
-    # A request larger than the whole queue could never be admitted: that is a 413, not a 503.
-    cap = min(settings.max_images_per_request, settings.max_queue)
+    # The parser stops at the core's image limit instead of reading every part of an oversized request.
+    cap = service.max_images_per_request
     if media == "multipart/form-data":
         parser = MultiPartParser(
             request.headers, request.stream(), max_files=cap, max_fields=16, max_part_size=64 * 1024
@@ -71,7 +71,7 @@ async def read_images(request: Request, settings: Settings) -> list[tuple[str | 
             raise ClientGone() from None
         except MultiPartException as exc:
             if exc.message.startswith("Too many files"):
-                raise TooManyImages(f"too many images in one request; the limit is {cap}") from None
+                service.check_image_count(None)
             raise BadRequest(f"invalid multipart body: {exc.message}") from None
         except Exception as exc:  # python-multipart errors on malformed bodies
             raise BadRequest(f"invalid multipart body ({type(exc).__name__})") from None

@@ -24,20 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.core.about import service_version
+from service.core.access import AccessRecord, request_id
 from service.core.auth import check_bearer
-from service.core.errors import BadRequest, NotReady, QueueFull, ServiceError, ServiceUnavailable, ShuttingDown
-from service.core.runtime import InferenceService, Lifecycle
+from service.core.errors import BadRequest, ServiceError
+from service.core.runtime import InferenceRequest, InferenceService, Lifecycle
 from service.v2 import tensors
 from service.v2.pb import grpc_predict_v2_pb2 as pb
 from service.v2.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -49,15 +47,12 @@ from service.v2.protocol import (
     OutputTensor,
     RequestedOutput,
     V2Model,
-    deadline_for,
+    request_timeout_s,
 )
-from service.v2.rest import server_version
 
 log = logging.getLogger("service.v2.grpc")
-access_log = logging.getLogger("service.access")
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -141,19 +136,17 @@ def encode_response(
     return response
 
 
-class _Call:
-    """What the metrics and the access log need to know about one call."""
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        self.method = method
-        self.started = time.perf_counter()
-        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        self.metadata = metadata
-        incoming = metadata.get("x-request-id")
-        self.request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
-        self.status = 200
-        self.reject_reason: str | None = None
-        self.images: int | None = None
+
+def _client(context: grpc.aio.ServicerContext) -> str | None:
+    peer = context.peer() or ""  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"
+    kind, _, address = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    host = address.rpartition(":")[0]
+    return host.strip("[]") or None
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -167,71 +160,52 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         method: str,
         context: grpc.aio.ServicerContext,
-        handler: Callable[[_Call], Awaitable[Any]],
+        handler: Callable[[AccessRecord, dict[str, str]], Awaitable[Any]],
     ) -> Any:
-        call = _Call(method, context)
-        trailers: list[tuple[str, str]] = [("x-request-id", call.request_id)]
+        metadata = _metadata(context)
+        record = AccessRecord("gRPC", method, request_id(metadata.get("x-request-id")), client=_client(context))
+        trailers: list[tuple[str, str]] = [("x-request-id", record.request_id)]
         try:
-            result = await handler(call)
+            result = await handler(record, metadata)
         except ServiceError as exc:
-            call.status = exc.status_code
-            call.reject_reason = exc.reject_reason
-            if exc.status_code >= 500 and not isinstance(exc, (QueueFull, NotReady, ShuttingDown, ServiceUnavailable)):
-                log.error("%s: %s", exc.code, exc.message, extra={"request_id": call.request_id})
+            record.fail(exc)
             retry_after = exc.headers.get("Retry-After")
             if retry_after:
                 trailers.append(("retry-after", retry_after))
-            self._record(call)
+            record.finish(self.metrics)
             await context.abort(grpc_status(exc), exc.message, trailing_metadata=tuple(trailers))
         except asyncio.CancelledError:
             # The client cancelled, or its deadline passed: the call's images were withdrawn on the way out.
             remaining = context.time_remaining()
             timed_out = remaining is not None and remaining <= 0
-            call.status = 504 if timed_out else 499
-            call.reject_reason = "timeout" if timed_out else "client_gone"
-            self._record(call)
+            record.status = 504 if timed_out else 499
+            record.reject_reason = record.error_code = "timeout" if timed_out else "client_gone"
+            record.finish(self.metrics)
             raise
         except Exception as exc:
-            log.error("unhandled error in %s", method, exc_info=exc, extra={"request_id": call.request_id})
-            call.status = 500
-            self._record(call)
+            log.error("unhandled error in %s", method, exc_info=exc, extra={"request_id": record.request_id})
+            record.error_code = "internal_error"
+            record.finish(self.metrics, 500)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error", trailing_metadata=tuple(trailers))
         context.set_trailing_metadata(tuple(trailers))
-        self._record(call)
+        record.finish(self.metrics)
         return result
-
-    def _record(self, call: _Call) -> None:
-        duration = time.perf_counter() - call.started
-        self.metrics.observe_request(call.method, call.status, duration, call.reject_reason)
-        access_log.info(
-            "request",
-            extra={
-                "request_id": call.request_id,
-                "method": "gRPC",
-                "path": call.method,
-                "status": call.status,
-                "duration_s": round(duration, 6),
-                "client": None,
-                "reject_reason": call.reject_reason,
-                "images": call.images,
-            },
-        )
 
     # -- the protocol's methods -------------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def handle(call: _Call) -> pb.ServerLiveResponse:
-            return pb.ServerLiveResponse(live=self.service.state is not Lifecycle.FAILED)
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=self.service.state.live)
 
         return await self._observe(f"/{SERVICE_NAME}/ServerLive", context, handle)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def handle(call: _Call) -> pb.ServerReadyResponse:
-            return pb.ServerReadyResponse(ready=self.service.ready)
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self.service.state.ready)
 
         return await self._observe(f"/{SERVICE_NAME}/ServerReady", context, handle)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def handle(call: _Call) -> pb.ModelReadyResponse:
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelReadyResponse:
             self.model.check(request.name, request.version)
             return pb.ModelReadyResponse(ready=self.model.ready)
 
@@ -240,15 +214,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(  # noqa: N802
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        async def handle(call: _Call) -> pb.ServerMetadataResponse:
-            return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ServerMetadataResponse:
+            return pb.ServerMetadataResponse(name=SERVER_NAME, version=service_version(), extensions=EXTENSIONS)
 
         return await self._observe(f"/{SERVICE_NAME}/ServerMetadata", context, handle)
 
     async def ModelMetadata(  # noqa: N802
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        async def handle(call: _Call) -> pb.ModelMetadataResponse:
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelMetadataResponse:
             self.model.check(request.name, request.version)
             meta = self.model.metadata()
             response = pb.ModelMetadataResponse(
@@ -264,23 +238,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._observe(f"/{SERVICE_NAME}/ModelMetadata", context, handle)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def handle(call: _Call) -> pb.ModelInferResponse:
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelInferResponse:
             self.model.check(request.model_name, request.model_version)
             service = self.service
-            check_bearer(service.settings, call.metadata.get("authorization"))
-            with service.admit():
+            check_bearer(service.settings, metadata.get("authorization"))
+            requested: list[RequestedOutput] = []
+
+            async def read() -> InferenceRequest:
                 inputs = decode_inputs(request)
-                for tensor in inputs:
-                    if tensor.datatype == "BYTES":
-                        call.images = len(tensor.data)
-                    elif isinstance(tensor.data, np.ndarray) and tensor.data.ndim == 4:
-                        call.images = len(tensor.data)
                 outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs] or None
-                deadline = deadline_for(
-                    _parameters(request.parameters), service.settings.request_timeout_s, context.time_remaining()
-                )
-                results = await self.model.infer(inputs, outputs, deadline=deadline)
-            return encode_response(self.model, request, results)
+                timeout_s = request_timeout_s(_parameters(request.parameters), context.time_remaining())
+                inference, wanted = self.model.request(inputs, outputs, timeout_s=timeout_s)
+                requested.extend(wanted)
+                return inference
+
+            # No disconnect watcher: gRPC cancels this task itself when the client leaves.
+            results = await service.serve(read, record=record)
+            return encode_response(self.model, request, self.model.outputs(results, requested))
 
         return await self._observe(f"/{SERVICE_NAME}/ModelInfer", context, handle)
 
@@ -294,36 +268,45 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self.service = service
         self.metrics = service.metrics
 
-    def _status(self, name: str) -> int | None:
+    def _status(self, name: str, state: Lifecycle | None = None) -> int | None:
+        state = state or self.service.state
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         if name in self.READINESS_NAMES:
-            return serving if self.service.ready else not_serving
+            return serving if state.ready else not_serving
         if name == "liveness":
-            return serving if self.service.state is not Lifecycle.FAILED else not_serving
+            return serving if state.live else not_serving
         return None
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        started = time.perf_counter()
+        incoming = _metadata(context).get("x-request-id")
+        record = AccessRecord("gRPC", "/grpc.health.v1.Health/Check", request_id(incoming), client=_client(context))
         status = self._status(request.service)
-        code = 200 if status is not None else 404
-        self.metrics.observe_request("/grpc.health.v1.Health/Check", code, time.perf_counter() - started, None)
         if status is None:
+            record.finish(self.metrics, 404)
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+        record.finish(self.metrics)
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(  # noqa: N802
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        last = None
-        while True:
-            status = self._status(request.service)
-            if status is None:
-                status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(0.1)
+        """The current status, then one message per change, driven by the service's lifecycle listener."""
+        changes: asyncio.Queue[Lifecycle] = asyncio.Queue()
+        self.service.add_state_listener(changes.put_nowait)
+        try:
+            state = self.service.state
+            last = None
+            while True:
+                status = self._status(request.service, state)
+                if status is None:
+                    status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                state = await changes.get()
+        finally:
+            self.service.remove_state_listener(changes.put_nowait)
 
 
 def grpc_address(host: str, port: int) -> str:

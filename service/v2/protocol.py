@@ -18,17 +18,15 @@ tritonclient) comes back as BYTES ``[N, k]`` of ``"score:index:label"``, best fi
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from service.core.errors import BadRequest, ServiceError, TooManyImages
+from service.core.errors import BadRequest, ServiceError
 from service.core.outputs import softmax
-from service.core.runtime import InferenceService
+from service.core.runtime import InferenceRequest, InferenceService, Outputs
 
 MODEL_VERSION = "1"
 SERVER_NAME = "effnet-serve"
@@ -77,15 +75,17 @@ class OutputTensor:
     requested: RequestedOutput | None = None
 
 
-def request_timeout_s(parameters: dict[str, Any], default_s: float) -> float:
-    """The request's own ``timeout`` parameter (microseconds, as Triton's clients send it) when shorter
-    than the server's deadline."""
+def request_timeout_s(parameters: dict[str, Any], remaining_s: float | None = None) -> float | None:
+    """The request's own deadline in seconds: its ``timeout`` parameter (microseconds, as Triton's clients
+    send it) and the transport's deadline (``remaining_s``, e.g. a gRPC deadline), whichever is shorter;
+    None when it has neither (the server's own deadline applies)."""
     value = parameters.get("timeout")
-    if value is None:
-        return default_s
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise BadRequest("parameter 'timeout' must be a positive number of microseconds")
-    return min(default_s, value / 1e6)
+    timeouts = [] if remaining_s is None else [max(0.0, remaining_s)]
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise BadRequest("parameter 'timeout' must be a positive number of microseconds")
+        timeouts.append(value / 1e6)
+    return min(timeouts, default=None)
 
 
 class V2Model:
@@ -153,15 +153,14 @@ class V2Model:
                 raise BadRequest(f"output '{output.name}': classification {k} exceeds its {width} values")
         return list(outputs)
 
-    async def infer(
+    def request(
         self,
         inputs: Sequence[InputTensor],
         outputs: Sequence[RequestedOutput] | None,
         *,
-        deadline: float,
-        cancel_when: asyncio.Future[object] | None = None,
-    ) -> list[OutputTensor]:
-        """Run one request (inside ``service.admit()``, which the caller holds); its output tensors."""
+        timeout_s: float | None = None,
+    ) -> tuple[InferenceRequest, list[RequestedOutput]]:
+        """The core's request for these tensors (encoded images or pixels), and the outputs to answer."""
         requested = self._check_outputs(outputs)
         names = [t.name for t in inputs]
         if len(inputs) != 1 or names[0] not in (IMAGE_INPUT, TENSOR_INPUT):
@@ -172,17 +171,12 @@ class V2Model:
                 f"'{TENSOR_INPUT}' (FP32 or UINT8 [N, 3, {self.size}, {self.size}]); got {names or 'none'}"
             )
         tensor = inputs[0]
-        limit = self.service.settings.max_images_per_request
         if tensor.name == IMAGE_INPUT:
-            blobs = self._image_blobs(tensor)
-            if len(blobs) > limit:
-                raise TooManyImages(f"{len(blobs)} images in one request; the limit is {limit}")
-            results = await self.service.infer(blobs, deadline=deadline, cancel_when=cancel_when)
-        else:
-            batch = self._pixel_batch(tensor)
-            if len(batch) > limit:
-                raise TooManyImages(f"{len(batch)} images in one request; the limit is {limit}")
-            results = await self.service.infer_arrays(batch, deadline=deadline, cancel_when=cancel_when)
+            return InferenceRequest(images=self._image_blobs(tensor), timeout_s=timeout_s), requested
+        return InferenceRequest(pixels=self._pixel_batch(tensor), timeout_s=timeout_s), requested
+
+    def outputs(self, results: Sequence[Outputs], requested: Sequence[RequestedOutput]) -> list[OutputTensor]:
+        """The requested output tensors from the core's per-image (features, logits)."""
         features = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
         logits = np.stack([r[1] for r in results]).astype(np.float32, copy=False)
         values = {"logits": logits, "features": features}
@@ -227,12 +221,3 @@ class V2Model:
                 text = f"{float(row[index]):f}:{int(index)}" + (f":{labels[index]}" if labels else "")
                 rows.append(text.encode("utf-8"))
         return OutputTensor(requested.name, "BYTES", [len(values), k], rows, requested)
-
-
-def deadline_for(parameters: dict[str, Any], default_s: float, remaining_s: float | None = None) -> float:
-    """A ``time.monotonic()`` deadline: the server's, shortened by the request's ``timeout`` parameter
-    and by the transport's own deadline (``remaining_s``, e.g. a gRPC deadline)."""
-    timeout = request_timeout_s(parameters, default_s)
-    if remaining_s is not None:
-        timeout = min(timeout, max(0.0, remaining_s))
-    return time.monotonic() + timeout

@@ -14,7 +14,6 @@ front-end's, shared with ``/predict``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -24,21 +23,20 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.types import Receive
+from starlette.requests import ClientDisconnect
 
+from service.core.about import service_version
 from service.core.auth import check_bearer
 from service.core.errors import (
     BadRequest,
     BodyTooLarge,
     ClientGone,
     NotReady,
-    QueueFull,
     ServiceError,
-    ServiceUnavailable,
-    ShuttingDown,
     UnsupportedMediaType,
 )
-from service.core.runtime import InferenceService, Lifecycle
+from service.core.runtime import InferenceRequest, InferenceService
+from service.http.asgi import access_record, disconnect_watcher
 from service.v2 import tensors
 from service.v2.protocol import (
     EXTENSIONS,
@@ -49,7 +47,7 @@ from service.v2.protocol import (
     OutputTensor,
     RequestedOutput,
     V2Model,
-    deadline_for,
+    request_timeout_s,
 )
 
 log = logging.getLogger("service.v2.rest")
@@ -57,22 +55,9 @@ log = logging.getLogger("service.v2.rest")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def server_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("effnet-serve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0+local"
-
-
 def v2_error(request: Request, exc: ServiceError) -> JSONResponse:
-    """The protocol's error body for a service error; the reason is kept for the request metrics."""
-    if exc.reject_reason is not None:
-        request.state.reject_reason = exc.reject_reason
-    request.state.error_code = exc.code
-    if exc.status_code >= 500 and not isinstance(exc, (QueueFull, NotReady, ShuttingDown, ServiceUnavailable)):
-        log.error("%s: %s", exc.code, exc.message, extra={"request_id": getattr(request.state, "request_id", None)})
+    """The protocol's error body for a service error, noted in the request's access record."""
+    access_record(request).fail(exc)
     return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
 
 
@@ -232,13 +217,6 @@ def encode_response(
     )
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 # -- routes -------------------------------------------------------------------------------------------------
 def v2_router() -> APIRouter:
     # Not in /openapi.json: the protocol's contract is its own specification (open_inference_rest.yaml),
@@ -247,18 +225,18 @@ def v2_router() -> APIRouter:
 
     @router.get("", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
+        return {"name": SERVER_NAME, "version": service_version(), "extensions": list(EXTENSIONS)}
 
     @router.get("/health/live", summary="Server live (200; 503 only after a fatal failure)")
     async def live(request: Request) -> Any:
         service = getattr(request.app.state, "service", None)
-        live = service is None or service.state is not Lifecycle.FAILED
+        live = service is None or service.state.live
         return JSONResponse({"live": live}, 200 if live else 503)
 
     @router.get("/health/ready", summary="Server ready (200 once warmed up; 503 while loading or draining)")
     async def ready(request: Request) -> Any:
         service = getattr(request.app.state, "service", None)
-        is_ready = service is not None and service.ready
+        is_ready = service is not None and service.state.ready
         return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
 
     async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Any:
@@ -283,27 +261,26 @@ def v2_router() -> APIRouter:
             model.check(model_name, model_version)
             service = model.service
             check_bearer(service.settings, request.headers.get("authorization"))
-            with service.admit():
-                body = _decompress(
-                    await request.body(), request.headers.get("content-encoding"), service.settings.max_body_bytes
-                )
-                request_json, inputs, outputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-                for tensor in inputs:
-                    if tensor.name == IMAGE_INPUT and tensor.datatype == "BYTES":
-                        request.state.images = len(tensor.data)
-                parameters = _parameters(request_json.get("parameters"), "request")
-                deadline = deadline_for(parameters, service.settings.request_timeout_s)
-                watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+            parsed: dict[str, Any] = {}
+
+            async def read() -> InferenceRequest:
                 try:
-                    results = await model.infer(inputs, outputs, deadline=deadline, cancel_when=watcher)
-                finally:
-                    watcher.cancel()
-            return encode_response(model, request_json, results)
+                    raw = await request.body()
+                except ClientDisconnect:
+                    raise ClientGone() from None
+                body = _decompress(raw, request.headers.get("content-encoding"), service.settings.max_body_bytes)
+                request_json, inputs, outputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+                timeout_s = request_timeout_s(_parameters(request_json.get("parameters"), "request"))
+                inference, requested = model.request(inputs, outputs, timeout_s=timeout_s)
+                parsed.update(json=request_json, requested=requested)
+                return inference
+
+            results = await service.serve(
+                read, cancel_when=disconnect_watcher(request), record=access_record(request)
+            )
+            return encode_response(model, parsed["json"], model.outputs(results, parsed["requested"]))
         except ServiceError as exc:
             return v2_error(request, exc)
-        except ClientGone:
-            request.state.reject_reason = "client_gone"
-            return JSONResponse({"error": "client disconnected"}, 499)
 
     for suffix in ("", "/versions/{model_version}"):
         path = "/models/{model_name}" + suffix

@@ -105,7 +105,8 @@ class StandIn:
         if self.always_503 or time.monotonic() - self.first_request < self.unavailable_s:
             return 503, {"error": {"code": "overloaded", "message": "queue full"}}, {"Retry-After": self.retry_after}
         if body.startswith(b"bad"):
-            return 400, {"error": {"code": "invalid_image", "message": "image 1: not a supported image"}}, {}
+            return 400, {"error": {"code": "invalid_image", "message": "image 1: not a supported image",
+                                   "image_index": 0, "reason": "not a supported image"}}, {}
         if path.startswith("/features"):
             return 200, {"model": "stand-in", "dim": 4, "results": [{"filename": None,
                                                                      "embedding": [len(body), 1.0, 2.0, 3.0]}]}, {}
