@@ -96,3 +96,59 @@ def test_core_imports_no_front_end():
     offenders = {m: sorted(t for t in d if not t.startswith(("service.core", "model")))
                  for m, d in _graph().items() if m.startswith("service.core")}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+# -- one request path -----------------------------------------------------------------------------------------
+FRONT_ENDS = ("service.http", "service.v2", "service.cli", "service.web")
+
+
+def _sources(prefix: str = "service") -> dict[str, ast.Module]:
+    files = [p for p in (ROOT / "service").rglob("*.py") if "/pb/" not in p.as_posix()]
+    return {m: tree for p in files
+            if (m := _module_name(p)).startswith(prefix) and (tree := ast.parse(p.read_text(), filename=str(p)))}
+
+
+def _calls(tree: ast.Module) -> list[str]:
+    return [node.func.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
+
+
+def test_front_ends_reach_the_model_only_through_the_core_entry():
+    """Admission, the image cap, the deadline and cancellation are the core's (``InferenceService.serve``):
+    a front-end that called ``admit`` or ``infer`` itself would be a second copy of that path."""
+    offenders = {m: sorted({c for c in _calls(tree) if c in ("admit", "infer", "infer_arrays")})
+                 for m, tree in _sources().items() if m.startswith(FRONT_ENDS)}
+    assert {m: c for m, c in offenders.items() if c} == {}
+    callers = sorted(m for m, tree in _sources().items() if m.startswith(FRONT_ENDS) and "serve" in _calls(tree))
+    # HTTP /predict and /features, V2 REST, gRPC and the batch command each call it.
+    assert callers == ["service.cli.local", "service.http.inference", "service.v2.grpc_server", "service.v2.rest"]
+
+
+def _defined(name: str) -> list[str]:
+    return sorted(m for m, tree in _sources().items() for node in ast.walk(tree)
+                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name)
+
+
+def test_request_rules_are_defined_once():
+    """The disconnect watch, the request-id rule and the access-log line each live in one place."""
+    assert _defined("wait_for_disconnect") == ["service.http.asgi"]
+    assert _defined("_wait_for_disconnect") == []
+    patterns = sorted(m for m, tree in _sources().items() for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and isinstance(node.value, str) and "{1,128}" in node.value)
+    assert patterns == ["service.core.access"]
+    access_loggers = sorted(m for m, tree in _sources().items() for node in ast.walk(tree)
+                            if isinstance(node, ast.Constant) and node.value == "service.access")
+    assert access_loggers == ["service.core.access"]
+    assert _defined("AccessRecord") == ["service.core.access"]
+
+
+def test_the_rule_checks_see_a_planted_copy(tmp_path, monkeypatch):
+    """The checks above would notice a front-end that admitted work itself or kept its own watcher."""
+    (tmp_path / "service" / "http").mkdir(parents=True)
+    (tmp_path / "service" / "http" / "rogue.py").write_text(
+        "async def _wait_for_disconnect(receive):\n    pass\n\n"
+        "async def handler(service):\n    with service.admit():\n        return await service.infer([])\n"
+    )
+    monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
+    assert _defined("_wait_for_disconnect") == ["service.http.rogue"]
+    assert sorted(set(_calls(_sources()["service.http.rogue"]))) == ["admit", "infer"]
