@@ -51,6 +51,14 @@ def photos() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="session")
+def jpeg() -> bytes:
+    """A small valid JPEG (one colour), for tests about everything but the pixels."""
+    from tests.helpers.images import solid_jpeg
+
+    return solid_jpeg()
+
+
+@pytest.fixture(scope="session")
 def start_service() -> Iterator:
     """Factory: ``start_service({"EFFNET_...": ...}, wait=True)`` -> a ready ``ServiceProcess``.
 

@@ -26,7 +26,7 @@ BASE = K8S / "base"
 GPU = K8S / "overlays" / "gpu"
 PORT = 8000
 APP_UID = 10001
-# The metric families the service exports (service/metrics.py), as Prometheus exposes them.
+# The metric families the service exports (service/core/metrics.py), as Prometheus exposes them.
 SERVICE_METRICS = {
     "effnet_requests_total",
     "effnet_request_duration_seconds",
@@ -724,7 +724,7 @@ def test_queries_use_only_metrics_the_service_exports():
 
 
 def test_exported_metric_names_match_the_service():
-    """SERVICE_METRICS above is what the queries are checked against; hold it to service/metrics.py."""
+    """SERVICE_METRICS above is what the queries are checked against; hold it to service/core/metrics.py."""
     metrics_module = pytest.importorskip("service.core.metrics")
     registry = metrics_module.Metrics(8, process_metrics=False).registry
     exported = {metric.name + ("_total" if metric.type == "counter" else "") for metric in registry.collect()}

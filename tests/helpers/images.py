@@ -27,3 +27,14 @@ def png_declaring(width: int, height: int, rows: int = 1) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * ((3 * width + 1) * rows), 9)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def solid_jpeg(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (120, 80, 40)) -> bytes:
+    """A small one-colour JPEG: a valid image for tests about everything but the pixels."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()

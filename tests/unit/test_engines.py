@@ -83,7 +83,7 @@ def _float_input_runner(backend: str, net: EfficientNet):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_uint8_input_equals_the_old_float_path_within_1e5(backend, lite0, reference, float_batch):
+def test_uint8_input_equals_normalising_in_float_first_within_1e5(backend, lite0, reference, float_batch):
     """uint8 pixels normalised by the engine (on its device, or inside the ONNX graph) give today's float
     path's features and logits within 1e-5 (relative to each output's scale) on the real photos."""
     if backend == "openvino" and importlib.util.find_spec("openvino") is None:

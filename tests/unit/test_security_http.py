@@ -10,7 +10,6 @@ another is not (tests/unit/test_service_app.py); a client's X-Request-ID is echo
 from __future__ import annotations
 
 import hmac
-import io
 import sys
 import threading
 from pathlib import Path
@@ -27,13 +26,6 @@ KEY = "k3y-with-enough-entropy-0123456789"
 
 def stand_in_app(labels: list[str] | None = None, **settings):
     return app_with_engine(FakeEngine(), labels=labels, warmup=False, **settings)
-
-
-@pytest.fixture(scope="module")
-def jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), (120, 80, 40)).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
 # -- API key ------------------------------------------------------------------------------------------------

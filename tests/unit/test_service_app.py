@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import time
 
-import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from service.core.runtime import Lifecycle
 from tests.helpers.fakes import FakeEngine, app_with_engine
@@ -24,13 +21,6 @@ def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
     while client.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-
-
-@pytest.fixture(scope="module")
-def jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
 def test_api_key_guards_inference_only(jpeg):

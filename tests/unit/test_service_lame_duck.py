@@ -6,21 +6,11 @@ tests/integration/test_service_lifecycle.py; behind HAProxy: tests/integration/t
 from __future__ import annotations
 
 import asyncio
-import io
 
-import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from service.core.runtime import Lifecycle
 from tests.helpers.fakes import FakeEngine, app_with_engine
-
-
-@pytest.fixture
-def jpeg() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (64, 48), (120, 60, 30)).save(out, "JPEG")
-    return out.getvalue()
 
 
 def predict(client: TestClient, jpeg: bytes):

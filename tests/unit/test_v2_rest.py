@@ -10,7 +10,6 @@ its generated modules and tritonclient's register the same protobuf names, so th
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import struct
@@ -24,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from model import get_efficientnet_config
 from service.core.errors import BadRequest
@@ -36,13 +34,6 @@ from tests.helpers.fakes import ESPRESSO, FakeEngine, app_with_engine
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "efficientnet-lite0"
 INFER = f"/v2/models/{MODEL}/infer"
-
-
-@pytest.fixture(scope="module")
-def jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
 @contextmanager
