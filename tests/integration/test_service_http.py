@@ -358,13 +358,6 @@ def test_request_id_is_taken_or_made_and_echoed(client, service):
     assert access and '"logger": "service.access"' in access[-1] and '"status": 400' in access[-1]
 
 
-def test_cors_is_closed_by_default(client):
-    response = client.options(
-        "/predict", headers={"Origin": "https://example.org", "Access-Control-Request-Method": "POST"}
-    )
-    assert "access-control-allow-origin" not in response.headers
-
-
 def test_openapi_document_and_local_docs(client):
     document = client.get("/openapi.json").json()
     predict = document["paths"]["/predict"]["post"]

@@ -70,6 +70,7 @@ def test_operations_endpoints_stay_open_with_a_key(keyed_client):
     for path in ("/healthz", "/readyz", "/metrics", "/info", "/openapi.json"):
         assert keyed_client.get(path).status_code == 200, path
     assert KEY not in keyed_client.get("/info").text and KEY not in keyed_client.get("/metrics").text
+    assert keyed_client.get("/info").json()["auth_required"] is True
 
 
 def test_the_key_is_compared_with_hmac_compare_digest(keyed_client, jpeg, monkeypatch):
