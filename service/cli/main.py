@@ -141,9 +141,11 @@ class Run:
         if args.weights:
             overrides["weights"] = args.weights
         try:
-            settings = Settings(**overrides)
+            settings = Settings(**overrides).resolved()
         except ValidationError as exc:
             raise Usage(f"invalid setting: {settings_problems(exc)}") from None
+        except ValueError as exc:
+            raise Usage(f"invalid setting: {exc}") from None
         if args.concurrency and args.concurrency > settings.max_queue:
             raise Usage(f"--concurrency {args.concurrency} is above EFFNET_MAX_QUEUE ({settings.max_queue})")
         return LocalRunner(settings, self.task, top_k=top_k, normalize=normalize)

@@ -169,6 +169,10 @@ def _sha256(path: str) -> str:
 def load_model(settings: Settings) -> LoadedModel:
     """Build, load, move and probe the model; ``StartupError`` with one clear sentence if impossible."""
     try:
+        settings = settings.resolved()
+    except ValueError as exc:
+        raise StartupError(f"invalid configuration: {exc}") from None
+    try:
         variant = get_efficientnet_config(settings.model)
     except (ValueError, KeyError) as exc:
         raise StartupError(f"unknown EFFNET_MODEL {settings.model!r}: {exc}") from None

@@ -115,7 +115,7 @@ class InferenceService:
         model: LoadedModel,
         metrics: Metrics,
     ) -> None:
-        self.settings = settings
+        self.settings = settings = settings.resolved()
         self.model = model
         self.metrics = metrics
         self.preprocessor = Preprocessor(model.preprocess, max_pixels=settings.max_image_pixels)

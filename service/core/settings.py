@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "EFFNET_"
@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     """All service settings, read from ``EFFNET_<NAME>`` environment variables."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    _resolved: bool = PrivateAttr(default=False)
 
     model: str = Field(
         "efficientnet-lite0",
@@ -295,33 +296,58 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _gpu_batching_defaults(cls, data: object) -> object:
-        """On a GPU, the batching settings not given explicitly take GPU_DEFAULTS (a smaller explicit
-        max_queue caps the batch size, so that an explicit queue alone stays valid)."""
-        if not isinstance(data, dict) or not gpu_expected(str(data.get("device", "auto"))):
-            return data
-        data = dict(data)
-        data.setdefault("max_batch_delay_ms", GPU_DEFAULTS["max_batch_delay_ms"])
-        if "max_batch_size" not in data:
-            size = int(GPU_DEFAULTS["max_batch_size"])
-            try:
-                size = min(size, int(data["max_queue"])) if "max_queue" in data else size
-            except (TypeError, ValueError):
-                pass  # an invalid max_queue is reported by its own validation
-            data["max_batch_size"] = max(1, size)
-        data.setdefault("max_queue", int(GPU_DEFAULTS["max_queue"]))
-        return data
-
     @model_validator(mode="after")
     def _check_queue(self) -> Settings:
-        if self.max_queue < self.max_batch_size:
-            raise ValueError(
-                f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size}), "
-                "or batches could never fill"
-            )
+        # Only between values given explicitly: a default may still change with the device (resolved()).
+        given = self.model_fields_set
+        if {"max_queue", "max_batch_size"} <= given or self._resolved:
+            _check_queue_fits(self.max_queue, self.max_batch_size)
         return self
+
+    def resolved(self, cuda_available: bool | None = None) -> Settings:
+        """These settings with everything that depends on the machine decided, once, at load: the device
+        (``auto`` -> cuda or cpu), the dtype (``auto`` -> bfloat16 on a GPU, float32 on CPU), the threads,
+        the batches in flight and, on a GPU, the batching settings not given explicitly (GPU_DEFAULTS; an
+        explicit smaller queue caps the batch size). Validation never imports torch; this does, when the
+        device is ``auto`` or cuda and ``cuda_available`` is not given. Idempotent."""
+        if self._resolved:
+            return self
+        device = self.device
+        if device == "auto":
+            if cuda_available is None:
+                import torch
+
+                cuda_available = torch.cuda.is_available()
+            device = "cuda" if cuda_available else "cpu"
+        gpu = device.startswith("cuda")
+        update: dict[str, object] = {"device": device}
+        given = self.model_fields_set
+        if gpu:
+            if "max_batch_delay_ms" not in given:
+                update["max_batch_delay_ms"] = GPU_DEFAULTS["max_batch_delay_ms"]
+            if "max_queue" not in given:
+                update["max_queue"] = int(GPU_DEFAULTS["max_queue"])
+            if "max_batch_size" not in given:
+                size = int(GPU_DEFAULTS["max_batch_size"])
+                update["max_batch_size"] = min(size, self.max_queue) if "max_queue" in given else size
+        resolved = self.model_copy(update=update)
+        object.__setattr__(resolved, "_resolved", True)
+        resolved = resolved.model_copy(update={
+            "dtype": resolved.effective_dtype,
+            "num_threads": resolved.effective_num_threads,
+            "decode_threads": resolved.effective_decode_threads,
+            "max_concurrent_batches": resolved.effective_max_concurrent_batches,
+        })
+        object.__setattr__(resolved, "_resolved", True)
+        _check_queue_fits(resolved.max_queue, resolved.max_batch_size)
+        return resolved
+
+    def describe_resolved(self) -> str:
+        """One log line of what ``resolved()`` decided."""
+        return (f"device {self.device}, dtype {self.effective_dtype}, batch up to {self.max_batch_size} "
+                f"({self.max_batch_delay_ms:g} ms, queue {self.max_queue}, "
+                f"{self.effective_max_concurrent_batches} in flight), threads {self.effective_num_threads} "
+                f"inference / {self.effective_decode_threads} decode")
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -333,7 +359,8 @@ class Settings(BaseSettings):
 
     @property
     def on_gpu(self) -> bool:
-        """Whether the model will run on a GPU (device cuda..., or auto with a GPU visible)."""
+        """Whether the model will run on a GPU (device cuda..., or auto with a GPU visible; resolved
+        settings answer without asking torch)."""
         return gpu_expected(self.device)
 
     @property
@@ -360,6 +387,13 @@ class Settings(BaseSettings):
     @property
     def random_weights(self) -> bool:
         return self.weights is not None and self.weights.strip().lower() == "random"
+
+
+def _check_queue_fits(max_queue: int, max_batch_size: int) -> None:
+    if max_queue < max_batch_size:
+        raise ValueError(
+            f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size}), or batches could never fill"
+        )
 
 
 def settings_problems(exc: ValidationError) -> str:

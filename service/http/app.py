@@ -37,7 +37,7 @@ def create_app(
     """Build the app. ``model``: an already loaded model (else the lifespan loads one from ``settings``).
     ``grpc_address`` (host:port): also serve the Open Inference Protocol over gRPC there, on the same
     core service (``efficientnet-serve`` passes it unless EFFNET_GRPC_PORT is 0)."""
-    settings = settings or Settings()
+    settings = (settings or Settings()).resolved()
     metrics = Metrics(settings.max_batch_size)
 
     @asynccontextmanager

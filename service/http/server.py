@@ -157,13 +157,17 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
+    for name in unknown_settings():
+        log.warning("%s is set but no setting reads it (a typo, or a setting of another release?)", name)
     try:
-        settings = Settings()
+        settings = Settings().resolved()
     except ValidationError as exc:
         log.error("invalid configuration: %s", settings_problems(exc))
         return 2
-    for name in unknown_settings():
-        log.warning("%s is set but no setting reads it (a typo, or a setting of another release?)", name)
+    except ValueError as exc:  # a combination only the machine decides (resolved())
+        log.error("invalid configuration: %s", exc)
+        return 2
+    log.info("settings resolved: %s", settings.describe_resolved())
     if settings.grpc_port:
         # A taken gRPC port fails the start in one line, before the model load, like a taken HTTP port.
         from service.v2.grpc_server import port_problem

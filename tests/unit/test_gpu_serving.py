@@ -37,7 +37,8 @@ def test_buckets_are_powers_of_two_up_to_the_largest_batch():
 
 def test_defaults_follow_the_device():
     """dtype auto is float32 on CPU and bfloat16 on a GPU; one batch in flight on CPU, two on a GPU;
-    decode threads half the CPUs on CPU, all but one on a GPU host. Explicit values always win."""
+    decode threads half the CPUs on CPU, all but one on a GPU host. Explicit values always win. The
+    resolved settings carry the decided values themselves."""
     cpu = Settings(device="cpu")
     assert cpu.dtype == "auto" and cpu.effective_dtype == "float32"
     assert cpu.effective_max_concurrent_batches == 1
@@ -46,28 +47,48 @@ def test_defaults_follow_the_device():
     assert gpu.on_gpu and gpu.effective_dtype == "bfloat16"
     assert gpu.effective_max_concurrent_batches == 2
     assert gpu.effective_decode_threads == max(1, available_cpus() - 1)
+    resolved = gpu.resolved()
+    assert (resolved.dtype, resolved.max_concurrent_batches, resolved.decode_threads) == (
+        "bfloat16", 2, max(1, available_cpus() - 1))
     explicit = Settings(device="cuda", dtype="float32", max_concurrent_batches=3, decode_threads=5)
     assert (explicit.effective_dtype, explicit.effective_max_concurrent_batches,
             explicit.effective_decode_threads) == ("float32", 3, 5)
     assert Settings(device="auto").on_gpu == CUDA
+    assert Settings(device="auto").resolved().device == ("cuda" if CUDA else "cpu")
+    assert Settings(device="auto").resolved(cuda_available=True).device == "cuda"
     with pytest.raises(ValueError):
         Settings(max_concurrent_batches=0)
 
 
 def test_batching_defaults_follow_the_device(monkeypatch):
     """On a GPU the batching settings not given take the GPU defaults (batch 128, 2 ms, queue 1024), also
-    from the environment; explicit values win, and an explicit smaller queue caps the default batch."""
-    cpu = Settings(device="cpu")
+    from the environment; explicit values win, and an explicit smaller queue caps the default batch. They
+    are decided when the settings are resolved at load, not while validating (which imports no torch)."""
+    cpu = Settings(device="cpu").resolved()
     assert (cpu.max_batch_size, cpu.max_batch_delay_ms, cpu.max_queue) == (8, 5.0, 64)
-    gpu = Settings(device="cuda")
+    gpu = Settings(device="cuda").resolved()
     assert (gpu.max_batch_size, gpu.max_batch_delay_ms, gpu.max_queue) == (128, 2.0, 1024)
-    assert Settings(device="cuda:0", max_batch_size=16).max_batch_size == 16
-    small = Settings(device="cuda", max_queue=32)
+    assert Settings(device="cuda:0", max_batch_size=16).resolved().max_batch_size == 16
+    assert Settings(device="cuda", max_batch_size=256).resolved().max_queue == 1024  # valid only on a GPU
+    with pytest.raises(ValueError, match="max_queue"):
+        Settings(device="cpu", max_batch_size=256).resolved()
+    small = Settings(device="cuda", max_queue=32).resolved()
     assert (small.max_batch_size, small.max_queue) == (32, 32)
     monkeypatch.setenv("EFFNET_DEVICE", "cuda")
     monkeypatch.setenv("EFFNET_MAX_BATCH_DELAY_MS", "7")
-    from_env = Settings()
+    from_env = Settings().resolved()
     assert (from_env.max_batch_size, from_env.max_batch_delay_ms) == (128, 7.0)
+
+
+def test_validating_settings_imports_no_torch():
+    """Settings are plain data: validating them (``auto`` device included) never imports torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from service.core.settings import Settings; Settings(device='auto'); "
+            "Settings(device='cuda', max_batch_size=256); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.fixture(scope="module")
