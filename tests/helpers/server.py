@@ -70,7 +70,8 @@ class ServiceProcess:
     EFFNET_NUM_THREADS unless ``env`` sets it (None: the service's own default, all CPUs). No load balancer
     watches these servers, so EFFNET_SHUTDOWN_DELAY_S is 0 (SIGTERM drains at once) unless ``env`` sets
     it. ``port``: listen there (a replacement for a stopped server behind a load balancer) instead of on a
-    free port. ``args``: more command-line arguments (``--log-level warning``...). stdout and stderr go to
+    free port. ``repo``: run that checkout of the project instead of this one. ``args``: more command-line
+    arguments (``--log-level warning``...). stdout and stderr go to
     a temporary log file (``logs()``), removed by ``stop()`` / ``close()``.
 
     ``readiness_seen`` records every /readyz status observed while waiting for the server to get ready.
@@ -86,7 +87,9 @@ class ServiceProcess:
         threads: int | None = 2,
         ready_timeout: float = 120.0,
         port: int | None = None,
+        repo: Path | None = None,
     ) -> None:
+        repo = repo or REPO  # another checkout of the project (a benchmark's "before"), else this one
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout = ready_timeout
@@ -94,7 +97,7 @@ class ServiceProcess:
         self.stopped: Stopped | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="effnet-serve-", suffix=".log", delete=False)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("EFFNET_")}
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), full_env.get("PYTHONPATH")]))
         if threads is not None:
             full_env["EFFNET_NUM_THREADS"] = str(threads)
         # No gRPC server unless a test asks for one (EFFNET_GRPC_PORT in ``env``): the default port 8001
@@ -104,7 +107,7 @@ class ServiceProcess:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *(args or [])],
-            cwd=REPO,
+            cwd=repo,
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
