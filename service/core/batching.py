@@ -71,9 +71,9 @@ class Reservation:
 
     Use as a context manager so unused room is always given back::
 
-        with batcher.reserve(len(blobs)) as slot:
+        with batcher.reserve(len(blobs)) as room:
             arrays = await decode(blobs)
-            outputs = await slot.run(arrays, timeout=deadline - now)
+            outputs = await room.run(arrays, timeout=deadline - now)
     """
 
     def __init__(self, batcher: DynamicBatcher, size: int) -> None:
@@ -277,7 +277,7 @@ class DynamicBatcher:
         return items
 
     def _withdraw(self, items: Sequence[_Item]) -> None:
-        """Remove still-queued items (their request is over) and free their slots."""
+        """Remove still-queued items (their request is over) and give back their room in the queue."""
         removed = 0
         for item in items:
             if not item.future.done():

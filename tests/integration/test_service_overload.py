@@ -52,7 +52,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(service, photos):
 
     async def scenario():
         async with httpx.AsyncClient(base_url=service.url, timeout=30.0) as client:
-            # One image runs, two wait: 2 of the 3 queue slots are taken.
+            # One image runs, two wait: 2 of the queue's room of 3 is taken.
             admitted = [asyncio.ensure_future(client.post("/predict", files={"file": (f"{i}.jpg", coffee)}))
                         for i in range(3)]
             await asyncio.sleep(0.08)
@@ -111,7 +111,7 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(service, photos):
     assert asyncio.run(scenario()).status_code == 200
     deadline = time.monotonic() + 1.0
     while metric(service.url, "effnet_queue_depth") != 0:
-        assert time.monotonic() < deadline, "the abandoned image still holds its slot"
+        assert time.monotonic() < deadline, "the abandoned image still holds its room in the queue"
         time.sleep(0.02)
     assert metric(service.url, "effnet_rejected_total", reason="client_gone") > gone_before
     # The abandoned image left the queue before its turn: only the two busy images were computed.

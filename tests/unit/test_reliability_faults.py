@@ -6,7 +6,7 @@ share a batch, and what waits in the queue, is decided here rather than left to 
 - a client that gives up while its image waits in the queue costs nothing afterwards: its image is
   withdrawn (queue depth back to 0 at once) and never reaches the engine, and the next requests are
   served;
-- a request past its deadline gets 504 and its queue slot is freed at once, while the engine is still busy;
+- a request past its deadline gets 504 and its room in the queue is freed at once, while the engine is still busy;
   its image never runs, and the next request is served.
 
 The last two run a real uvicorn server in a thread (only a real socket can hang up).
@@ -139,7 +139,7 @@ def test_a_client_that_gives_up_while_queued_costs_nothing(serve):
         with httpx.Client(base_url=url, timeout=0.5) as impatient, pytest.raises(httpx.ReadTimeout):
             impatient.post("/predict", files={"file": ("gone.png", RED, "image/png")})
         # The abandoned image leaves the queue at once, while the engine is still busy.
-        wait_until(lambda: batcher.admitted == 0, "the abandoned image still holds its queue slot", timeout=2)
+        wait_until(lambda: batcher.admitted == 0, "the abandoned image still holds its room in the queue", timeout=2)
         engine.gate.set()
         assert first.result(30).status_code == 200
         after = client.post("/predict", files={"file": ("after.png", BLUE, "image/png")})
