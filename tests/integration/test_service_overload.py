@@ -70,7 +70,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(service, photos):
     assert metric(service.url, "effnet_rejected_total", reason="queue_full") >= 1
 
 
-def test_request_past_its_deadline_gets_504_and_frees_its_slot(impatient_service, photos):
+def test_request_past_its_deadline_gets_504_and_frees_its_room(impatient_service, photos):
     url = impatient_service.url
 
     async def scenario():
@@ -91,7 +91,7 @@ def test_request_past_its_deadline_gets_504_and_frees_its_slot(impatient_service
     assert alone.status_code == 200, alone.text
 
 
-def test_a_client_that_disconnects_frees_its_slot_at_once(service, photos):
+def test_a_client_that_disconnects_frees_its_room_at_once(service, photos):
     coffee = photos["coffee.jpg"]
 
     async def scenario():

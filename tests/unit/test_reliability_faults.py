@@ -152,7 +152,7 @@ def test_a_client_that_gives_up_while_queued_costs_nothing(serve):
     assert "effnet_queue_depth 0.0" in metrics
 
 
-def test_a_request_past_its_deadline_gets_504_and_its_slot_is_freed_at_once(serve):
+def test_a_request_past_its_deadline_gets_504_and_its_room_is_freed_at_once(serve):
     url, engine, app = serve(request_timeout_s=0.5)
     batcher = app.state.service.batcher
     with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=url, timeout=30) as client:

@@ -184,7 +184,7 @@ def _blocked_batcher(gate: threading.Event) -> tuple[DynamicBatcher, RecordingEn
     return DynamicBatcher(engine, max_batch_size=1, max_delay_s=0.0, max_queue=1), engine
 
 
-def test_timed_out_request_gets_504_and_frees_its_slot_without_running():
+def test_timed_out_request_gets_504_and_frees_its_room_without_running():
     gate = threading.Event()
 
     async def main():
