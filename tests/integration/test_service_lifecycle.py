@@ -230,6 +230,18 @@ def _bad_starts(tmp_path: pathlib.Path) -> dict[str, tuple[dict[str, str], int, 
             2,
             "invalid configuration",
         ),
+        # Valid data, but on a CPU the default queue (64) cannot hold a batch of 256: decided at resolution.
+        "batch over the CPU queue": (
+            {"EFFNET_DEVICE": "cpu", "EFFNET_MAX_BATCH_SIZE": "256"},
+            2,
+            "max_queue (64) must be >= max_batch_size (256)",
+        ),
+        # A misspelt variable is named before anything else can go wrong (here the model is unknown too).
+        "misspelt setting": (
+            {"EFFNET_MODLE": "efficientnet-b0", "EFFNET_MODEL": "efficientnet-b99"},
+            1,
+            "unknown EFFNET_MODEL",
+        ),
     }
     return cases
 
@@ -244,6 +256,8 @@ BAD_STARTS = [
     "cuda absent",
     "backend without the dtype",
     "invalid setting",
+    "batch over the CPU queue",
+    "misspelt setting",
 ]
 
 
@@ -270,6 +284,9 @@ def test_bad_start_exits_non_zero_with_one_clear_line(bad_starts, case):
     assert len(errors) == 1, logs
     assert text in errors[0], errors[0]
     assert "Traceback" not in logs
+    if case == "misspelt setting":
+        warnings = [line for line in logs.splitlines() if '"level": "WARNING"' in line]
+        assert any("EFFNET_MODLE is set but no setting reads it" in line for line in warnings), logs
     if case == "pickled code":
         assert not (tmp_path / "code-ran").exists(), "the checkpoint ran code"
 
