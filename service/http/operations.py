@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.core.errors import NotReady, ServiceUnavailable, ShuttingDown
-from service.core.imaging import describe
+from service.core.imaging import describe, describe_formats
 from service.core.loading import variant_config_dict
 from service.core.runtime import InferenceService, Lifecycle
 from service.http.deps import ServiceDep, SettingsDep
@@ -22,7 +22,7 @@ from service.http.schemas import ErrorResponse, HealthResponse, InfoResponse, Re
 def _versions() -> dict[str, str]:
     # Read once: importlib.metadata parses each package's METADATA file, ~1 ms a package.
     versions = {"python": platform.python_version()}
-    for dist in ("effnet-serve", "torch", "numpy", "pillow", "fastapi", "uvicorn", "onnxruntime"):
+    for dist in ("effnet-serve", "torch", "numpy", "pillow", "pillow-heif", "fastapi", "uvicorn", "onnxruntime"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -77,6 +77,7 @@ async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
         parameters=model.num_parameters,
         config=variant_config_dict(model.variant),
         preprocessing=describe(model.preprocess),  # type: ignore[arg-type]
+        image_formats=describe_formats(),  # type: ignore[arg-type]
         device=engine.device,
         dtype=engine.dtype,
         backend=engine.backend,
