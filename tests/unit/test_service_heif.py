@@ -169,6 +169,13 @@ def test_the_declared_size_counts_even_when_a_clean_aperture_hides_it(fmt, small
         decode(bomb)
 
 
+def test_libheifs_own_security_limit_is_a_413_too(small):
+    """With a pixel limit above libheif's (a gigapixel), libheif refuses the allocation itself: still 413."""
+    bomb = declaring(small["HEIF"], 40_000, 40_000)
+    with pytest.raises(ImageTooLarge, match="security limits"):
+        decode(bomb, max_pixels=2_000_000_000)
+
+
 @pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
 def test_pixel_limit_applies_to_real_files(fmt):
     data = ENCODERS[fmt](Image.new("RGB", (300, 200), RED))
