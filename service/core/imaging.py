@@ -58,7 +58,7 @@ class ImageFormat:
 
 
 # HEIC/HEIF through pillow-heif's opener (libheif with libde265); AVIF through Pillow's own plugin (libavif).
-# Their thumbnails, depth maps and auxiliary images are never used: not even their headers are read.
+# Their thumbnails, depth maps and auxiliary images are never used, so pillow-heif does not collect them.
 try:
     import pillow_heif
 except ImportError:  # a dependency of the package; only a bare environment (a GPU box with wheels carried) lacks it

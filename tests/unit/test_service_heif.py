@@ -55,6 +55,10 @@ def decode(data: bytes, **kwargs) -> Image.Image:
     return decode_image(data, max_pixels=kwargs.pop("max_pixels", LIMIT), **kwargs)
 
 
+def centre(image: Image.Image) -> tuple[int, ...]:
+    return image.getpixel((image.width // 2, image.height // 2))
+
+
 def halves(size=(40, 20)) -> Image.Image:
     """Left half red, right half blue: where each colour ends up shows how the image was turned."""
     image = Image.new("RGB", size, BLUE)
@@ -94,6 +98,14 @@ def test_the_generic_mif1_brand_is_decoded_by_the_right_plugin(fmt, small):
     data = small[fmt]
     generic = data[:8] + b"mif1" + data[12:]
     assert decode(generic).size == (64, 48)
+
+
+def test_the_primary_image_of_a_heif_collection_is_the_one_decoded():
+    """A HEIF file may hold several images; viewers show the primary one, which need not be the first."""
+    images = [Image.new("RGB", (32, 24), RED), Image.new("RGB", (32, 24), BLUE)]
+    data = to_heic(images[0], save_all=True, append_images=images[1:], primary_index=1)
+    assert pillow_heif.open_heif(io.BytesIO(data)).primary_index == 1
+    assert np.allclose(centre(decode(data)), BLUE, atol=12)
 
 
 def test_iphone_style_heic_is_turned_upright_once():
