@@ -16,6 +16,7 @@ SUITE = [
     ("Service under load", "bench_service", []),
     ("Protocols: /predict, V2 REST and V2 gRPC", "bench_protocols", []),
     ("Batch command: efficientnet-batch", "bench_batch_cli", []),
+    ("Decoding by format: JPEG, HEIC, AVIF", "bench_decode_formats", []),
     ("Training memory: MemoryEfficientSwish", "bench_train_memory", []),
 ]
 

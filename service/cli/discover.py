@@ -15,13 +15,15 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-# Extensions of formats the service decodes, plus image formats it does not (HEIC, AVIF, ...): a file
+from service.core.imaging import ACCEPTED_EXTENSIONS
+
+# Extensions of formats the service decodes, plus image formats it does not (JPEG XL, JPEG 2000): a file
 # with one of those is meant as an image, so it gets a row saying why it could not be read.
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".webp", ".bmp", ".dib", ".tif", ".tiff",
-    ".heic", ".heif", ".avif", ".jxl", ".jp2",
-})
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+IMAGE_EXTENSIONS = frozenset({*ACCEPTED_EXTENSIONS, ".apng", ".heics", ".heifs", ".avifs", ".jxl", ".jp2"})
+# Major brands of HEIC/HEIF (ISO/IEC 23008-12) and AVIF: an iPhone photo without its .HEIC name is found.
+_HEIF_BRANDS = {
+    b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"heif", b"mif1", b"mif2", b"msf1", b"avif", b"avis",
+}
 _BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
 SNIFF_BYTES = 32
 

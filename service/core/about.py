@@ -20,7 +20,7 @@ def service_version() -> str:
 def library_versions() -> dict[str, str]:
     # Read once: importlib.metadata parses each package's METADATA file, ~1 ms a package.
     versions = {"python": platform.python_version()}
-    for dist in ("effnet-serve", "torch", "numpy", "pillow", "fastapi", "uvicorn", "onnxruntime"):
+    for dist in ("effnet-serve", "torch", "numpy", "pillow", "pillow-heif", "fastapi", "uvicorn", "onnxruntime"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

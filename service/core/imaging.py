@@ -2,12 +2,22 @@
 
 Runs in a worker thread (Pillow releases the GIL while decoding and resampling). The steps:
 
-1. Open lazily with Pillow, restricted to JPEG, PNG, WebP, GIF, BMP and TIFF; anything else is
-   "not a supported image" (400). Only the header has been read at this point.
-2. Refuse images over ``max_pixels`` from the header size, before decoding a single pixel (413).
+1. Open lazily with Pillow, restricted to the formats of ``IMAGE_FORMATS`` (JPEG, PNG, WebP, GIF, BMP,
+   TIFF, AVIF and HEIC/HEIF), recognised by their content, never by a name or a declared type; anything
+   else is "not a supported image" (400). Only the header has been read at this point.
+2. Refuse images over ``max_pixels`` from the header size, before decoding a single pixel (413). For the
+   HEIF family (HEIC and AVIF) the sizes every image item declares (``ispe``) are checked first: the size
+   Pillow reports is the one after the clean-aperture crop, and a huge grid cropped to a small ``clap``
+   would otherwise be decoded in full.
 3. For JPEG, ``Image.draft`` lets libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the size the
-   resize step needs: much cheaper for large photos.
-4. Decode the first frame (animations), apply the EXIF orientation, convert every mode to RGB.
+   resize step needs: much cheaper for large photos. HEVC (libheif) and AV1 (libavif) have no such
+   reduced decode: a 48 MP HEIC or AVIF is decoded at full size (still only after the checks above).
+4. Decode the first frame (animations; the primary image of a HEIF file), apply the orientation once,
+   convert every mode to RGB. The orientation of a HEIF file is its ``irot``/``imir`` transform, which
+   libheif applies while decoding; pillow-heif then resets the EXIF orientation to 1, so the iPhone's
+   EXIF orientation 6 beside an ``irot`` is not applied a second time. Pillow's AVIF decoder does not
+   apply ``irot``/``imir``; it reports them as the EXIF orientation, applied here like a JPEG's. 10- and
+   12-bit HEIF/AVIF are reduced to 8 bits by their decoders.
    Transparent images are composited on white, what a viewer shows on a white page: dropping alpha
    would expose whatever colour transparent pixels happen to store (often black). 16-bit greyscale is
    scaled to 8 bits (v / 257), not clipped.
@@ -23,17 +33,83 @@ Runs in a worker thread (Pillow releases the GIL while decoding and resampling).
 from __future__ import annotations
 
 import io
+import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
 from model import pillow_resample, resize_and_crop, to_uint8_chw
 from service.core.errors import ImageTooLarge, InvalidImage
 
-SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """One accepted image format: what Pillow calls it, what people call it, the raw-body media types and
+    the file extensions that announce it. The one list the HTTP uploads, /info and the web page use."""
+
+    pillow: str
+    label: str
+    media_types: tuple[str, ...]
+    extensions: tuple[str, ...]
+
+
+# HEIC/HEIF through pillow-heif's opener (libheif with libde265); AVIF through Pillow's own plugin (libavif).
+# Their thumbnails, depth maps and auxiliary images are never used, so pillow-heif does not collect them.
+try:
+    import pillow_heif
+except ImportError:  # a dependency of the package; only a bare environment (a GPU box with wheels carried) lacks it
+    pillow_heif = None
+else:
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
+_ALL_FORMATS = (
+    ImageFormat("JPEG", "JPEG", ("image/jpeg", "image/jpg", "image/pjpeg"), (".jpg", ".jpeg", ".jpe", ".jfif")),
+    ImageFormat("PNG", "PNG", ("image/png",), (".png", ".apng")),
+    ImageFormat("WEBP", "WebP", ("image/webp",), (".webp",)),
+    ImageFormat("GIF", "GIF", ("image/gif",), (".gif",)),
+    ImageFormat("BMP", "BMP", ("image/bmp", "image/x-ms-bmp", "image/x-bmp"), (".bmp", ".dib")),
+    ImageFormat("TIFF", "TIFF", ("image/tiff",), (".tif", ".tiff")),
+    # AVIF before HEIF: both claim files whose major brand is the generic "mif1"; Pillow's AVIF plugin
+    # refuses HEVC content at open (the next plugin then gets it), while pillow-heif's libheif would accept
+    # an AV1 file and only fail when decoding it (it is built without an AV1 decoder).
+    ImageFormat("AVIF", "AVIF", ("image/avif",), (".avif",)),
+    ImageFormat(
+        "HEIF",
+        "HEIC/HEIF",
+        ("image/heic", "image/heif", "image/heic-sequence", "image/heif-sequence"),
+        (".heic", ".heif", ".hif"),
+    ),
+)
+# Only what this installation really decodes (a Pillow built without libavif has no AVIF): /info says so.
+_AVAILABLE = {"AVIF": features.check("avif"), "HEIF": pillow_heif is not None}
+IMAGE_FORMATS: tuple[ImageFormat, ...] = tuple(f for f in _ALL_FORMATS if _AVAILABLE.get(f.pillow, True))
+SUPPORTED_FORMATS: tuple[str, ...] = tuple(f.pillow for f in IMAGE_FORMATS)
+ACCEPTED_MEDIA_TYPES: tuple[str, ...] = tuple(m for f in IMAGE_FORMATS for m in f.media_types)
+ACCEPTED_EXTENSIONS: tuple[str, ...] = tuple(e for f in IMAGE_FORMATS for e in f.extensions)
+
+
+def formats_text(conjunction: str = "or") -> str:
+    """The accepted formats for people: "JPEG, PNG, ..., AVIF or HEIC/HEIF"."""
+    labels = [f.label for f in IMAGE_FORMATS]
+    return f"{', '.join(labels[:-1])} {conjunction} {labels[-1]}" if len(labels) > 1 else labels[0]
+
+
+def describe_formats() -> list[dict[str, object]]:
+    """The accepted formats as plain data (for /info)."""
+    return [
+        {"name": f.pillow, "label": f.label, "media_types": list(f.media_types), "extensions": list(f.extensions)}
+        for f in IMAGE_FORMATS
+    ]
+
+
+# Major brands of the HEIF family (ISO/IEC 23008-12 and the AVIF specification).
+_HEIF_FAMILY_BRANDS = frozenset({
+    b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"heif", b"mif1", b"mif2", b"msf1", b"avif", b"avis",
+})
 _WHITE = (255, 255, 255)
 
 # Truncated files are errors, not grey-padded images.
@@ -64,6 +140,13 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
     """
     if not data:
         raise InvalidImage("empty image")
+    if data[4:8] == b"ftyp":  # the ISO base media file format: HEIC, HEIF, AVIF
+        declared = _largest_declared_item(data)
+        if declared is not None and declared[0] * declared[1] > max_pixels:
+            width, height = declared
+            raise ImageTooLarge(
+                f"image declares {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
     try:
         with warnings.catch_warnings():
             # Pillow's own decompression-bomb warning: our explicit limit below is the one that counts.
@@ -78,7 +161,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
                 )
             if image.format == "JPEG" and min_size:
                 image.draft(image.mode, (min_size, min_size))
-            image.seek(0)
+            if image.format != "HEIF":  # pillow-heif opens at the primary image, which need not be the first
+                image.seek(0)
             image.load()
             image = _apply_exif_orientation(image)
             return to_rgb(image)
@@ -88,13 +172,60 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
         # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS), also checked from the header alone.
         raise ImageTooLarge(f"image has more pixels than the limit of {max_pixels}") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidImage(
-            "not a supported image: expected JPEG, PNG, WebP, GIF, BMP or TIFF content"
-        ) from exc
+        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_FAMILY_BRANDS:
+            # Pillow's AVIF plugin refuses a damaged file at open, which reads as "unknown format".
+            raise InvalidImage("cannot decode image: a truncated or corrupt HEIF/AVIF file") from exc
+        raise InvalidImage(f"not a supported image: expected {formats_text()} content") from exc
     except MemoryError as exc:
         raise ImageTooLarge("image too large to decode") from exc
+    except RuntimeError as exc:
+        if "security limit" in str(exc).lower():  # libheif's own limits (image size, tiles, memory)
+            raise ImageTooLarge("image exceeds the decoder's security limits") from exc
+        raise InvalidImage(f"cannot decode image ({type(exc).__name__})") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
         raise InvalidImage(f"cannot decode image ({type(exc).__name__})") from exc
+
+
+def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """The ISO BMFF boxes between ``start`` and ``end``: (type, body start, body end). Stops at the first
+    box that does not fit (a truncated or corrupt file: the decoder then says what is wrong)."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if size == 1:  # a 64-bit size follows the type
+            if pos + 16 > end:
+                return
+            size = struct.unpack_from(">Q", data, pos + 8)[0]
+            header = 16
+        elif size == 0:  # to the end of the enclosing box
+            size = end - pos
+        if size < header or pos + size > end:
+            return
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+def _largest_declared_item(data: bytes) -> tuple[int, int] | None:
+    """The largest width x height any image item of a HEIF/AVIF file declares (its ``ispe`` property in
+    ``meta/iprp/ipco``), or None if there is none. Only the header boxes are read, never the coded data."""
+    largest: tuple[int, int] | None = None
+    for kind, body, end in _boxes(data, 0, len(data)):
+        if kind != b"meta":
+            continue
+        for kind2, body2, end2 in _boxes(data, body + 4, end):  # meta is a full box: version + flags
+            if kind2 != b"iprp":
+                continue
+            for kind3, body3, end3 in _boxes(data, body2, end2):
+                if kind3 != b"ipco":
+                    continue
+                for kind4, body4, end4 in _boxes(data, body3, end3):
+                    if kind4 == b"ispe" and end4 - body4 >= 12:
+                        width, height = struct.unpack_from(">II", data, body4 + 4)
+                        if largest is None or width * height > largest[0] * largest[1]:
+                            largest = (width, height)
+        break  # one meta box at file level
+    return largest
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -189,10 +320,16 @@ def describe(spec: PreprocessSpec) -> dict[str, object]:
 
 
 __all__ = [
+    "ACCEPTED_EXTENSIONS",
+    "ACCEPTED_MEDIA_TYPES",
+    "IMAGE_FORMATS",
     "SUPPORTED_FORMATS",
+    "ImageFormat",
     "PreprocessSpec",
     "Preprocessor",
     "decode_image",
     "describe",
+    "describe_formats",
+    "formats_text",
     "to_rgb",
 ]

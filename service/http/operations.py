@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from service.core.about import library_versions
 from service.core.errors import NotReady, ServiceUnavailable
-from service.core.imaging import describe
+from service.core.imaging import describe, describe_formats
 from service.core.loading import variant_config_dict
 from service.core.runtime import InferenceService
 from service.http.deps import ServiceDep, SettingsDep
@@ -60,6 +60,7 @@ async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
         parameters=model.num_parameters,
         config=variant_config_dict(model.variant),
         preprocessing=describe(model.preprocess),  # type: ignore[arg-type]
+        image_formats=describe_formats(),  # type: ignore[arg-type]
         device=engine.device,
         dtype=engine.dtype,
         backend=engine.backend,

@@ -74,6 +74,13 @@ class PreprocessInfo(BaseModel):
     formats: list[str] = Field(description="Accepted image formats.")
 
 
+class ImageFormatInfo(BaseModel):
+    name: str = Field(description="The format's name (as in preprocessing.formats).", examples=["HEIF"])
+    label: str = Field(examples=["HEIC/HEIF"])
+    media_types: list[str] = Field(description="Content types accepted for a raw request body.")
+    extensions: list[str] = Field(description="File name extensions (the web page's file picker offers these).")
+
+
 class BatchingInfo(BaseModel):
     max_batch_size: int
     max_batch_delay_ms: float
@@ -108,6 +115,9 @@ class InfoResponse(BaseModel):
     parameters: int = Field(description="Number of parameters of the network.")
     config: dict[str, Any] = Field(description="The variant's global configuration.")
     preprocessing: PreprocessInfo
+    image_formats: list[ImageFormatInfo] = Field(
+        description="The accepted image formats, recognised by content whatever the name or declared type."
+    )
     device: str
     dtype: str
     backend: str

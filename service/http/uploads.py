@@ -16,28 +16,18 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service.core.errors import BadRequest, ClientGone, ServiceError, UnsupportedMediaType
+from service.core.imaging import ACCEPTED_MEDIA_TYPES, formats_text
 from service.core.runtime import InferenceService
 
-# Raw-body content types accepted besides multipart. Other image/* types (svg+xml, heic, ...) are 415.
-RAW_IMAGE_TYPES = (
-    "image/jpeg",
-    "image/jpg",
-    "image/pjpeg",
-    "image/png",
-    "image/webp",
-    "image/gif",
-    "image/bmp",
-    "image/x-ms-bmp",
-    "image/x-bmp",
-    "image/tiff",
-    "application/octet-stream",
-)
+# Raw-body content types accepted besides multipart (the core's list). Other image/* types (svg+xml, jxl,
+# ...) are 415. The declared type only admits the body: the decoder goes by the content.
+RAW_IMAGE_TYPES = (*ACCEPTED_MEDIA_TYPES, "application/octet-stream")
 _BINARY = {"type": "string", "format": "binary"}
 IMAGE_REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "description": (
         "Either multipart/form-data with one or more parts named `file`, or the raw bytes of one image. "
-        "Accepted formats: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF."
+        f"Accepted formats: {formats_text('and')} (the first frame of an animation), recognised by content."
     ),
     "content": {
         "multipart/form-data": {
@@ -91,7 +81,7 @@ async def read_images(request: Request, service: InferenceService) -> list[tuple
     if media.startswith("image/") or media == "application/octet-stream":
         if media not in RAW_IMAGE_TYPES:
             raise UnsupportedMediaType(
-                f"unsupported image type {media}; accepted: JPEG, PNG, WebP, GIF, BMP, TIFF"
+                f"unsupported image type {media}; accepted: {formats_text()}"
             )
         try:
             return [(None, await request.body())]

@@ -287,3 +287,37 @@ def test_with_an_api_key_the_page_asks_for_it_and_keeps_it_for_the_tab_only(brow
     finally:
         tab.close()
         service.stop()
+
+
+def test_an_iphone_heic_and_an_avif_are_offered_chosen_and_dropped(tab, tmp_path):
+    """The hint and the picker's accept list come from /info (HEIC and AVIF included, by extension too,
+    as some systems give .heic no image/* type); an iPhone-style HEIC chosen through the picker and an
+    AVIF dropped on the page are both classified (Chromium cannot show a HEIC thumbnail; that is all)."""
+    from PIL import Image
+
+    from service.core.imaging import ACCEPTED_EXTENSIONS, formats_text
+    from tests.helpers.heif import iphone_style_heic, to_avif
+
+    upright = Image.open(DATA / "coffee.jpg").convert("RGB")
+    heic = tmp_path / "IMG_0001.HEIC"
+    heic.write_bytes(iphone_style_heic(upright))
+    tab.open()
+    assert tab.page.locator("#formats").inner_text() == formats_text()
+    accept = tab.page.locator("#images").get_attribute("accept").split(",")
+    assert {".heic", ".heif", ".avif"} <= set(accept) and set(accept) == {"image/*", *ACCEPTED_EXTENSIONS}
+    tab.page.locator("#images").set_input_files(heic)
+    tab.card("IMG_0001.HEIC").get_by_text("espresso", exact=True).wait_for()
+
+    transfer = tab.page.evaluate_handle(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "shared.avif", { type: "image/avif" }));
+            return dt;
+        }""",
+        base64.b64encode(to_avif(upright)).decode(),
+    )
+    tab.page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    tab.card("shared.avif").get_by_text("espresso", exact=True).wait_for()
+    tab.page.get_by_text("2 of 2 images answered.").wait_for()
+    assert not tab.external_requests(), tab.external_requests()

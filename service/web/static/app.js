@@ -17,6 +17,7 @@
     keyState: $("key-state"),
     forgetKey: $("forget-key"),
     input: $("images"),
+    formats: $("formats"),
     dropZone: $("drop-zone"),
     normalize: $("normalize"),
     rerun: $("rerun"),
@@ -94,12 +95,25 @@
       els.modelInfo.textContent =
         `${data.model}: ${data.num_classes} classes, ${data.num_features} features, ` +
         `${data.backend} on ${data.device} (${data.dtype}).`;
+      showFormats(data.image_formats);
       if (data.auth_required) {
         showKeyForm(apiKey ? "A key is kept for this tab." : "Enter the key before choosing images.", false);
       }
     } catch (error) {
       els.modelInfo.textContent = `Could not reach the service: ${error.message}`;
     }
+  }
+
+  // The formats the service decodes (its /info): the hint, and what the file picker offers. Dropped files are
+  // sent whatever they are; the service recognises images by their content and says so when it cannot.
+  function showFormats(formats) {
+    if (!Array.isArray(formats) || !formats.length) return;
+    const labels = formats.map((f) => f.label);
+    els.formats.textContent =
+      labels.length > 1 ? `${labels.slice(0, -1).join(", ")} or ${labels[labels.length - 1]}` : labels[0];
+    const accept = new Set(["image/*"]);
+    for (const f of formats) for (const ext of f.extensions || []) accept.add(ext);
+    els.input.accept = Array.from(accept).join(",");
   }
 
   // -- choosing and dropping images ---------------------------------------------------------------------------
