@@ -1,7 +1,7 @@
 """GPU serving pieces: batch-size buckets, per-device defaults (dtype auto, batches in flight, decode
 threads), the torch engine serving through two inference slots with per-slot buffers (on CPU here), and,
 where CUDA is present (benchmarks/gpu_check.sh runs this file on the lent GPU), pinned slot buffers,
-CUDA-graph replay equal to eager, and bfloat16 keeping the top-1 of CPU float32."""
+CUDA-graph replay equal to eager, and bfloat16 agreeing with CPU float32 within its precision."""
 
 from __future__ import annotations
 
@@ -299,12 +299,57 @@ def test_cuda_slots_graphs_equal_eager_and_cpu(lite0, pixels, graphs):
     assert big.shape == (12, 1000)
 
 
-@needs_cuda
-def test_cuda_bfloat16_keeps_the_cpu_float32_top1(lite0, pixels):
+@pytest.fixture(scope="module")
+def many_pixels(lite0, photos) -> np.ndarray:
+    """48 different views of the real photos (random crops of 45-100% of the side, half of them mirrored),
+    preprocessed as the service does: enough images for an agreement rate to mean something."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    pre = Preprocessor(lite0.variant.preprocess, max_pixels=10**8)
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in photos.values()]
+    out = []
+    for i in range(48):
+        image = images[i % len(images)]
+        w, h = image.size
+        side = int(min(w, h) * rng.uniform(0.45, 1.0))
+        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        view = image.crop((left, top, left + side, top + side))
+        if i % 2:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buffer = io.BytesIO()
+        view.save(buffer, "JPEG", quality=92)
+        out.append(pre(buffer.getvalue()))
+    return np.stack(out)
+
+
+# bfloat16 keeps 8 bits of mantissa: Lite0's logits move by up to ~3% of their largest magnitude (measured
+# on this CPU: 0.32 of 11.3). The tolerance: 6% of that scale for any logit. A top-1 can then flip only
+# where float32's top-1 margin is below twice the tolerance, so agreement is asserted over many images
+# (at least 90%) and every flip must sit on such a narrow margin. Two photos' top-1 alone would be luck:
+# their margins (0.08 and 0.14) are smaller than what bfloat16 moves.
+BF16_LOGIT_TOLERANCE = 0.06
+
+
+@pytest.mark.slow  # 48 images through Lite0 twice on the CPU
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_bfloat16_agrees_with_cpu_float32_within_its_precision(lite0, many_pixels, device):
     cpu = TorchEngine(lite0, torch.device("cpu"), torch.float32, image_size=224)
-    _, expected = cpu.run(pixels)
-    engine = TorchEngine(lite0, torch.device("cuda"), torch.bfloat16, image_size=224)
-    engine.input_buffers(2, 4)
-    engine.warm_up(4)
-    _, got = engine.run(pixels, 1)
-    assert np.array_equal(got.argmax(1), expected.argmax(1))
+    _, expected = cpu.run(many_pixels)
+    engine = TorchEngine(lite0, torch.device(device), torch.bfloat16, image_size=224)
+    buffers = engine.input_buffers(2, 64)
+    if device == "cuda":  # graphs are captured in warm-up; on the CPU it would only cost time
+        engine.warm_up_thread(64)
+        engine.warm_up(64)
+    buffers[1][: len(many_pixels)] = many_pixels
+    _, got = engine.run(buffers[1][: len(many_pixels)], 1)  # on CUDA: a graph replay, padded 48 -> 64
+    scale = float(np.abs(expected).max())
+    tolerance = BF16_LOGIT_TOLERANCE * scale
+    assert float(np.abs(got - expected).max()) <= tolerance
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    margins = top2[:, 1] - top2[:, 0]
+    flipped = got.argmax(1) != expected.argmax(1)
+    assert flipped.mean() <= 0.10
+    assert np.all(margins[flipped] <= 2 * tolerance), margins[flipped]
