@@ -45,7 +45,9 @@ rehearse() {
         >"$venv/wheels.log" 2>&1 || { cat "$venv/wheels.log" >&2; return 3; }
     out="${OUT:-$(mktemp -d -t gpu-rehearsal-XXXX)}"
     echo "rehearsal: $venv (${DEVICE_PACKAGES[*]}) + $wheels; report in $out"
-    PYTHON="$venv/bin/python" WHEELS="$wheels" SITE="$(mktemp -d -t gpu-rehearsal-site-XXXX)" OUT="$out" \
+    # Nothing from the caller's environment: no PYTHONPATH, no user site, no EFFNET_* settings.
+    env -u PYTHONPATH $(env | sed -n 's/^\(EFFNET_[A-Z0-9_]*\)=.*/-u \1/p') \
+        PYTHON="$venv/bin/python" WHEELS="$wheels" SITE="$(mktemp -d -t gpu-rehearsal-site-XXXX)" OUT="$out" \
         PYTHONNOUSERSITE=1 bash benchmarks/gpu_check.sh --rehearsal "$@"
 }
 
