@@ -8,7 +8,7 @@ PORT   ?= 8000
 TORCH  := torch==2.13.0
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 
-.PHONY: run test test-fast lint bench export docs clean help
+.PHONY: run test test-fast lint bench export docs clean help gpu-rehearsal gpu-rehearsal-quick
 
 help:
 	@echo "make run     - create .venv if needed and serve $${EFFNET_MODEL:-efficientnet-lite0} at http://$(HOST):$(PORT)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench   - the benchmark suite (writes docs/benchmarks.md)"
 	@echo "make export  - export the default model to ONNX (artifacts/)"
 	@echo "make docs    - regenerate README's settings table from service/core/settings.py"
+	@echo "make gpu-rehearsal - the GPU check on this CPU, in the GPU machine's package set plus the carried wheels"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +46,18 @@ lint: $(VENV)/.stamp-dev .venv-checkov/.stamp
 	$(BIN)/ruff check model service tests benchmarks
 	bash scripts/validate_deploy.sh
 
-test: lint
+test: lint gpu-rehearsal-quick
 	$(BIN)/python -m pytest
+
+# The GPU check (benchmarks/gpu_check.sh) rehearsed on the CPU in a venv holding only what the GPU machine
+# has plus the wheels benchmarks/gpu_wheels.sh fetches: a dependency the wheel list misses fails here, not
+# on a lent GPU. The quick form (the service part: the server's imports, start and answers) is part of
+# `make test`; .venv-rehearsal and .whl-py* are kept between runs.
+gpu-rehearsal-quick:
+	bash benchmarks/gpu_check.sh --rehearse-quick
+
+gpu-rehearsal:
+	bash benchmarks/gpu_check.sh --rehearse
 
 # The inner loop: in-process unit tests only, without the ones that build real networks.
 test-fast: $(VENV)/.stamp-dev
@@ -64,4 +75,4 @@ docs: $(VENV)/.stamp-run
 	$(BIN)/python scripts/settings_table.py
 
 clean:
-	rm -rf $(VENV) .venv-checkov .pytest_cache artifacts
+	rm -rf $(VENV) .venv-checkov .venv-rehearsal .whl-py* .pytest_cache artifacts

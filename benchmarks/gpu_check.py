@@ -1,31 +1,35 @@
-"""GPU check for a lent accelerator: correctness, model-only speed, decoding, and the service end to end.
+"""GPU check for a lent accelerator: the service end to end, model-only speed, correctness, and the rest.
 
 Everything runs through the code the service runs: ``TorchEngine`` builds the served form of each model
 (static padding, folded BatchNorm, channels-last, uint8 input normalised on the device, per-slot pinned
-buffers and streams, CUDA graphs per batch bucket); nothing is rebuilt here by hand. In order, each part
-inside a time budget (what does not fit is reported as skipped):
+buffers and streams, batches padded to buckets, CUDA graphs per bucket); nothing is rebuilt here by hand.
+The parts run in this order, most important first, each under a hard time budget of its own (``PLAN``:
+printed at the start; a part still running at its budget is stopped and reported as overrun, the others
+still run), and the report files are rewritten after every part:
 
-(a) correctness: real Lite0 weights on ImageNet-sized JPEGs made from the real photos, and random B0 and
-    B4, in float32, bfloat16 and float16 on the GPU against CPU float32: top-1 agreement, max relative
-    error (max |diff| / max |ref|), min cosine similarity.
-(b) model-only images/s and latency for Lite0, B0 and B4 (bfloat16) at batch 1 to 256: ``engine.run``
+(service) the service end to end: ``python -m service`` with EFFNET_DEVICE=cuda, a load generator
+    (benchmarks.loadgen, raw HTTP keep-alive, several processes) posting ImageNet-sized JPEGs for a fixed
+    time, never more images outstanding than the service's queue holds: images/s, p50/p99, mean batch
+    size, 503s, GPU utilisation sampled from nvidia-smi, the server's CPU use and an estimate of its share
+    spent decoding. Lite0 (multipart, raw bodies, 8 images per request), then B0.
+(model) model-only images/s and latency for Lite0, B0 and B4 (bfloat16) at batch 1 to 256: ``engine.run``
     from the pinned uint8 buffer to the float32 answer on the host (one slot, and two slots in flight
-    from two threads), and device-only time (CUDA events around the forward pass or graph replay), eager
-    and with CUDA graphs; start-up (warm-up and capture) time per engine.
-(c) decoding alone: the service's Preprocessor on the JPEGs, in a thread pool and in a process pool of
-    all CPUs but one: the ceiling the host's CPUs set for the service.
-(d) the service end to end: ``python -m service`` with EFFNET_DEVICE=cuda, a load generator
-    (benchmarks.loadgen, raw HTTP keep-alive, several processes) posting the JPEGs for a fixed time:
-    images/s, p50/p99, mean batch size, GPU utilisation sampled from nvidia-smi, the server's CPU use and
-    an estimate of its share spent decoding.
-(e) torch.compile (mode ``reduce-overhead``) of the same served forward against eager and CUDA graphs,
-    with its compile time.
-(f) JPEG decoding on the GPU: nvJPEG through torchvision plus an antialiased bicubic resize and the same
-    crop, in batches: images/s, and Lite0's top-1 agreement with the Pillow path (never a dependency of
-    the service; measured to see whether it would pay).
+    from two warmed threads), and device-only time (CUDA events around the forward pass or graph replay),
+    eager and with CUDA graphs; start-up (warm-up and capture) time per engine.
+(check) correctness: real Lite0 weights on ImageNet-sized JPEGs made from the real photos, and random B0
+    and B4, in float32, bfloat16 and float16 on the GPU against CPU float32: top-1 agreement, max relative
+    error (max |diff| / max |ref|), min cosine similarity.
+(tests) the GPU unit tests, tests/unit/test_gpu_serving.py.
+(decode) decoding alone: the service's Preprocessor on the JPEGs, in a thread pool and in a process pool
+    of all CPUs but one: the ceiling the host's CPUs set for the service.
+(gpu_decode) JPEG decoding on the GPU: nvJPEG through torchvision plus an antialiased bicubic resize and
+    the same crop: images/s, and Lite0's top-1 agreement with the Pillow path (measured to see whether it
+    would pay; never a dependency of the service).
+(compile) torch.compile (mode ``reduce-overhead``) of the same served forward, with its compile time.
 
-Writes gpu_check.json and gpu_check.md into ``--out``. ``--device cpu --quick`` runs every part small on
-the CPU (no compile, no nvidia-smi): the plumbing check this repository can run without a GPU.
+Writes gpu_check.json and gpu_check.md into ``--out``. ``--rehearsal`` runs every part small on the CPU
+under small budgets (CUDA-only parts report "skipped: no CUDA"): benchmarks/gpu_check.sh --rehearse runs it
+in an environment holding only the GPU machine's packages and the carried wheels.
 Run through benchmarks/gpu_check.sh on the GPU machine.
 """
 
@@ -37,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +58,7 @@ from PIL import Image
 
 from model import EfficientNet, default_weights_path
 from service.core.engines import TorchEngine
+from service.core.engines.base import warm_up_on_threads
 from service.core.imaging import Preprocessor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +68,7 @@ LITE0 = "efficientnet-lite0"
 
 
 class Budget:
-    """A deadline for the whole run; each part asks whether its estimate still fits."""
+    """A deadline; a part asks whether its next step's estimate still fits."""
 
     def __init__(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
@@ -72,6 +78,60 @@ class Budget:
 
     def fits(self, seconds: float) -> bool:
         return self.left() >= seconds
+
+
+# Each part's hard budget in seconds, in the order they run: on the GPU (an H200: 16 CPUs), and in the CPU
+# rehearsal. The GPU plan sums to 320 s; with gpu_check.sh's own steps (installing the wheels, the import
+# check, nvidia-smi: about 20 s) the device run ends inside 6 minutes. Work inside a part is sized to end
+# well within its budget; the budget is what stops it if it does not. The last part also gets whatever
+# the parts before it left unused.
+PLAN: dict[str, list[tuple[str, float]]] = {
+    "gpu": [("service", 120), ("model", 70), ("check", 35), ("tests", 45), ("decode", 15), ("gpu_decode", 10),
+            ("compile", 25)],
+    "rehearsal": [("service", 150), ("model", 60), ("check", 60), ("tests", 120), ("decode", 30),
+                  ("gpu_decode", 10), ("compile", 10)],
+}
+CUDA_ONLY = {"gpu_decode", "compile"}
+
+
+class PartOverran(Exception):
+    """A part ran past its hard budget (raised in the main thread by SIGALRM)."""
+
+
+def run_part(name: str, seconds: float, fn, report: dict, write) -> None:
+    """``fn(budget)`` under a hard budget of ``seconds``; its outcome goes into ``report["parts"]`` and the
+    report is written (``write()``) whatever happened. Figures the part added before it was stopped stay."""
+    log(f"== part {name}: budget {seconds:.0f} s")
+    started = time.monotonic()
+
+    def overran(signum, frame):
+        raise PartOverran(f"overran its {seconds:.0f} s budget (stopped)")
+
+    previous = signal.signal(signal.SIGALRM, overran)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        fn(Budget(seconds))
+        status = "done"
+    except PartOverran as exc:
+        status = str(exc)
+        report["errors"].append(f"{name}: {status}")
+    except Exception as exc:  # one part failing must not lose the others' figures
+        traceback.print_exc()
+        status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        report["errors"].append(f"{name}: {status}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    took = time.monotonic() - started
+    report["parts"].append({"part": name, "budget_s": seconds, "took_s": took, "status": status})
+    log(f"== part {name}: {status} after {took:.0f} s")
+    write()
+
+
+def skip_part(name: str, seconds: float, reason: str, report: dict, write) -> None:
+    report["parts"].append({"part": name, "budget_s": seconds, "took_s": 0.0, "status": f"skipped: {reason}"})
+    log(f"== part {name}: skipped: {reason}")
+    write()
 
 
 def log(message: str) -> None:
@@ -145,8 +205,8 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
     return {"max_rel_err": rel, "min_cosine": cos, "top1_agree": top1}
 
 
-def correctness(device: torch.device, dtypes: list[str], jpegs: list[bytes], variants: list[str]) -> list[dict]:
-    rows = []
+def correctness(device: torch.device, dtypes: list[str], jpegs: list[bytes], variants: list[str],
+                rows: list[dict]) -> list[dict]:
     for name in variants:
         net = net_for(name)
         size = size_of(net)
@@ -161,7 +221,9 @@ def correctness(device: torch.device, dtypes: list[str], jpegs: list[bytes], var
         for label in dtypes:
             engine = TorchEngine(net, device, DTYPES[label], image_size=size)
             buffers = engine.input_buffers(1, len(pixels))
-            engine.warm_up(len(pixels))  # on CUDA: graphs captured, so the graph path is what is checked
+            if device.type == "cuda":  # graphs captured, so the graph path is what is checked
+                engine.warm_up_thread(len(pixels))
+                engine.warm_up(len(pixels))
             buffers[0][: len(pixels)] = pixels
             _, got = engine.run(buffers[0][: len(pixels)], 0)
             row = {"variant": name, "dtype": label, "inputs": inputs, **compare(ref, got),
@@ -189,8 +251,10 @@ def _timed(fn, seconds: float, min_iters: int = 5) -> list[float]:
     return times
 
 
-def _two_slots(engine: TorchEngine, buffers: list[np.ndarray], batch: int, seconds: float) -> float:
-    """Images/s with two batches in flight: two threads, each running its own slot back to back."""
+def _two_slots(engine: TorchEngine, buffers: list[np.ndarray], batch: int, seconds: float,
+               pool: ThreadPoolExecutor) -> float:
+    """Images/s with two batches in flight: the two (warmed) threads of ``pool``, each running its own slot
+    back to back."""
     stop = time.perf_counter() + seconds
     counts = [0, 0]
 
@@ -200,8 +264,7 @@ def _two_slots(engine: TorchEngine, buffers: list[np.ndarray], batch: int, secon
             counts[slot] += batch
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(loop, [0, 1]))
+    list(pool.map(loop, [0, 1]))
     return sum(counts) / (time.perf_counter() - started)
 
 
@@ -212,7 +275,7 @@ def _device_ms(engine: TorchEngine, batch: int, iters: int = 20) -> float | None
     slot = engine._slots[0]
     graph = slot.graphs.get(batch)
     x = slot.device_in[:batch]
-    with torch.inference_mode(), torch.cuda.stream(slot.stream):
+    with torch.inference_mode(), torch.cuda.stream(slot.stream), engine._backend_settings():
         step = graph.graph.replay if graph is not None else (lambda: engine._forward(x))
         step()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -225,40 +288,44 @@ def _device_ms(engine: TorchEngine, batch: int, iters: int = 20) -> float | None
 
 
 def model_only(device: torch.device, variants: list[str], batches: list[int], dtype: str, seconds: float,
-               budget: Budget) -> list[dict]:
-    rows = []
+               budget: Budget, rows: list[dict]) -> list[dict]:
+    """Every timed call runs on the threads of one two-thread pool per engine, each warmed as the service
+    warms its inference threads (cuDNN keeps its kernel choices per thread), so no column times a search."""
     largest = max(batches)
     modes = ["eager", "cuda graphs"] if device.type == "cuda" else ["eager"]
+    per_engine = 5 + len(batches) * (3 * seconds + 0.5) if device.type == "cuda" else 1 + len(batches) * seconds
     for name in variants:
         net = net_for(name)
         size = size_of(net)
         for mode in modes:
-            if not budget.fits(30):
-                log(f"model-only {name} {mode}: skipped (time budget)")
-                rows.append({"variant": name, "mode": mode, "skipped": "time budget"})
+            if not budget.fits(per_engine):
+                log(f"model-only {name} {mode}: skipped (part budget)")
+                rows.append({"variant": name, "mode": mode, "skipped": "part budget"})
                 continue
             started = time.perf_counter()
             engine = TorchEngine(net, device, DTYPES[dtype], image_size=size, cuda_graphs=mode == "cuda graphs")
             buffers = engine.input_buffers(2, largest)
-            engine.warm_up(largest)
-            startup_s = time.perf_counter() - started
-            rng = np.random.default_rng(0)
-            for buffer in buffers:
-                buffer[:] = rng.integers(0, 256, buffer.shape, dtype=np.uint8)
-            for batch in batches:
-                times = sorted(_timed(lambda b=batch, e=engine, buf=buffers[0]: e.run(buf[:b], 0), seconds))
-                p50 = statistics.median(times)
-                two = _two_slots(engine, buffers, batch, seconds) if device.type == "cuda" else None
-                dev_ms = _device_ms(engine, batch)
-                row = {"variant": name, "dtype": dtype, "mode": mode, "batch": batch, "startup_s": startup_s,
-                       "images_per_s": batch / p50, "p50_ms": p50 * 1e3,
-                       "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
-                       "two_slots_images_per_s": two,
-                       "device_ms": dev_ms, "device_images_per_s": batch / dev_ms * 1e3 if dev_ms else None}
-                rows.append(row)
-                log(f"model {name:18s} {dtype} {mode:11s} batch {batch:3d}: {row['images_per_s']:9.0f} img/s "
-                    f"p50 {row['p50_ms']:7.2f} ms" + (f"; 2 slots {two:9.0f} img/s" if two else "")
-                    + (f"; device {dev_ms:6.2f} ms = {row['device_images_per_s']:9.0f} img/s" if dev_ms else ""))
+            with ThreadPoolExecutor(2, thread_name_prefix="gpu-check-slot") as pool:
+                warm_up_on_threads(engine, pool, 2, largest)
+                startup_s = time.perf_counter() - started
+                rng = np.random.default_rng(0)
+                for buffer in buffers:
+                    buffer[:] = rng.integers(0, 256, buffer.shape, dtype=np.uint8)
+                for batch in batches:
+                    one = pool.submit(_timed, lambda b=batch, e=engine, buf=buffers[0]: e.run(buf[:b], 0), seconds)
+                    times = sorted(one.result())
+                    p50 = statistics.median(times)
+                    two = _two_slots(engine, buffers, batch, seconds, pool) if device.type == "cuda" else None
+                    dev_ms = _device_ms(engine, batch)
+                    row = {"variant": name, "dtype": dtype, "mode": mode, "batch": batch, "startup_s": startup_s,
+                           "images_per_s": batch / p50, "p50_ms": p50 * 1e3,
+                           "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
+                           "two_slots_images_per_s": two,
+                           "device_ms": dev_ms, "device_images_per_s": batch / dev_ms * 1e3 if dev_ms else None}
+                    rows.append(row)
+                    log(f"model {name:18s} {dtype} {mode:11s} batch {batch:3d}: {row['images_per_s']:9.0f} img/s "
+                        f"p50 {row['p50_ms']:7.2f} ms" + (f"; 2 slots {two:9.0f} img/s" if two else "")
+                        + (f"; device {dev_ms:6.2f} ms = {row['device_images_per_s']:9.0f} img/s" if dev_ms else ""))
             del engine, buffers
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -268,8 +335,9 @@ def model_only(device: torch.device, variants: list[str], batches: list[int], dt
 # -- (e) torch.compile ------------------------------------------------------------------------------------------
 
 
-def compiled(device: torch.device, name: str, batches: list[int], dtype: str, mode: str, budget: Budget) -> list[dict]:
-    rows = []
+def compiled(device: torch.device, name: str, batches: list[int], dtype: str, mode: str,
+             rows: list[dict]) -> list[dict]:
+    """Stopped by its part's budget when compiling takes longer: the rows done by then stay."""
     net = net_for(name)
     engine = TorchEngine(net, device, DTYPES[dtype], image_size=size_of(net), cuda_graphs=False)
     engine.input_buffers(1, max(batches))
@@ -277,11 +345,8 @@ def compiled(device: torch.device, name: str, batches: list[int], dtype: str, mo
     x_all = engine._slots[0].device_in
     x_all.copy_(torch.randint(0, 256, x_all.shape, dtype=torch.uint8))
     for batch in batches:
-        if not budget.fits(90):
-            rows.append({"variant": name, "mode": f"compile {mode}", "batch": batch, "skipped": "time budget"})
-            continue
         x = x_all[:batch]
-        with torch.inference_mode():
+        with torch.inference_mode(), engine._backend_settings():
             started = time.perf_counter()
             for _ in range(3):  # compile, then (reduce-overhead) record its CUDA graph
                 forward(x)
@@ -413,16 +478,19 @@ def gpu_decoding(device: torch.device, jpegs: list[bytes], seconds: float) -> li
 
 
 class GpuSampler:
-    """GPU utilisation (%) sampled by ``nvidia-smi -lms``; nothing when nvidia-smi is absent."""
+    """GPU utilisation (%) sampled by ``nvidia-smi --query-gpu=utilization.gpu -lms N``; when nvidia-smi is
+    absent or fails, no samples and its error in ``gpu_util_error`` (never a silent None)."""
 
-    def __init__(self, interval_ms: int = 200) -> None:
+    def __init__(self, interval_ms: int = 200, command: str = "nvidia-smi") -> None:
         self.samples: list[float] = []
+        self.error: str | None = None
         try:
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={interval_ms}"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except OSError:
+                [command, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", str(interval_ms)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as exc:
             self.proc = None
+            self.error = f"{command}: {exc.strerror or exc}"
             return
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -437,10 +505,16 @@ class GpuSampler:
 
     def stop(self) -> dict:
         if self.proc is not None:
-            self.proc.terminate()
+            if self.proc.poll() is None:
+                self.proc.terminate()
             self.proc.wait(timeout=10)
+            self.thread.join(timeout=10)
+            stderr = self.proc.stderr.read().strip() if self.proc.stderr is not None else ""
+            if not self.samples:
+                self.error = f"no samples (exit status {self.proc.returncode}): {stderr[:300]}"
         s = self.samples[2:] or self.samples  # the first samples precede the load
-        return {"gpu_util_mean": statistics.mean(s) if s else None, "gpu_util_samples": len(s)}
+        return {"gpu_util_mean": statistics.mean(s) if s else None, "gpu_util_samples": len(s),
+                "gpu_util_error": self.error}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -470,50 +544,106 @@ def run_load(url: str, jpeg_files: list[str], *, seconds: float, processes: int,
     return json.loads(out.stdout)
 
 
-def service_end_to_end(device: str, model: str, jpeg_files: list[str], *, seconds: float, processes: int,
-                       connections: int, max_batch: int, decode_cpu_ms: float | None, raw: bool = False,
-                       per_request: int = 1) -> dict:
+def connections_for(max_queue: int, processes: int, connections: int, per_request: int) -> int:
+    """Connections per load process such that the images outstanding (a closed loop: processes x connections
+    x images per request) never exceed the service's queue: a full queue answers 503 at once, and a run
+    that overfills it measures rejection rather than throughput."""
+    return max(1, min(connections, max_queue // (processes * per_request)))
+
+
+def service_plan(quick: bool, cpus: int) -> tuple[list[tuple[str, list[tuple[bool, int]]]], dict]:
+    """The servers the service part starts, each with its load shapes (raw bodies?, images per request),
+    and the load's size. One server per model; Lite0's takes three shapes. On the GPU the queue is the
+    service's GPU default (1024) and 4 load processes x 64 connections; connections_for sizes each shape
+    to the queue."""
+    if quick:
+        return [(LITE0, [(False, 1), (False, 4)])], dict(seconds=2.0, processes=1, connections=8, max_batch=8,
+                                                          max_queue=64)
+    return ([(LITE0, [(False, 1), (True, 1), (False, 8)]), ("efficientnet-b0", [(False, 1)])],
+            dict(seconds=10.0, processes=max(2, cpus // 4), connections=64, max_batch=128, max_queue=1024))
+
+
+def service_end_to_end(device: str, model: str, jpeg_files: list[str], loads: list[tuple[bool, int]], *,
+                       seconds: float, processes: int, connections: int, max_batch: int, max_queue: int,
+                       decode_cpu_ms: float | None, rows: list[dict], budget: Budget) -> None:
+    """One server for ``model``; one load run per (raw bodies?, images per request) in ``loads``, each
+    sized to the queue; a row per run appended to ``rows`` as it finishes."""
     from tests.helpers.server import ServiceProcess
 
-    env = {"EFFNET_DEVICE": device, "EFFNET_MODEL": model, "EFFNET_MAX_BATCH_SIZE": str(max_batch),
-           "EFFNET_MAX_QUEUE": str(max(4 * max_batch, 2 * processes * connections)),
+    # The torch engine, as on a GPU: on the CPU (the rehearsal) "auto" would pick onnxruntime.
+    env = {"EFFNET_DEVICE": device, "EFFNET_BACKEND": "torch", "EFFNET_MODEL": model,
+           "EFFNET_MAX_BATCH_SIZE": str(max_batch), "EFFNET_MAX_QUEUE": str(max_queue),
            "EFFNET_MAX_BATCH_DELAY_MS": "2", "EFFNET_REQUEST_TIMEOUT_S": "60"}
     if model != LITE0:
         env["EFFNET_WEIGHTS"] = "random"
     started = time.perf_counter()
-    with ServiceProcess(env, args=["--log-level", "warning"], threads=None, ready_timeout=600) as server:
+    server = ServiceProcess(env, args=["--log-level", "warning"], threads=None)
+    try:  # not ``with``: a part stopped at its budget while the server starts must still stop the server
+        server.wait_ready(timeout=max(1.0, budget.left()))
         ready_s = time.perf_counter() - started
-        run_load(server.url, jpeg_files, seconds=2.0, processes=1, connections=8, raw=raw)  # settle
-        before, cpu_before = _metric_totals(server.url), _cpu_seconds(server.pid)
-        sampler = GpuSampler()
-        # The load generator's start-up (about a second) is inside the window: the server's own counters
-        # are divided by the window, the client's by its sending time.
-        window = time.perf_counter()
-        load = run_load(server.url, jpeg_files, seconds=seconds, processes=processes, connections=connections,
-                        raw=raw, per_request=per_request)
-        window = time.perf_counter() - window
-        gpu = sampler.stop()
-        after, cpu_after = _metric_totals(server.url), _cpu_seconds(server.pid)
-        logs = server.logs()
-    images = after.get("effnet_images_total", 0) - before.get("effnet_images_total", 0)
-    batches = after.get("effnet_batch_size_count", 0) - before.get("effnet_batch_size_count", 0)
-    summed = after.get("effnet_batch_size_sum", 0) - before.get("effnet_batch_size_sum", 0)
-    server_cores = (cpu_after - cpu_before) / window
-    row = {"model": model, "device": device, "ready_s": ready_s, **load, "window_s": window,
-           "images_per_s": images / window, "mean_batch": summed / batches if batches else None,
-           "server_cpu_cores": server_cores, **gpu}
-    if decode_cpu_ms:
-        # Decoding's share of the server's CPU, estimated from the decode-alone cost per image.
-        row["decode_share_of_server_cpu_est"] = min(1.0, row["images_per_s"] * decode_cpu_ms / 1e3 / server_cores) \
-            if server_cores > 0 else None
-    if load["ok"] == 0:
-        row["server_log_tail"] = logs[-2000:]
-    log(f"service {model} on {device} ({load['connections']} connections, {load['encoding']}, "
-        f"{per_request} image(s) per request): "
-        f"{row['images_per_s']:.0f} images/s, p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, mean batch "
-        f"{row['mean_batch'] or 0:.1f}, server CPU {server_cores:.1f} cores, GPU util {gpu['gpu_util_mean']}, "
-        f"ready after {ready_s:.0f} s; codes {load['codes']}")
-    return row
+        run_load(server.url, jpeg_files, seconds=1.0, processes=1, connections=4, raw=False)  # settle
+        for raw, per_request in loads:
+            if not budget.fits(seconds + 10):
+                rows.append({"model": model, "error": "skipped (part budget)"})
+                continue
+            conns = connections_for(max_queue, processes, connections, per_request)
+            before, cpu_before = _metric_totals(server.url), _cpu_seconds(server.pid)
+            sampler = GpuSampler()
+            # The load generator's start-up (about a second) is inside the window: the server's own counters
+            # are divided by the window, the client's by its sending time.
+            window = time.perf_counter()
+            load = run_load(server.url, jpeg_files, seconds=seconds, processes=processes, connections=conns,
+                            raw=raw, per_request=per_request)
+            window = time.perf_counter() - window
+            gpu = sampler.stop() if device.startswith("cuda") else {"gpu_util_mean": None, "gpu_util_error": "no GPU"}
+            after, cpu_after = _metric_totals(server.url), _cpu_seconds(server.pid)
+            images = after.get("effnet_images_total", 0) - before.get("effnet_images_total", 0)
+            batches = after.get("effnet_batch_size_count", 0) - before.get("effnet_batch_size_count", 0)
+            summed = after.get("effnet_batch_size_sum", 0) - before.get("effnet_batch_size_sum", 0)
+            server_cores = (cpu_after - cpu_before) / window
+            codes = {str(k): v for k, v in load["codes"].items()}
+            row = {"model": model, "device": device, "ready_s": ready_s, **load, "codes": codes, "window_s": window,
+                   "max_queue": max_queue, "outstanding_images": processes * conns * per_request,
+                   "rejected_503": codes.get("503", 0),
+                   "other_errors": sum(v for k, v in codes.items() if k not in ("200", "503")),
+                   "images_per_s": images / window, "mean_batch": summed / batches if batches else None,
+                   "server_cpu_cores": server_cores, **gpu}
+            if decode_cpu_ms:
+                # Decoding's share of the server's CPU, estimated from the decode-alone cost per image.
+                row["decode_share_of_server_cpu_est"] = min(1.0, row["images_per_s"] * decode_cpu_ms / 1e3
+                                                            / server_cores) if server_cores > 0 else None
+            if load["ok"] == 0 or row["other_errors"]:
+                row["server_log_tail"] = server.logs()[-2000:]
+            rows.append(row)
+            log(f"service {model} on {device} ({load['connections']} connections, {load['encoding']}, "
+                f"{per_request} image(s) per request, {row['outstanding_images']} outstanding, queue {max_queue}): "
+                f"{row['images_per_s']:.0f} images/s, p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, "
+                f"mean batch {row['mean_batch'] or 0:.1f}, server CPU {server_cores:.1f} cores, GPU util "
+                f"{gpu['gpu_util_mean']}, ready after {ready_s:.0f} s; 503s {row['rejected_503']}; codes {codes}")
+    finally:
+        server.close()
+
+
+# -- (tests) the GPU unit tests -----------------------------------------------------------------------------------
+
+
+def unit_tests(budget: Budget, report: dict, out: Path) -> None:
+    """tests/unit/test_gpu_serving.py in a process of its own (its log: pytest.log), stopped before the
+    part's budget runs out."""
+    command = [sys.executable, "-m", "pytest", "tests/unit/test_gpu_serving.py", "-q", "-p", "no:cacheprovider",
+               "-o", "addopts=-ra"]
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(1.0, budget.left() - 3))
+    except subprocess.TimeoutExpired as exc:
+        text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        (out / "pytest.log").write_text(text)
+        raise PartOverran("pytest stopped at the part's budget") from None
+    (out / "pytest.log").write_text(done.stdout + done.stderr)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    report["pytest"] = lines[-1] if lines else f"no output (exit status {done.returncode})"
+    log(f"GPU unit tests: {report['pytest']}")
+    if done.returncode != 0:
+        raise RuntimeError(f"pytest exit status {done.returncode}: {report['pytest']}")
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -525,18 +655,43 @@ def _fmt(value, spec: str = ".0f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
+PART_MEANINGS = {
+    "service": "the service end to end (the main result)",
+    "model": "model-only speed through TorchEngine",
+    "check": "correctness on the device against CPU float32",
+    "tests": "the GPU unit tests",
+    "decode": "CPU decoding alone (the host's ceiling)",
+    "gpu_decode": "nvJPEG decoding on the GPU",
+    "compile": "torch.compile reduce-overhead",
+}
+
+
 def markdown(report: dict) -> str:
+    seconds = report.get("seconds")
     lines = [f"# GPU check: {report['device_name']}", "",
              f"torch {report['torch']}, CUDA {report['cuda']}, {report['cpus']} CPUs, Python {report['python']}; "
-             f"run took {report['seconds']:.0f} s", ""]
-    if report.get("pytest"):
-        lines += [f"GPU unit tests: {report['pytest']}", ""]
-    if report.get("checks"):
-        lines += ["## Correctness against CPU float32", "",
-                  "| variant | dtype | inputs | top-1 agree | max rel err | min cosine | ok |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['dtype']} | {r['inputs']} | {r['top1_agree']:.3f} | {r['max_rel_err']:.2e} | "
-                  f"{r['min_cosine']:.5f} | {'yes' if r['ok'] else 'NO'} |" for r in report["checks"]]
+             + (f"run took {seconds:.0f} s" if seconds is not None else "run still going (or stopped)"), ""]
+    if report.get("parts"):
+        lines += ["## Parts (in the order run, each under a hard budget)", "",
+                  "| part | what | budget s | took s | status |", "|---|---|---|---|---|"]
+        lines += [f"| {p['part']} | {PART_MEANINGS.get(p['part'], '')} | {p['budget_s']:.0f} | {p['took_s']:.0f} | "
+                  f"{p['status']} |" for p in report["parts"]]
+        lines.append("")
+    if report.get("service"):
+        lines += ["## Service end to end (POST /predict with ImageNet-sized JPEGs)", "",
+                  "| model | connections | body | images/req | outstanding / queue | images/s | p50 ms | p99 ms | "
+                  "mean batch | server CPU cores | decode share (est.) | GPU util % | ready s | 503s | "
+                  "other errors |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["service"]:
+            if "error" in r:
+                lines.append(f"| {r.get('model')} | | | | | {r['error']} | | | | | | | | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['connections']} | {r['encoding']} | {r['images_per_request']} | "
+                         f"{r['outstanding_images']} / {r['max_queue']} | {r['images_per_s']:.0f} | "
+                         f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {_fmt(r['mean_batch'], '.1f')} | "
+                         f"{r['server_cpu_cores']:.1f} | {_fmt(r.get('decode_share_of_server_cpu_est'), '.0%')} | "
+                         f"{_fmt(r['gpu_util_mean']) if r['gpu_util_mean'] is not None else r.get('gpu_util_error')} "
+                         f"| {r['ready_s']:.0f} | {r['rejected_503']} | {r['other_errors']} |")
         lines.append("")
     if report.get("model"):
         lines += ["## Model only (engine.run: pinned uint8 in, float32 out on the host)", "",
@@ -551,36 +706,20 @@ def markdown(report: dict) -> str:
                          f"{_fmt(r['device_ms'], '.2f')} | {_fmt(r['device_images_per_s'])} | "
                          f"{_fmt(r['startup_s'], '.1f')} |")
         lines.append("")
-    if report.get("compile"):
-        lines += ["## torch.compile", "", "| variant | mode | batch | compile s | device ms | device images/s |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['mode']} | {r['batch']} | {_fmt(r.get('compile_s'), '.1f')} | "
-                  f"{_fmt(r.get('device_ms'), '.2f')} | {_fmt(r.get('device_images_per_s'))} |"
-                  if "skipped" not in r else f"| {r['variant']} | {r['mode']} | {r['batch']} | skipped | | |"
-                  for r in report["compile"]]
+    if report.get("checks"):
+        lines += ["## Correctness against CPU float32", "",
+                  "| variant | dtype | inputs | top-1 agree | max rel err | min cosine | ok |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['dtype']} | {r['inputs']} | {r['top1_agree']:.3f} | {r['max_rel_err']:.2e} | "
+                  f"{r['min_cosine']:.5f} | {'yes' if r['ok'] else 'NO'} |" for r in report["checks"]]
         lines.append("")
+    if report.get("pytest"):
+        lines += [f"GPU unit tests (pytest.log): {report['pytest']}", ""]
     if report.get("decode"):
         lines += ["## Decoding alone (Preprocessor on ImageNet-sized JPEGs)", "",
                   "| pool | workers | images/s | CPU-ms per image |", "|---|---|---|---|"]
         lines += [f"| {r['pool']} | {r['workers']} | {r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.2f} |"
                   for r in report["decode"]]
-        lines.append("")
-    if report.get("service"):
-        lines += ["## Service end to end (POST /predict with ImageNet-sized JPEGs)", "",
-                  "| model | connections | body | images/req | images/s | p50 ms | p99 ms | mean batch | "
-                  "server CPU cores | "
-                  "decode share (est.) | GPU util % | ready s | errors |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in report["service"]:
-            if "error" in r:
-                lines.append(f"| {r.get('model')} | | | | error: {r['error']} | | | | | | | | |")
-                continue
-            errors = sum(v for k, v in r["codes"].items() if k != "200")
-            lines.append(f"| {r['model']} | {r['connections']} | {r['encoding']} | {r['images_per_request']} | "
-                         f"{r['images_per_s']:.0f} | "
-                         f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {_fmt(r['mean_batch'], '.1f')} | "
-                         f"{r['server_cpu_cores']:.1f} | {_fmt(r.get('decode_share_of_server_cpu_est'), '.0%')} | "
-                         f"{_fmt(r['gpu_util_mean'])} | {r['ready_s']:.0f} | {errors} |")
         lines.append("")
     if report.get("gpu_decode"):
         lines += ["## JPEG decoding on the GPU (nvJPEG + bicubic resize, torchvision)", ""]
@@ -592,87 +731,119 @@ def markdown(report: dict) -> str:
             else:
                 lines.append(f"- batch {r['batch']}: {r['images_per_s']:.0f} images/s")
         lines.append("")
+    if report.get("compile"):
+        lines += ["## torch.compile", "", "| variant | mode | batch | compile s | device ms | device images/s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['mode']} | {r['batch']} | {_fmt(r.get('compile_s'), '.1f')} | "
+                  f"{_fmt(r.get('device_ms'), '.2f')} | {_fmt(r.get('device_images_per_s'))} |"
+                  for r in report["compile"]]
+        lines.append("")
     if report.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in report["errors"]] + [""]
     return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "gpu_check.md").write_text(markdown(report))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="the whole run's time budget")
-    parser.add_argument("--quick", action="store_true", help="small sizes (the CPU plumbing check)")
-    parser.add_argument("--parts", nargs="+", default=["check", "model", "decode", "service", "gpu_decode",
-                                                       "compile"])
-    parser.add_argument("--pytest", default=None, help="summary line of the GPU unit tests, for the report")
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="every part small on the CPU under the rehearsal's budgets (implies --device cpu)")
+    parser.add_argument("--parts", nargs="+", default=[name for name, _ in PLAN["gpu"]])
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite gpu_check.md from the gpu_check.json in --out (after a stopped run)")
     args = parser.parse_args()
-    budget = Budget(args.budget_s)
-    started = time.perf_counter()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        log("no CUDA device visible: nothing to check")
-        return 2
-    torch.backends.cudnn.benchmark = True
-    cpus = len(os.sched_getaffinity(0))
-    quick = args.quick
-    jpegs = imagenet_sized_jpegs(8 if quick else 24)
-    report: dict = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": cpus,
-                    "python": platform.python_version(), "pytest": args.pytest, "errors": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report = json.loads((out / "gpu_check.json").read_text())
+        report.setdefault("errors", []).append("the run was stopped before it finished: report from its last part")
+        write_report(report, out)
+        print(markdown(report), flush=True)
+        return 1
+    started = time.perf_counter()
+    device = torch.device("cpu" if args.rehearsal else args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        log("no CUDA device visible: nothing to check (the CPU rehearsal is --rehearsal)")
+        return 2
+    plan = PLAN["rehearsal" if args.rehearsal else "gpu"]
+    log("plan (hard budget per part, s): " + ", ".join(f"{name} {s:.0f}" for name, s in plan)
+        + f"; {sum(s for _, s in plan):.0f} s in all")
+    quick = not cuda
+    cpus = len(os.sched_getaffinity(0))
+    jpegs = imagenet_sized_jpegs(8 if quick else 24)
+    report: dict = {"device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+                    "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": cpus,
+                    "python": platform.python_version(), "plan": plan, "parts": [], "errors": [],
+                    "service": [], "model": [], "checks": [], "decode": [], "gpu_decode": [], "compile": []}
 
-    def part(name: str, fn) -> None:
-        if name.split(":")[0] not in args.parts:
-            return
-        try:
-            fn()
-        except Exception as exc:  # one part failing must not lose the others' figures
-            traceback.print_exc()
-            report["errors"].append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    def write() -> None:
+        write_report(report, out)
 
     variants = [LITE0] if quick else [LITE0, "efficientnet-b0", "efficientnet-b4"]
-    dtypes = ["float32", "bfloat16"] if device.type == "cpu" else ["float32", "bfloat16", "float16"]
-    batches = [1, 4] if quick else [1, 8, 32, 64, 128, 256]
-    part("check", lambda: report.__setitem__("checks", correctness(device, dtypes, jpegs, variants)))
-    part("model", lambda: report.__setitem__("model", model_only(device, variants, batches, "bfloat16"
-                                                                if device.type == "cuda" else "float32",
-                                                                0.3 if quick else 0.4, budget)))
-    workers = max(1, cpus - 1)
-    part("decode", lambda: report.__setitem__("decode", decoding(jpegs, workers, 2.0 if quick else 6.0)))
-    decode_ms = next((r["cpu_ms_per_image"] for r in report.get("decode", []) if r["pool"] == "threads"), None)
-    report["service"] = []
+    dtypes = ["float32", "bfloat16", "float16"] if cuda else ["float32", "bfloat16"]
     jpeg_dir = Path(tempfile.mkdtemp(prefix="gpu-check-jpegs-"))  # not under --out: $OUT brings back 8 files
     jpeg_files = []
     for i, data in enumerate(jpegs):
         (jpeg_dir / f"{i:03d}.jpg").write_bytes(data)
         jpeg_files.append(str(jpeg_dir / f"{i:03d}.jpg"))
-    e2e_seconds = 3.0 if quick else 15.0
-    procs, conns = (1, 8) if quick else (max(2, cpus // 4), 64)
-    runs = [(LITE0, False, 1), (LITE0, True, 1), (LITE0, False, 8), ("efficientnet-b0", False, 1)]
-    for model, raw, per_request in ([(LITE0, False, 1), (LITE0, False, 4)] if quick else runs):
-        def one(model=model, raw=raw, per_request=per_request) -> None:
-            if not budget.fits(e2e_seconds + 60):
-                report["service"].append({"model": model, "error": "skipped (time budget)"})
-                return
-            report["service"].append(service_end_to_end(
-                args.device, model, jpeg_files, seconds=e2e_seconds, processes=procs, connections=conns,
-                max_batch=8 if quick else 128, decode_cpu_ms=decode_ms, raw=raw, per_request=per_request))
-        part(f"service:{model}", one)
-    if device.type == "cuda":
-        part("gpu_decode", lambda: report.__setitem__("gpu_decode", gpu_decoding(device, jpegs, 2.0)))
-        report["compile"] = []
-        part("compile", lambda: report["compile"].extend(
-            compiled(device, "efficientnet-b0", [1, 256], "bfloat16", "reduce-overhead", budget)))
+    servers, e2e = service_plan(quick, cpus)
+
+    def service_part(budget: Budget) -> None:
+        for model, loads in servers:
+            if not budget.fits(20 + len(loads) * (e2e["seconds"] + 3)):
+                report["service"].append({"model": model, "error": "skipped (part budget)"})
+                continue
+            service_end_to_end(str(device), model, jpeg_files, loads, decode_cpu_ms=None, rows=report["service"],
+                               budget=budget, **e2e)
+
+    def model_part(budget: Budget) -> None:
+        model_only(device, variants, [1, 2] if quick else [1, 8, 64, 256],
+                   "bfloat16" if cuda else "float32", 0.2 if quick else 0.3, budget, report["model"])
+
+    def check_part(budget: Budget) -> None:
+        correctness(device, dtypes, jpegs, variants, report["checks"])
+        if not all(r["ok"] for r in report["checks"]):
+            raise RuntimeError("a correctness check failed (see the table)")
+
+    def decode_part(budget: Budget) -> None:
+        report["decode"] = decoding(jpegs, max(1, cpus - 1), 1.0 if quick else 4.0)
+        decode_ms = next(r["cpu_ms_per_image"] for r in report["decode"] if r["pool"] == "threads")
+        for row in report["service"]:  # decoding's share of the server's CPU, estimated from its cost alone
+            if row.get("server_cpu_cores"):
+                row["decode_share_of_server_cpu_est"] = min(
+                    1.0, row["images_per_s"] * decode_ms / 1e3 / row["server_cpu_cores"])
+
+    parts = {
+        "service": service_part,
+        "model": model_part,
+        "check": check_part,
+        "tests": lambda budget: unit_tests(budget, report, out),
+        "decode": decode_part,
+        "gpu_decode": lambda budget: report["gpu_decode"].extend(gpu_decoding(device, jpegs, 2.0)),
+        "compile": lambda budget: compiled(device, "efficientnet-b0", [256, 1], "bfloat16", "reduce-overhead",
+                                           report["compile"]),
+    }
+    deadline = time.monotonic() + sum(s for _, s in plan)
+    for index, (name, seconds) in enumerate(plan):
+        if name not in args.parts:
+            continue
+        if name in CUDA_ONLY and not cuda:
+            skip_part(name, seconds, "no CUDA", report, write)
+            continue
+        if index == len(plan) - 1:
+            seconds = max(seconds, deadline - time.monotonic())  # the last part gets what the others left
+        run_part(name, seconds, parts[name], report, write)
     report["seconds"] = time.perf_counter() - started
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    text = markdown(report)
-    (out / "gpu_check.md").write_text(text)
-    print("\n" + text, flush=True)
-    ok = all(r["ok"] for r in report.get("checks", [])) and not report["errors"]
-    return 0 if ok else 1
+    write()
+    print("\n" + markdown(report), flush=True)
+    return 0 if not report["errors"] else 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from service.core.batching import BatchObserver
+from service.core.engines.base import batch_buckets
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENDPOINTS = ("/predict", "/features", "/healthz", "/readyz", "/info", "/metrics", "/docs", "/openapi.json", "/")
@@ -56,14 +57,8 @@ REJECT_REASONS = (
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
-    """1, 2, 4, ... up to max_batch_size (inclusive), so each power of two is visible."""
-    buckets: list[float] = []
-    size = 1
-    while size < max_batch_size:
-        buckets.append(float(size))
-        size *= 2
-    buckets.append(float(max_batch_size))
-    return tuple(buckets)
+    """The engines' batch-size buckets (1, 2, 4, ... max_batch_size), so each power of two is visible."""
+    return tuple(float(size) for size in batch_buckets(max_batch_size))
 
 
 def endpoint_label(path: str) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from service.core.access import AccessRecord
 from service.core.batching import DynamicBatcher
+from service.core.engines.base import warm_up_on_threads
 from service.core.errors import (
     BadRequest,
     InvalidImage,
@@ -36,8 +37,6 @@ from service.core.metrics import Metrics
 from service.core.settings import Settings
 
 log = logging.getLogger("service.core.runtime")
-
-WARMUP_ROUNDS = 3
 
 
 class Lifecycle(str, Enum):
@@ -126,7 +125,6 @@ class InferenceService:
         # and a CUDA stream per slot on a GPU) hands the batcher the buffers to stack into.
         slots = settings.effective_max_concurrent_batches
         self._infer_pool = ThreadPoolExecutor(slots, thread_name_prefix="effnet-infer")
-        make_buffers = getattr(model.engine, "input_buffers", None)
         self.batcher = DynamicBatcher(
             model.engine.run,
             max_batch_size=settings.max_batch_size,
@@ -135,7 +133,7 @@ class InferenceService:
             executor=self._infer_pool,
             observer=metrics,
             max_concurrent_batches=slots,
-            buffers=make_buffers(slots, settings.max_batch_size) if make_buffers is not None else None,
+            buffers=model.engine.input_buffers(slots, settings.max_batch_size),
         )
         self.state = Lifecycle.STARTING
         self.failure: str | None = None  # why the service failed after start-up (state FAILED)
@@ -189,21 +187,13 @@ class InferenceService:
 
     async def _warm_up(self) -> None:
         loop = asyncio.get_running_loop()
-        size = self.preprocessor.input_size
         started = time.perf_counter()
         try:
             # The first passes at each batch size pay for kernel selection and allocation; do that
-            # before the first user does. Runs on an inference thread before any batch can. An engine
-            # with its own warm-up (the torch engine: every bucket on every slot, CUDA graph capture)
-            # does it itself.
-            engine_warm_up = getattr(self.model.engine, "warm_up", None)
-            if engine_warm_up is not None:
-                await loop.run_in_executor(self._infer_pool, engine_warm_up, self.settings.max_batch_size)
-            else:
-                for batch_size in sorted({1, self.settings.max_batch_size}):
-                    batch = np.zeros((batch_size, 3, size, size), dtype=np.uint8)
-                    for _ in range(WARMUP_ROUNDS):
-                        await loop.run_in_executor(self._infer_pool, self.model.engine.run, batch)
+            # before the first user does: the engine's per-thread step on every inference thread, then
+            # its own warm-up (the torch engine on a GPU: every bucket on every slot, CUDA graph capture).
+            await loop.run_in_executor(None, warm_up_on_threads, self.model.engine, self._infer_pool,
+                                       self.settings.effective_max_concurrent_batches, self.settings.max_batch_size)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -7,10 +7,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from service.core.engines.base import Engine
+
 ESPRESSO = 967  # the class the fake engine's logits favour by default
 
 
-class FakeEngine:
+class FakeEngine(Engine):
     """Lite0's output shapes without a network.
 
     Logits peak at ``top_class`` (or are random when ``random_outputs``), features are ones. Every batch
@@ -20,7 +22,7 @@ class FakeEngine:
     the real engines it takes uint8 NCHW pixels only (``TypeError`` otherwise).
     """
 
-    backend, device, dtype = "fake", "cpu", "float32"
+    backend, device, dtype, image_size = "fake", "cpu", "float32", 224
 
     def __init__(
         self,

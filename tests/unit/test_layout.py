@@ -152,3 +152,46 @@ def test_the_rule_checks_see_a_planted_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
     assert _defined("_wait_for_disconnect") == ["service.http.rogue"]
     assert sorted(set(_calls(_sources()["service.http.rogue"]))) == ["admit", "infer"]
+
+
+def test_the_core_uses_the_engine_contract_without_probing():
+    """The engine contract is one base class (``service.core.engines.base.Engine``) with every method the
+    core calls, each with a default where one makes sense; every engine derives from it; and the core
+    never probes an engine with ``getattr``/``hasattr`` (an optional method would be a silent no-op when
+    its name drifts)."""
+    from service.core.engines.base import Engine
+
+    assert {"run", "input_buffers", "warm_up_thread", "warm_up"} <= set(dir(Engine))
+    assert Engine.__abstractmethods__ == frozenset({"run"})
+    offenders = []
+    for path in sorted((ROOT / "service" / "core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            probe = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            if probe and node.func.id in ("getattr", "hasattr"):
+                target = ast.unparse(node.args[0]) if node.args else ""
+                if "engine" in target.lower():
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert offenders == []
+    engine_classes = []
+    for path in sorted((ROOT / "service" / "core" / "engines").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Engine") and node.name != "Engine":
+                engine_classes.append((node.name, [ast.unparse(b) for b in node.bases]))
+    assert engine_classes and all(bases == ["Engine"] for _, bases in engine_classes), engine_classes
+
+
+def test_buckets_and_warm_up_rounds_are_defined_once():
+    """The batch-size buckets and the number of warm-up rounds have one definition, in engines/base.py
+    (the metrics' histogram buckets are derived from it)."""
+    definitions = []
+    for path in sorted((ROOT / "service").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name == "batch_size_buckets":
+                assert "batch_buckets" in {ast.unparse(c.func) for c in ast.walk(node) if isinstance(c, ast.Call)}
+            elif isinstance(node, ast.FunctionDef) and node.name.startswith(("bucket", "batch_bucket")):
+                definitions.append((node.name, path.relative_to(ROOT).as_posix()))
+            if isinstance(node, ast.Assign) and any(ast.unparse(t) == "WARMUP_ROUNDS" for t in node.targets):
+                definitions.append(("WARMUP_ROUNDS", path.relative_to(ROOT).as_posix()))
+    assert sorted(definitions) == [("WARMUP_ROUNDS", "service/core/engines/base.py"),
+                                   ("batch_buckets", "service/core/engines/base.py"),
+                                   ("bucket_for", "service/core/engines/base.py")]

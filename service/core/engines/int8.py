@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.core.engines.base import as_uint8_batch
+from service.core.engines.base import Engine, as_uint8_batch
 from service.core.engines.openvino_engine import SlotRequests
 from service.core.errors import StartupError
 
@@ -43,7 +43,7 @@ def check_int8_io(model: bytes, image_size: int) -> None:
         raise StartupError(f"the int8 model outputs {outputs}; expected ['features', 'logits']")
 
 
-class Int8Engine:
+class Int8Engine(Engine):
     """A QDQ int8 model on CPU: onnxruntime (its int8 kernels use VNNI where the CPU has it) or OpenVINO."""
 
     dtype = "int8"
@@ -52,6 +52,7 @@ class Int8Engine:
         check_int8_io(model, image_size)
         self.backend = backend
         self.device = "cpu"
+        self.image_size = image_size
         if backend == "onnxruntime":
             import onnxruntime as ort
 

@@ -6,11 +6,12 @@ import numpy as np
 import torch
 
 from model.export import export_onnx_bytes
+from service.core.engines.base import Engine
 from service.core.engines.base import as_uint8_batch as _uint8
 from service.core.errors import StartupError
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(Engine):
     """onnxruntime on the model's own ONNX export (uint8 input normalised in the graph, static padding,
     features and logits as outputs).
 
@@ -45,6 +46,7 @@ class OnnxRuntimeEngine:
         self.session = ort.InferenceSession(onnx_bytes, options, providers=providers)
         self.device = str(device)
         self.dtype = "float32"
+        self.image_size = int(image_size or net.image_size or net.variant.resolution)
 
     def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         # One session serves every slot: InferenceSession.run may be called from several threads at once.

