@@ -4,13 +4,11 @@ and taking uint8 pixels (normalised by the engine) changes nothing against the f
 from __future__ import annotations
 
 import importlib.util
-import io
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 
 from model import EfficientNet, default_weights_path, normalize, resize_and_crop
 from model.export import export_onnx_bytes
@@ -19,6 +17,7 @@ from service.core.imaging import DRAFT_OVERSAMPLE, Preprocessor, decode_image
 from service.core.loading import load_model
 from service.core.settings import Settings
 from tests.helpers.components import missing_component
+from tests.helpers.images import float_preprocessed
 
 pytestmark = pytest.mark.slow  # real networks or many generated cases: not in `make test-fast`
 
@@ -103,17 +102,6 @@ def test_uint8_input_equals_the_old_float_path_within_1e5(backend, lite0, refere
     assert np.array_equal(new_logits.argmax(1), np.asarray(old_logits).argmax(1))
 
 
-def float_preprocessed(photo: bytes, spec) -> np.ndarray:
-    """A client's own float preprocessing: the photo as float, an antialiased bicubic resize of the float
-    tensor (torch.nn.functional.interpolate), normalised: values on no 8-bit grid."""
-    image = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB"), dtype=np.float32) / np.float32(255)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None]
-    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous().numpy()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float_batch_runs_as_sent_within_1e4_of_the_eager_model(backend, lite0, photos):
     """A float32 batch (a normalised tensor off the 8-bit grid) enters each engine after its
@@ -121,7 +109,8 @@ def test_float_batch_runs_as_sent_within_1e4_of_the_eager_model(backend, lite0, 
     uint8 path of the same engine is untouched; other dtypes are refused, never cast."""
     if backend == "openvino" and importlib.util.find_spec("openvino") is None:
         missing_component("openvino is not installed (pip install 'effnet-serve[openvino]')")
-    x = np.concatenate([float_preprocessed(data, lite0.variant.preprocess) for data in photos.values()])
+    spec = lite0.variant.preprocess
+    x = np.concatenate([float_preprocessed(data, spec.mean, spec.std) for data in photos.values()])
     pixels = np.rint((x * np.asarray(lite0.variant.preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1)
                       + np.asarray(lite0.variant.preprocess.mean, dtype=np.float32).reshape(1, 3, 1, 1)) * 255)
     assert np.abs(x - normalize_pixels(np.clip(pixels, 0, 255).astype(np.uint8), lite0)).max() > 1e-3  # off the grid
@@ -154,10 +143,20 @@ def test_float_twin_graph_is_the_export_without_its_normalisation():
 
     net = EfficientNet.from_name("efficientnet-lite0", image_size=32).eval()
     uint8_model = export_onnx_bytes(net, image_size=32, with_features=True, uint8_input=True)
-    graph = onnx.load_from_string(float_input_graph(uint8_model)).graph
+    float_model = float_input_graph(uint8_model)
+    graph = onnx.load_from_string(float_model).graph
     assert [i.name for i in graph.input] == ["input"]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert graph.node[0].op_type == "Conv"
+    assert len([n for n in graph.node if n.op_type == "Cast"]) < len(
+        [n for n in onnx.load_from_string(uint8_model).graph.node if n.op_type == "Cast"])
+    assert not {n.op_type for n in graph.node if "input" in n.input} & {"Cast", "Mul", "Sub"}
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(uint8_model).run(None, {"input": pixels})
+    got = ort.InferenceSession(float_model).run(None, {"input": normalize_pixels(pixels, net)})
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-5 * max(1.0, float(np.abs(e).max())), rtol=0)
     with pytest.raises(ExportError, match="uint8"):
         float_input_graph(export_onnx_bytes(net, image_size=32, with_features=True))
 

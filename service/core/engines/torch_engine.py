@@ -186,6 +186,8 @@ class TorchEngine:
         """uint8 NCHW batch (normalised here, on the device); a float batch is taken as already normalised."""
         with torch.inference_mode():
             x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+            if x.dtype not in (torch.uint8, torch.float32):  # never a silent cast (float64, int16, ...)
+                raise TypeError(f"expected a uint8 or float32 NCHW batch, got {x.dtype}")
             if not self._cuda:
                 features, logits = self._forward(x)
                 return features.numpy(), logits.numpy()
