@@ -55,7 +55,7 @@ async def main(rest_url: str, grpc_address: str, model: str, workdir: Path) -> N
             np.save(workdir / f"logits_{key}.npy", output(response, "logits"))
     finally:
         await rest.close()
-    grpc_client = InferenceGRPCClient(grpc_address, retries=1, timeout=60)
+    grpc_client = InferenceGRPCClient(grpc_address, retries=2, timeout=60)
     try:
         result["grpc_server_ready"] = await grpc_client.is_server_ready()
         result["grpc_server_live"] = await grpc_client.is_server_live()
