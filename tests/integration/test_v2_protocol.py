@@ -1,7 +1,9 @@
 """The Open Inference Protocol (KServe V2), REST and gRPC, driven by Triton's own clients (``tritonclient``)
 against one real Lite0 server: health, metadata, inference with encoded images (binary and JSON), with
-preprocessed FP32/UINT8 tensors and with ``class_count``, several images per request, the documented error
-for each kind of bad request, overload and deadlines, and the same numbers as ``/predict`` and ``/features``.
+preprocessed FP32/UINT8 tensors (FP32 from a client's own float resize runs as sent) and with
+``class_count``, several images per request, the documented error for each kind of bad request and for a
+hostile corpus, errors outside the known routes, the statistics extension, overload and deadlines, and the
+same numbers as ``/predict`` and ``/features``.
 
 One server for the module (the API key is set, so every call carries it), with a small queue and batch so
 overload is cheap to reach.
