@@ -342,8 +342,10 @@ class DynamicBatcher:
                 break
         # One kind of input per batch (uint8 pixels or normalised float32 tensors): a batch closes where
         # the kind changes, so the queue's order is kept.
+        batch: list[_Item] = []
+        if not self._queue:  # everything queued was withdrawn while waiting
+            return batch
         kind = self._queue[0].array.dtype
-        batch = []
         while self._queue and len(batch) < self.max_batch_size and self._queue[0].array.dtype == kind:
             batch.append(self._queue.popleft())
         for item in batch:

@@ -560,3 +560,26 @@ def test_uint8_and_float_images_never_share_a_batch_and_keep_their_order():
     assert snap.execution_count == 5 and snap.inference_count == 7 and snap.queue.count == 7
     assert snap.compute_infer.count == 7 and [b.batch_size for b in snap.batches] == [1, 2]
     assert [b.compute_infer.count for b in snap.batches] == [3, 2]
+
+
+def test_the_worker_survives_a_queue_emptied_while_a_batch_waits():
+    """A batch waiting for images still decoding, whose only queued image is withdrawn (its client left):
+    the worker finds an empty queue, and the next request is still served."""
+    engine = RecordingEngine()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=4, max_delay_s=0.5, max_queue=16)
+        batcher.start()
+        decoding = batcher.reserve(1)  # admitted, still "decoding": the batch waits for it
+        leaving = asyncio.ensure_future(submit(batcher, [1.0]))
+        await asyncio.sleep(0.05)
+        leaving.cancel()  # withdrawn while the batch waits
+        await asyncio.gather(leaving, return_exceptions=True)
+        await asyncio.sleep(0.6)  # past the delay: the batch closes on an empty queue
+        decoding.release()
+        out = await submit(batcher, [2.0])
+        await batcher.close()
+        return out
+
+    assert float(run(main())[0][1]) == 4.0
+    assert engine.batches == [[2.0]]
