@@ -38,6 +38,12 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-run
 	.venv-checkov/bin/python -m pip install --disable-pip-version-check -r constraints-checkov.txt
 	@touch $@
 
+# kserve's SDK (the test of KServe's own V2 clients) pins many dependencies too: its own venv as well.
+.venv-kserve/.stamp: constraints-kserve.txt
+	$(PYTHON) -m venv .venv-kserve
+	.venv-kserve/bin/python -m pip install --disable-pip-version-check -r constraints-kserve.txt
+	@touch $@
+
 # No load balancer sits in front of a local run, so Ctrl-C skips the lame duck (unless you set the delay).
 run: $(VENV)/.stamp-run
 	EFFNET_SHUTDOWN_DELAY_S=$${EFFNET_SHUTDOWN_DELAY_S:-0} $(BIN)/efficientnet-serve --host $(HOST) --port $(PORT)
@@ -46,7 +52,7 @@ lint: $(VENV)/.stamp-dev .venv-checkov/.stamp
 	$(BIN)/ruff check model service tests benchmarks
 	bash scripts/validate_deploy.sh
 
-test: lint gpu-rehearsal-quick
+test: lint gpu-rehearsal-quick .venv-kserve/.stamp
 	$(BIN)/python -m pytest
 
 # The GPU check (benchmarks/gpu_check.sh) rehearsed on the CPU in a venv holding only what the GPU machine
@@ -75,4 +81,4 @@ docs: $(VENV)/.stamp-run
 	$(BIN)/python scripts/settings_table.py
 
 clean:
-	rm -rf $(VENV) .venv-checkov .venv-rehearsal .whl-py* .pytest_cache artifacts
+	rm -rf $(VENV) .venv-checkov .venv-kserve .venv-rehearsal .whl-py* .pytest_cache artifacts

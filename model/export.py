@@ -162,6 +162,59 @@ def export_onnx_bytes(net: EfficientNet, image_size: int | None = None, opset: i
     return buffer.getvalue()
 
 
+def float_input_graph(onnx_model: bytes) -> bytes:
+    """The float32 twin of a uint8-input export (:func:`export_onnx_bytes` with ``uint8_input``): the same
+    graph and weights without the normalisation at its entry (Cast, Mul, Sub), whose output becomes the
+    graph input ``input``, float32 (N, C, S, S) and already normalised.
+
+    For a server that takes the user's own normalised tensors besides uint8 pixels: no second export, and
+    the numbers are the network's on exactly the tensor sent. ``ExportError`` when the graph does not begin
+    with that normalisation (for example an int8 model whose entry was quantised).
+    """
+    import onnx
+
+    model = onnx.load_from_string(onnx_model)
+    graph = model.graph
+    if len(graph.input) != 1 or graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+        raise ExportError("float_input_graph needs a graph with one uint8 input")
+    entry = graph.input[0]
+    # Follow the chain the export writes for model.preprocess.Normalize: Cast -> Mul -> Sub (in a QDQ int8
+    # model with a QuantizeLinear/DequantizeLinear pair between them).
+    tensor, chain, wanted = entry.name, [], ["Cast", "Mul", "Sub"]
+    while wanted:
+        consumers = [n for n in graph.node if tensor in n.input]
+        if len(consumers) != 1 or consumers[0].op_type not in (wanted[0], "QuantizeLinear", "DequantizeLinear"):
+            raise ExportError(f"the graph does not begin with the uint8 normalisation (Cast, Mul, Sub) at {wanted[0]}")
+        if consumers[0].op_type == wanted[0]:
+            wanted.pop(0)
+        chain.append(consumers[0])
+        tensor = consumers[0].output[0]
+    for node in chain:
+        graph.node.remove(node)
+    shape = [d for d in entry.type.tensor_type.shape.dim]
+    new_input = onnx.helper.make_tensor_value_info(entry.name, onnx.TensorProto.FLOAT, None)
+    new_input.type.tensor_type.shape.dim.extend(shape)
+    for node in graph.node:  # the normalised tensor is now the graph's input
+        for i, name in enumerate(node.input):
+            if name == tensor:
+                node.input[i] = entry.name
+    graph.input.remove(entry)
+    graph.input.append(new_input)
+    # What only fed the normalisation (its constants, their Q/DQ nodes) goes too.
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    for initializer in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(initializer)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def export_torchscript(net: EfficientNet, image_size: int | None = None) -> torch.jit.ScriptModule:
     """``torch.jit.script`` of the export form of ``net``."""
     return torch.jit.script(export_form(net, image_size))

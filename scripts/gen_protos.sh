@@ -17,6 +17,13 @@ if [[ "${1:-}" == "--check" ]]; then
     trap 'rm -rf "$OUT"' EXIT
 fi
 "$PY" -m grpc_tools.protoc -I . --python_out="$OUT" --grpc_python_out="$OUT" "$PROTO"
+# The messages go into a descriptor pool of their own, not protobuf's process-wide default: the spec's
+# package name "inference" is Triton's too, and in the default pool tritonclient's grpc_service.proto and
+# this file could not both be loaded in one process (a "duplicate symbol" TypeError), e.g. a test suite
+# that runs tritonclient beside an in-process server.
+sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/DESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(/' \
+    "$OUT/service/v2/pb/grpc_predict_v2_pb2.py"
+grep -q '^DESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(' "$OUT/service/v2/pb/grpc_predict_v2_pb2.py"
 if [[ "${1:-}" == "--check" ]]; then
     for f in grpc_predict_v2_pb2.py grpc_predict_v2_pb2_grpc.py; do
         if ! diff -q "$OUT/service/v2/pb/$f" "service/v2/pb/$f" >/dev/null; then

@@ -37,9 +37,9 @@ from service.core.errors import ClientGone, InferenceFailed, QueueFull, RequestT
 log = logging.getLogger("service.core.batching")
 
 RunBatch = Callable[[np.ndarray, int], Sequence[np.ndarray]]
-"""Takes a stacked NCHW batch (uint8 pixels in the service) and the inference slot it runs in (0 ..
-max_concurrent_batches - 1; never two batches at once in one slot); returns arrays whose first dimension
-is N (e.g. features, logits)."""
+"""Takes a stacked NCHW batch (uint8 pixels, or normalised float32 tensors, in the service) and the
+inference slot it runs in (0 .. max_concurrent_batches - 1; never two batches at once in one slot);
+returns arrays whose first dimension is N (e.g. features, logits)."""
 
 
 class BatchObserver:
@@ -56,6 +56,10 @@ class BatchObserver:
 
     def batches_in_flight_changed(self, batches: int) -> None:
         pass
+
+    def batch_timed(self, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """A batch that succeeded, in its three phases: stacking its images (input), the engine's pass
+        (infer) and handing each image its rows (output)."""
 
 
 @dataclass(eq=False)
@@ -336,7 +340,14 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-        batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        # One kind of input per batch (uint8 pixels or normalised float32 tensors): a batch closes where
+        # the kind changes, so the queue's order is kept.
+        batch: list[_Item] = []
+        if not self._queue:  # everything queued was withdrawn while waiting
+            return batch
+        kind = self._queue[0].array.dtype
+        while self._queue and len(batch) < self.max_batch_size and self._queue[0].array.dtype == kind:
+            batch.append(self._queue.popleft())
         for item in batch:
             item.queued = False
         self._admitted -= len(batch)
@@ -352,10 +363,11 @@ class DynamicBatcher:
         ok = False
         buffer = self._buffers[slot] if self._buffers is not None else None
         try:
-            outputs = await loop.run_in_executor(
+            outputs, input_s, infer_s = await loop.run_in_executor(
                 self._executor, _stack_and_run, self._run_batch, [item.array for item in batch], slot, buffer
             )
             ok = True
+            t_out = time.perf_counter()
         except asyncio.CancelledError:
             _fail(batch, ShuttingDown("server is shutting down"))
             raise
@@ -366,6 +378,7 @@ class DynamicBatcher:
             for index, item in enumerate(batch):
                 if not item.future.done():
                     item.future.set_result(tuple(output[index] for output in outputs))
+            self._observer.batch_timed(len(batch), input_s, infer_s, time.perf_counter() - t_out)
         finally:
             self._running -= len(batch)
             self.batches_run += 1
@@ -384,15 +397,23 @@ def _consume(future: asyncio.Future[object]) -> None:
 
 
 def _stack_and_run(run_batch: RunBatch, arrays: list[np.ndarray], slot: int,
-                   buffer: np.ndarray | None) -> Sequence[np.ndarray]:
+                   buffer: np.ndarray | None) -> tuple[Sequence[np.ndarray], float, float]:
+    """Stack and run one batch: (outputs, seconds stacking, seconds in ``run_batch``)."""
+    t0 = time.perf_counter()
     # Into the slot's own (pinned) buffer when there is one: no allocation per batch. The slot is not
     # reused before this batch's run_batch has returned, so nothing else writes the buffer meanwhile.
-    batch = np.stack(arrays) if buffer is None else np.stack(arrays, out=buffer[: len(arrays)])
+    # A float batch (normalised tensors sent as they are) does not fit the uint8 buffers: stacked apart.
+    if buffer is None or buffer.dtype != arrays[0].dtype:
+        batch = np.stack(arrays)
+    else:
+        batch = np.stack(arrays, out=buffer[: len(arrays)])
+    t1 = time.perf_counter()
     outputs = run_batch(batch, slot)
+    t2 = time.perf_counter()
     for output in outputs:
         if len(output) != len(arrays):
             raise RuntimeError(f"engine returned {len(output)} rows for a batch of {len(arrays)}")
-    return outputs
+    return outputs, t1 - t0, t2 - t1
 
 
 __all__ = ["BatchObserver", "ClientGone", "DynamicBatcher", "Reservation", "RunBatch"]

@@ -35,6 +35,7 @@ from service.core.imaging import Preprocessor
 from service.core.loading import LoadedModel
 from service.core.metrics import Metrics
 from service.core.settings import Settings
+from service.core.statistics import ModelStatistics, ObserverGroup
 
 log = logging.getLogger("service.core.runtime")
 
@@ -125,13 +126,15 @@ class InferenceService:
         # and a CUDA stream per slot on a GPU) hands the batcher the buffers to stack into.
         slots = settings.effective_max_concurrent_batches
         self._infer_pool = ThreadPoolExecutor(slots, thread_name_prefix="effnet-infer")
+        # The statistics extension's numbers (V2 /stats, gRPC ModelStatistics), beside the metrics.
+        self.statistics = ModelStatistics()
         self.batcher = DynamicBatcher(
             model.engine.run,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
             executor=self._infer_pool,
-            observer=metrics,
+            observer=ObserverGroup(metrics, self.statistics),
             max_concurrent_batches=slots,
             buffers=model.engine.input_buffers(slots, settings.max_batch_size),
         )
@@ -269,6 +272,7 @@ class InferenceService:
         Errors are ``ServiceError``s; one about a single image carries its ``image_index``.
         """
         with self.admit():
+            started = time.perf_counter()
             request = await read() if callable(read) else read
             count = request.count
             if record is not None:
@@ -281,11 +285,17 @@ class InferenceService:
                 timeout = min(timeout, max(0.0, request.timeout_s))
             deadline = time.monotonic() + timeout
             watcher = asyncio.ensure_future(cancel_when()) if cancel_when is not None else None
+            ok = False
             try:
                 if request.pixels is not None:
-                    return await self.infer_arrays(request.pixels, deadline=deadline, cancel_when=watcher)
-                return await self.infer(request.images, deadline=deadline, cancel_when=watcher)
+                    results = await self.infer_arrays(request.pixels, deadline=deadline, cancel_when=watcher)
+                else:
+                    results = await self.infer(request.images, deadline=deadline, cancel_when=watcher)
+                ok = True
+                return results
             finally:
+                # A request that reached the model: its outcome in the statistics (parse errors never do).
+                self.statistics.request_finished(time.perf_counter() - started, ok)
                 if watcher is not None:
                     watcher.cancel()
 
@@ -338,41 +348,32 @@ class InferenceService:
         """Already preprocessed images (N, 3, S, S) through the same queue bound, batcher and deadline as
         ``infer``, without decoding; per-image (features, logits) in order.
 
-        uint8: the resized, cropped pixels (0..255) that decoding makes. float32: those pixels normalised
-        with the variant's mean/std. The engines take 8-bit pixels, so a float32 batch goes in as the
-        pixels it encodes; one whose values are not such pixels (beyond float rounding) is a BadRequest,
-        never silently rounded.
+        uint8: the resized, cropped pixels (0..255) that decoding makes; the engine normalises them.
+        float32: an already normalised tensor (the user's own preprocessing, any values): the network is
+        a float network, so it runs as sent, after the engine's normalisation. NaN or infinity is a
+        ``BadRequest``. The batcher never mixes the two kinds in one batch.
         """
         size = self.preprocessor.input_size
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or len(batch) == 0:
             raise BadRequest(f"expected a batch of shape [N, 3, {size}, {size}] with N >= 1, got {list(batch.shape)}")
-        pixels = batch if batch.dtype == np.uint8 else normalised_to_pixels(batch, self.model.preprocess)
-        with self.batcher.reserve(len(pixels)) as room:
-            return await room.run(list(pixels), timeout=deadline - time.monotonic(), cancel_when=cancel_when)
+        images = as_engine_input(batch)
+        with self.batcher.reserve(len(images)) as room:
+            return await room.run(list(images), timeout=deadline - time.monotonic(), cancel_when=cancel_when)
 
 
-# How far (in pixel steps) a float32 input may lie from the 8-bit grid: float32 rounding of a normalised
-# pixel is ~1e-5 of a step; anything further off is a different image than any 8-bit one.
-PIXEL_TOLERANCE = 0.01
-
-
-def normalised_to_pixels(batch: np.ndarray, spec: object) -> np.ndarray:
-    """Invert ``(p / 255 - mean) / std`` for a float batch (N, 3, S, S) -> uint8 pixels; ``BadRequest``
-    unless every value is within ``PIXEL_TOLERANCE`` of a pixel value 0..255."""
-    mean = np.asarray(spec.mean, dtype=np.float64).reshape(1, 3, 1, 1)  # type: ignore[attr-defined]
-    std = np.asarray(spec.std, dtype=np.float64).reshape(1, 3, 1, 1)  # type: ignore[attr-defined]
-    values = (batch.astype(np.float64) * std + mean) * 255.0
-    if not np.all(np.isfinite(values)):
-        raise BadRequest("input holds NaN or infinite values")
-    rounded = np.rint(values)
-    off = float(np.max(np.abs(values - rounded))) if values.size else 0.0
-    if off > PIXEL_TOLERANCE or rounded.min() < 0 or rounded.max() > 255:
-        raise BadRequest(
-            "FP32 input must be 8-bit pixels (0..255) normalised with the model's mean and std "
-            f"((p / 255 - mean) / std); these values are {off:.3g} pixel steps off that grid or out of "
-            "range. Send the UINT8 pixels instead"
-        )
-    return rounded.astype(np.uint8)
+def as_engine_input(batch: np.ndarray) -> np.ndarray:
+    """A preprocessed batch as an engine takes it: uint8 pixels as they are, any float as float32 (already
+    normalised); ``BadRequest`` for NaN or infinite values (before and after the cast to float32) or any
+    other dtype."""
+    if batch.dtype == np.uint8:
+        return batch
+    if batch.dtype.kind != "f":
+        raise BadRequest(f"preprocessed input must be uint8 pixels or float32, not {batch.dtype}")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused just below
+        floats = batch.astype(np.float32, copy=False)
+    if not np.isfinite(floats).all():
+        raise BadRequest("input holds NaN or infinite values (or values beyond float32's range)")
+    return floats
 
 
 def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes) -> np.ndarray:

@@ -44,6 +44,11 @@ def error_body(code: str, message: str, request_id: str | None, **extra: Any) ->
     return {"error": {"code": code, "message": message, "request_id": request_id, **extra}}
 
 
+def is_v2_path(path: str) -> bool:
+    """Under the Open Inference Protocol's ``/v2``, whose errors are ``{"error": "<message>"}``."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def error_response(
     request: Request,
     status: int,
@@ -54,6 +59,10 @@ def error_response(
 ) -> JSONResponse:
     record = access_record(request)
     record.status, record.error_code = status, code
+    if is_v2_path(request.url.path):
+        # Any error under /v2 (an unknown route, 405, 415, a validation error, a fault) in the protocol's
+        # shape: its clients read "error" as a string.
+        return JSONResponse({"error": message}, status, headers=headers)
     return JSONResponse(error_body(code, message, request_id_of(request), **extra), status, headers=headers)
 
 

@@ -23,7 +23,7 @@ from service.core.access import AccessRecord, request_id
 from service.core.errors import BodyTooLarge
 from service.core.metrics import Metrics
 from service.http.asgi import header as _header
-from service.http.errors import error_body
+from service.http.errors import error_body, is_v2_path
 
 log = logging.getLogger("service.http.middleware")
 
@@ -100,7 +100,8 @@ class RequestContextMiddleware:
                 record.error_code = "internal_error"
                 try:
                     await send_json_error(
-                        send, 500, "internal_error", "internal server error", rid, {"x-request-id": rid}
+                        send, 500, "internal_error", "internal server error", rid, {"x-request-id": rid},
+                        v2=is_v2_path(scope.get("path", "")),
                     )
                 except Exception:  # pragma: no cover - client gone
                     pass
@@ -138,7 +139,7 @@ class BodyLimitMiddleware:
                     error.message,
                     state.get("request_id"),
                     {"connection": "close"},
-                    v2=scope.get("path", "").startswith("/v2/"),
+                    v2=is_v2_path(scope.get("path", "")),
                 )
                 return
         received = 0

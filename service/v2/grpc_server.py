@@ -41,6 +41,7 @@ from service.v2.pb import grpc_predict_v2_pb2 as pb
 from service.v2.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.v2.protocol import (
     EXTENSIONS,
+    MAX_TENSORS,
     MODEL_VERSION,
     SERVER_NAME,
     InputTensor,
@@ -99,6 +100,10 @@ def _parameters(params: Any) -> dict[str, Any]:
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
+    if len(request.inputs) > MAX_TENSORS:
+        raise BadRequest(f"request has {len(request.inputs)} inputs; at most {MAX_TENSORS} are read")
+    if len(request.outputs) > MAX_TENSORS:
+        raise BadRequest(f"request asks for {len(request.outputs)} outputs; at most {MAX_TENSORS} are read")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(
@@ -257,6 +262,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return encode_response(self.model, request, self.model.outputs(results, requested))
 
         return await self._observe(f"/{SERVICE_NAME}/ModelInfer", context, handle)
+
+
+    async def ModelStatistics(  # noqa: N802
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelStatisticsResponse:
+            if request.name or request.version:  # empty name: every model (this server has one)
+                self.model.check(request.name, request.version)
+            response = pb.ModelStatisticsResponse()
+            stats = self.model.statistics()
+            entry = response.model_stats.add(
+                name=stats["name"], version=stats["version"], last_inference=stats["last_inference"],
+                inference_count=stats["inference_count"], execution_count=stats["execution_count"],
+            )
+            for key, value in stats["inference_stats"].items():
+                getattr(entry.inference_stats, key).CopyFrom(pb.StatisticDuration(**value))
+            for batch in stats["batch_stats"]:
+                entry.batch_stats.add(**{k: v if k == "batch_size" else pb.StatisticDuration(**v)
+                                         for k, v in batch.items()})
+            return response
+
+        return await self._observe(f"/{SERVICE_NAME}/ModelStatistics", context, handle)
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):

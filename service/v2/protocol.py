@@ -6,9 +6,10 @@ The served variant is the protocol's one model (name: the variant's, e.g. ``effi
 
 - ``image``: BYTES, shape ``[N]`` (``[N, 1]`` too): each element one encoded image file. These go through
   the service's decoding pool, exactly like an upload to ``/predict``.
-- ``input``: UINT8 or FP32, shape ``[N, 3, S, S]``: images already resized and cropped (UINT8: the 0..255
-  pixels; FP32: those pixels normalised with the variant's mean/std). No decoding; same queue, batcher
-  and deadline.
+- ``input``: UINT8 or FP32, shape ``[N, 3, S, S]``: images already preprocessed (UINT8: resized and
+  cropped 0..255 pixels, which the engine normalises with the variant's mean/std; FP32: a tensor already
+  normalised, e.g. by the client's own float resize, run through the network as sent; any finite
+  values). No decoding; same queue, batcher and deadline.
 
 Outputs: ``logits`` and ``probabilities`` (FP32 ``[N, num_classes]``) and ``features`` (FP32
 ``[N, num_features]``, the pooled embedding); all three when the request names none. An output asked for
@@ -31,10 +32,13 @@ from service.core.runtime import InferenceRequest, InferenceService, Outputs
 MODEL_VERSION = "1"
 SERVER_NAME = "effnet-serve"
 # Triton's names for the extensions this server speaks, as its clients expect them in server metadata.
-EXTENSIONS = ("binary_tensor_data", "classification")
+EXTENSIONS = ("binary_tensor_data", "classification", "statistics")
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
 OUTPUTS = ("logits", "probabilities", "features")
+# Inputs or outputs read from one request: the model has one input and three outputs, so more is a mistake
+# (refused before any is decoded).
+MAX_TENSORS = 16
 
 
 class ModelNotFound(ServiceError):
@@ -134,6 +138,41 @@ class V2Model:
             "input_dtypes": "image: BYTES; input: FP32 or UINT8",
             "num_classes": str(self.num_classes),
             "num_features": str(self.num_features),
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        """The statistics extension's entry for this model (Triton's JSON shape; the gRPC message has the
+        same fields): counts, and durations as {count, ns}."""
+        snap = self.service.statistics.snapshot()
+
+        def duration(d: Any) -> dict[str, int]:
+            return {"count": d.count, "ns": d.ns}
+
+        return {
+            "name": self.name,
+            "version": MODEL_VERSION,
+            "last_inference": snap.last_inference_ms,
+            "inference_count": snap.inference_count,
+            "execution_count": snap.execution_count,
+            "inference_stats": {
+                "success": duration(snap.success),
+                "fail": duration(snap.fail),
+                "queue": duration(snap.queue),
+                "compute_input": duration(snap.compute_input),
+                "compute_infer": duration(snap.compute_infer),
+                "compute_output": duration(snap.compute_output),
+                "cache_hit": {"count": 0, "ns": 0},
+                "cache_miss": {"count": 0, "ns": 0},
+            },
+            "batch_stats": [
+                {
+                    "batch_size": b.batch_size,
+                    "compute_input": duration(b.compute_input),
+                    "compute_infer": duration(b.compute_infer),
+                    "compute_output": duration(b.compute_output),
+                }
+                for b in snap.batches
+            ],
         }
 
     # -- inference -------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from service.v2 import tensors
 from service.v2.protocol import (
     EXTENSIONS,
     IMAGE_INPUT,
+    MAX_TENSORS,
     MODEL_VERSION,
     SERVER_NAME,
     InputTensor,
@@ -94,6 +95,18 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+def load_json(text: bytes) -> Any:
+    """The request's JSON; ``BadRequest`` for anything else, including nesting deeper than the decoder
+    goes (it stops at the interpreter's recursion limit instead of exhausting the stack). Everything that
+    walks the result afterwards is iterative or bounded (``tensors.MAX_DATA_DEPTH``)."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request JSON nests too deeply") from None
+
+
 def _parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -116,15 +129,16 @@ def parse_infer_request(
         head, binary = body[:json_size], memoryview(body)[json_size:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        request = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request is not valid JSON: {exc}") from None
+    request = load_json(head)
     if not isinstance(request, dict):
         raise BadRequest("request must be a JSON object")
+    if "id" in request and not isinstance(request["id"], str):
+        raise BadRequest("'id' must be a string")
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("request needs 'inputs', a non-empty list")
+    if len(raw_inputs) > MAX_TENSORS:
+        raise BadRequest(f"request has {len(raw_inputs)} inputs; at most {MAX_TENSORS} are read")
     inputs: list[InputTensor] = []
     offset = 0
     for i, item in enumerate(raw_inputs):
@@ -155,6 +169,8 @@ def parse_infer_request(
     outputs = None
     raw_outputs = request.get("outputs")
     if raw_outputs is not None:
+        if isinstance(raw_outputs, list) and len(raw_outputs) > MAX_TENSORS:
+            raise BadRequest(f"request asks for {len(raw_outputs)} outputs; at most {MAX_TENSORS} are read")
         if not isinstance(raw_outputs, list) or not all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw_outputs
         ):
@@ -282,8 +298,22 @@ def v2_router() -> APIRouter:
         except ServiceError as exc:
             return v2_error(request, exc)
 
+    async def model_statistics(request: Request, model_name: str | None = None,
+                               model_version: str | None = None) -> Any:
+        """The statistics extension: every model's (``/v2/models/stats``) or one model's."""
+        try:
+            model = _model(request)
+            if model_name is not None:
+                model.check(model_name, model_version)
+        except ServiceError as exc:
+            return v2_error(request, exc)
+        return {"model_stats": [model.statistics()]}
+
+    # Before /models/{model_name}, which "stats" would otherwise match as a model's name.
+    router.add_api_route("/models/stats", model_statistics, methods=["GET"], summary="Statistics of every model")
     for suffix in ("", "/versions/{model_version}"):
         path = "/models/{model_name}" + suffix
+        router.add_api_route(path + "/stats", model_statistics, methods=["GET"], summary="Model statistics")
         router.add_api_route(path, model_metadata, methods=["GET"], summary="Model metadata")
         router.add_api_route(path + "/ready", model_ready, methods=["GET"], summary="Model ready")
         router.add_api_route(path + "/infer", model_infer, methods=["POST"], summary="Inference")

@@ -100,12 +100,24 @@ def to_raw(data: np.ndarray | Sequence[bytes], datatype: str) -> bytes:
     return np.ascontiguousarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
-def _flatten(data: Any, out: list[Any]) -> None:
-    if isinstance(data, list):
-        for item in data:
-            _flatten(item, out)
-    else:
-        out.append(data)
+# Nesting of a tensor's JSON ``data``: a tensor has at most this many dimensions (the protocol's own
+# clients flatten it; an image batch nests 4 deep).
+MAX_DATA_DEPTH = 16
+
+
+def _flatten(data: Any, out: list[Any], name: str) -> None:
+    """Nested lists -> ``out``, row-major; iterative, and ``BadRequest`` beyond ``MAX_DATA_DEPTH``."""
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) >= MAX_DATA_DEPTH:
+                    raise BadRequest(f"input '{name}': 'data' nests deeper than {MAX_DATA_DEPTH} levels")
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
 
 
 def from_json(data: Any, datatype: str, shape: Sequence[int], name: str) -> np.ndarray | list[Any]:
@@ -114,7 +126,7 @@ def from_json(data: Any, datatype: str, shape: Sequence[int], name: str) -> np.n
     check_datatype(datatype, name)
     count = element_count(shape, name)
     flat: list[Any] = []
-    _flatten(data if isinstance(data, list) else [data], flat)
+    _flatten(data if isinstance(data, list) else [data], flat, name)
     if len(flat) != count:
         raise BadRequest(f"input '{name}': shape {list(shape)} needs {count} elements, 'data' has {len(flat)}")
     if datatype == "BYTES":

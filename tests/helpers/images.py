@@ -38,3 +38,21 @@ def solid_jpeg(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = 
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+def float_preprocessed(photo: bytes, mean, std, size: int = 224):
+    """A client's own float preprocessing, as torch users write it: the photo as a float tensor, an
+    antialiased bicubic resize of that tensor (``torch.nn.functional.interpolate``) to ``size`` x ``size``,
+    normalised with ``mean``/``std``. The values lie on no 8-bit grid. Returns float32 (1, 3, size, size)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB"), dtype=np.float32) / np.float32(255)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - m) / s).contiguous().numpy()

@@ -1,7 +1,9 @@
 """The Open Inference Protocol (KServe V2), REST and gRPC, driven by Triton's own clients (``tritonclient``)
 against one real Lite0 server: health, metadata, inference with encoded images (binary and JSON), with
-preprocessed FP32/UINT8 tensors and with ``class_count``, several images per request, the documented error
-for each kind of bad request, overload and deadlines, and the same numbers as ``/predict`` and ``/features``.
+preprocessed FP32/UINT8 tensors (FP32 from a client's own float resize runs as sent) and with
+``class_count``, several images per request, the documented error for each kind of bad request and for a
+hostile corpus, errors outside the known routes, the statistics extension, overload and deadlines, and the
+same numbers as ``/predict`` and ``/features``.
 
 One server for the module (the API key is set, so every call carries it), with a small queue and batch so
 overload is cheap to reach.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 
@@ -19,6 +22,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as tgrpc
 import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http as thttp
@@ -28,8 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from model import get_efficientnet_config
+from model import EfficientNet, default_weights_path, get_efficientnet_config
 from service.core.imaging import Preprocessor
+from tests.helpers.images import float_preprocessed
 from tests.helpers.server import ServiceProcess, free_port
 
 MODEL = "efficientnet-lite0"
@@ -247,14 +252,54 @@ def test_preprocessed_tensor_input_matches_predict(http_client, grpc_client, pix
         assert_matches_reference(result, reference)
 
 
-def test_fp32_input_off_the_pixel_grid_is_refused(http_client, pixels):
-    """An FP32 tensor that is not normalised 8-bit pixels is a 400 saying so, never silently rounded."""
-    data = normalised(pixels["coffee.jpg"][None]) + np.float32(0.004)
-    tensor = thttp.InferInput("input", list(data.shape), "FP32")
-    tensor.set_data_from_numpy(data)
+@pytest.fixture(scope="module")
+def eager():
+    """The reference model: eager float32 Lite0 (dynamic padding, BatchNorm unfused), as the package has it."""
+    return EfficientNet.from_pretrained(MODEL, default_weights_path(MODEL)).eval()
+
+
+@pytest.fixture(scope="module")
+def float_batch(photos):
+    """The photos through a client's own float preprocessing (antialiased bicubic resize of the float
+    tensor, normalised): values on no 8-bit grid."""
+    spec = get_efficientnet_config(MODEL).preprocess
+    return np.concatenate([float_preprocessed(photos[n], spec.mean, spec.std) for n in NAMES])
+
+
+def test_float_preprocessed_fp32_input_runs_as_sent(server, http_client, grpc_client, eager, float_batch):
+    """FP32 tensors from the client's own float resize (not normalised 8-bit pixels) are the network's
+    input as sent: over REST JSON, REST binary and gRPC, logits and features within 1e-4 of the eager
+    reference model on the same tensor; NaN is a 400 saying so."""
+    with torch.inference_mode():
+        features, logits = (t.numpy() for t in eager.forward_features_and_logits(torch.from_numpy(float_batch)))
+    spec = get_efficientnet_config(MODEL).preprocess
+    pixels = (float_batch * np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1)
+              + np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)) * 255
+    assert np.abs(pixels - np.rint(pixels)).max() > 0.1  # really off the grid the old check demanded
+    for module, client, headers in ((thttp, http_client, BEARER), (tgrpc, grpc_client, GRPC_AUTH)):
+        tensor = module.InferInput("input", list(float_batch.shape), "FP32")
+        tensor.set_data_from_numpy(float_batch)  # binary (raw contents)
+        result = client.infer(MODEL, [tensor], headers={**headers})
+        np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(result.as_numpy("features"), features, atol=1e-4, rtol=0)
+    # Plain JSON, one image (the float32 values in their shortest exact decimal form: three images as
+    # JSON would pass this server's 2 MB body limit).
+    data = ",".join(float_batch[:1].ravel().astype(str))
+    body = ('{"inputs":[{"name":"input","datatype":"FP32","shape":[1,3,224,224],"data":[' + data + "]}],"
+            '"outputs":[{"name":"logits"},{"name":"features"}]}').encode()
+    assert len(body) < MAX_BODY
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=body, headers=BEARER, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+    out = {o["name"]: np.array(o["data"], dtype=np.float32) for o in response.json()["outputs"]}
+    np.testing.assert_allclose(out["logits"], logits[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["features"], features[0], atol=1e-4, rtol=0)
+    bad = float_batch[:1].copy()
+    bad[0, 0, 0, 0] = np.nan
+    tensor = thttp.InferInput("input", list(bad.shape), "FP32")
+    tensor.set_data_from_numpy(bad)
     with pytest.raises(InferenceServerException) as info:
         http_client.infer(MODEL, [tensor], headers={**BEARER})
-    assert info.value.status() == "400" and "UINT8" in info.value.message()
+    assert info.value.status() == "400" and "NaN" in info.value.message()
 
 
 def test_classification_extension(http_client, grpc_client, photos, reference):
@@ -441,3 +486,197 @@ def test_request_ids_and_metrics_labels(server, http_client, grpc_client, photos
                   code="401") >= 1
     text = httpx.get(f"{server.url}/metrics").text
     assert "resnet50" not in text  # a model name from a path never becomes a label value
+
+
+# -- hostile requests --------------------------------------------------------------------------------------
+def _json(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _tensor(name="input", datatype="FP32", shape=(1, 3, 224, 224), **extra):
+    return {"name": name, "datatype": datatype, "shape": list(shape), **extra}
+
+
+def _binary(head: dict, blob: bytes, declared: str | None = None) -> tuple[bytes, dict[str, str]]:
+    text = _json(head)
+    return text + blob, {HEADER: declared if declared is not None else str(len(text))}
+
+
+HEADER = "Inference-Header-Content-Length"
+DEEP = b"[" * 100_000 + b"]" * 100_000
+_IMAGE_HEAD = {"inputs": [_tensor("image", "BYTES", [1], parameters={"binary_data_size": 8})]}
+HOSTILE_REST = {
+    # name: (body, extra headers, status, a word the message must hold)
+    "header length beyond the body": (*_binary(_IMAGE_HEAD, b"\x04\x00\x00\x00abcd", "100000"), 400, HEADER),
+    "header length negative": (*_binary(_IMAGE_HEAD, b"\x04\x00\x00\x00abcd", "-5"), 400, HEADER),
+    "header length not a number": (*_binary(_IMAGE_HEAD, b"\x04\x00\x00\x00abcd", "12abc"), 400, HEADER),
+    "binary shorter than binary_data_size": (*_binary(
+        {"inputs": [_tensor(parameters={"binary_data_size": 602112})]}, b"\x00" * 1000), 400, "binary_data_size"),
+    "BYTES length prefix of 4 GB": (*_binary(_IMAGE_HEAD, b"\xff\xff\xff\xffabcd"), 400, "4294967295"),
+    "shape of 2 elements, 1 sent": (_json({"inputs": [_tensor(shape=[2], data=[1.0])]}), {}, 400, "needs 2"),
+    "shape [1e9, 3, 224, 224] with 16 bytes": (*_binary(
+        {"inputs": [_tensor(shape=[10**9, 3, 224, 224], parameters={"binary_data_size": 16})]}, b"\x00" * 16),
+        400, "too large"),
+    "shape 1e9 as a float": (_json({"inputs": [_tensor(shape=[1e9, 3, 224, 224], data=[0.0] * 4)]}), {}, 400,
+                             "shape"),
+    "negative shape": (_json({"inputs": [_tensor(shape=[-1, 3, 224, 224], data=[0.0])]}), {}, 400, "shape"),
+    "FP64": (*_binary({"inputs": [_tensor(datatype="FP64", shape=[1, 3, 4, 4],
+                                          parameters={"binary_data_size": 384})]}, b"\x00" * 384), 400, "FP64"),
+    "strings in FP32 data": (_json({"inputs": [_tensor(shape=[2], data=["1.0", "x"])]}), {}, 400, "numbers"),
+    "inputs null": (_json({"inputs": None}), {}, 400, "inputs"),
+    "10,000 inputs": (_json({"inputs": [_tensor(shape=[1], data=[0.0])] * 10_000}), {}, 400, "inputs"),
+    "class_count 1e9": (_json({"inputs": [_tensor("image", "BYTES", [1], data=["aGVsbG8="])],
+                               "outputs": [{"name": "logits", "parameters": {"classification": 10**9}}]}), {}, 400,
+                        "classification"),
+    "class_count 1e9 as a float": (_json({"inputs": [_tensor("image", "BYTES", [1], data=["aGVsbG8="])],
+                                          "outputs": [{"name": "logits", "parameters": {"classification": 1e9}}]}),
+                                   {}, 400, "classification"),
+    "nesting 100,000 deep": (DEEP, {}, 400, "nests"),
+    "nesting 100,000 deep in data": (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": '
+                                     + DEEP + b"}]}", {}, 400, "nests"),
+    "not JSON": (b"\x00\xffnot json at all", {}, 400, "JSON"),
+}
+
+
+def _infer_message(name: str, datatype: str, shape: list[int], raw: list[bytes], model: str = MODEL):
+    request = service_pb2.ModelInferRequest(model_name=model)
+    if name:
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.extend(raw)
+    return request
+
+
+def _grpc_hostile() -> dict:
+    many = service_pb2.ModelInferRequest(model_name=MODEL)
+    for _ in range(10_000):
+        many.inputs.add(name="input", datatype="FP32", shape=[1])
+    class_count = _infer_message("image", "BYTES", [1], [b"\x05\x00\x00\x00hello"])
+    class_count.outputs.add(name="logits").parameters["classification"].int64_param = 10**9
+    return {
+        # name: (request, code, a word the message must hold)
+        "raw contents shorter than the shape": (_infer_message("input", "FP32", [1, 3, 224, 224], [b"\x00" * 16]),
+                                                "INVALID_ARGUMENT", "bytes"),
+        "BYTES prefix past the end": (_infer_message("image", "BYTES", [1], [b"\x10\x00\x00\x00abc"]),
+                                      "INVALID_ARGUMENT", "remain"),
+        "BYTES prefix of 4 GB": (_infer_message("image", "BYTES", [1], [b"\xff\xff\xff\xffabc"]),
+                                 "INVALID_ARGUMENT", "remain"),
+        "two raw contents for one input": (_infer_message("image", "BYTES", [1], [b"\x01\x00\x00\x00a"] * 2),
+                                           "INVALID_ARGUMENT", "raw_input_contents"),
+        "no inputs": (_infer_message("", "", [], []), "INVALID_ARGUMENT", "input"),
+        "10,000 inputs": (many, "INVALID_ARGUMENT", "inputs"),
+        "class_count 1e9": (class_count, "INVALID_ARGUMENT", "classification"),
+        "unknown model": (_infer_message("image", "BYTES", [1], [b"\x01\x00\x00\x00a"], "resnet50"), "NOT_FOUND",
+                          "resnet50"),
+        "garbage image": (_infer_message("image", "BYTES", [1], [b"\x0c\x00\x00\x00not an image"]),
+                          "INVALID_ARGUMENT", "image"),
+        "shape [1e9, 3, 224, 224] with 16 bytes": (_infer_message("input", "FP32", [10**9, 3, 224, 224],
+                                                                  [b"\x00" * 16]), "INVALID_ARGUMENT", "too large"),
+        "negative shape": (_infer_message("input", "FP32", [-1, 3, 224, 224], [b"\x00" * 16]), "INVALID_ARGUMENT",
+                           "shape"),
+    }
+
+
+def _assert_still_serving(server, http_client, photos) -> None:
+    result = http_client.infer(MODEL, [image_input(thttp, photos, ["coffee.jpg"])], headers={**BEARER})
+    assert result.as_numpy("logits").shape == (1, 1000)
+    logs = server.logs()
+    assert "Traceback" not in logs and "unhandled error" not in logs, logs[-3000:]
+
+
+def test_hostile_rest_requests_are_4xx_with_a_message(server, http_client, photos):
+    """Each request of the hostile corpus over REST is answered 4xx in the protocol's shape with a message
+    that says what is wrong; no allocation for a shape the data does not back, no traceback in the log,
+    and the server answers normally right afterwards."""
+    url = f"{server.url}/v2/models/{MODEL}/infer"
+    with httpx.Client(headers=BEARER, timeout=60) as client:
+        for name, (body, headers, status, word) in HOSTILE_REST.items():
+            response = client.post(url, content=body, headers=headers)
+            assert response.status_code == status, (name, response.text[:300])
+            message = response.json()["error"]
+            assert isinstance(message, str) and word.lower() in message.lower(), (name, message)
+    _assert_still_serving(server, http_client, photos)
+
+
+def test_hostile_grpc_requests_are_refused_with_a_status(server, http_client, photos):
+    """The gRPC side of the corpus: INVALID_ARGUMENT / NOT_FOUND with a message, never INTERNAL."""
+    with grpc.insecure_channel(server.grpc_url, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for name, (request, code, word) in _grpc_hostile().items():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, metadata=tuple(GRPC_AUTH.items()), timeout=60)
+            assert info.value.code() == getattr(grpc.StatusCode, code), (name, info.value.details())
+            assert word.lower() in (info.value.details() or "").lower(), (name, info.value.details())
+    _assert_still_serving(server, http_client, photos)
+
+
+def test_errors_outside_the_known_routes_are_in_the_protocols_shape(server, http_client):
+    """An unknown /v2 path (404), a wrong method (405) and an unsupported encoding (415) answer
+    {"error": "<message>"}; tritonclient shows the message (it used to fail formatting a dict)."""
+    cases = [
+        httpx.get(f"{server.url}/v2/models/{MODEL}/nothing-here"),
+        httpx.get(f"{server.url}/v2/repository/index"),
+        httpx.delete(f"{server.url}/v2/models/{MODEL}/infer", headers=BEARER),
+        httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b"{}",
+                   headers={**BEARER, "Content-Encoding": "br"}),
+    ]
+    assert [r.status_code for r in cases] == [404, 404, 405, 415]
+    for response in cases:
+        assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str), response.text
+    with pytest.raises(InferenceServerException) as info:
+        http_client.load_model(MODEL)  # the repository extension, which this server does not have
+    assert info.value.status() == "404" and isinstance(info.value.message(), str)
+    # Outside /v2 the service's own shape stays.
+    assert set(httpx.get(f"{server.url}/nothing-here").json()["error"]) >= {"code", "message"}
+
+
+# -- statistics --------------------------------------------------------------------------------------------
+def _stats(entry: dict) -> dict:
+    """tritonclient's JSON (HTTP as sent; gRPC's as_json has uint64 as strings) as plain integers."""
+    def number(value):
+        return int(value) if value is not None else 0
+
+    stats = entry["inference_stats"]
+    return {
+        "inference_count": number(entry.get("inference_count")),
+        "execution_count": number(entry.get("execution_count")),
+        **{f"{k}_{f}": number(stats.get(k, {}).get(f)) for k in
+           ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output") for f in ("count", "ns")},
+    }
+
+
+def test_statistics_extension_counts_exactly(server, http_client, grpc_client, photos):
+    """tritonclient's get_inference_statistics over HTTP and gRPC after a known number of requests: exact
+    counts (one request of one image is one inference, one batch when sent one at a time; a garbage image
+    is one failure) and durations that add up; "statistics" is listed in the server's extensions."""
+    assert "statistics" in http_client.get_server_metadata()["extensions"]
+    before = _stats(http_client.get_inference_statistics(MODEL)["model_stats"][0])
+    for _ in range(3):
+        http_client.infer(MODEL, [image_input(thttp, photos, ["coffee.jpg"])], headers={**BEARER})
+    for _ in range(2):
+        grpc_client.infer(MODEL, [image_input(tgrpc, photos, ["chelsea.jpg"])], headers=GRPC_AUTH)
+    bad = thttp.InferInput("image", [1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"not an image at all"], dtype=object))
+    with pytest.raises(InferenceServerException):
+        http_client.infer(MODEL, [bad], headers={**BEARER})
+    over_http = http_client.get_inference_statistics(MODEL, "1")["model_stats"]
+    over_grpc = grpc_client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
+    assert [e["name"] for e in over_http] == [MODEL] and [e["name"] for e in over_grpc] == [MODEL]
+    after = _stats(over_http[0])
+    assert _stats(over_grpc[0]) == after  # nothing ran in between: the two doors read the same numbers
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["success_count"] == 5 and delta["fail_count"] == 1
+    assert delta["inference_count"] == 5 and delta["execution_count"] == 5
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert delta[f"{phase}_count"] == 5, phase
+    assert 0 < delta["compute_infer_ns"] < delta["success_ns"] < 5 * 60 * 10**9
+    assert delta["queue_ns"] + delta["compute_input_ns"] + delta["compute_infer_ns"] <= delta["success_ns"]
+    assert delta["compute_input_ns"] > 0 and delta["fail_ns"] > 0
+    assert int(over_http[0]["last_inference"]) > 1.7e12  # milliseconds since the epoch
+    sizes = {int(b["batch_size"]) for b in over_http[0]["batch_stats"]}
+    assert 1 in sizes
+    everything = httpx.get(f"{server.url}/v2/models/stats").json()["model_stats"]
+    assert [e["name"] for e in everything] == [MODEL]
+    assert httpx.get(f"{server.url}/v2/models/resnet50/stats").status_code == 404
+    with pytest.raises(InferenceServerException) as info:
+        grpc_client.get_inference_statistics("resnet50")
+    assert info.value.status() == "StatusCode.NOT_FOUND"

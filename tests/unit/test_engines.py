@@ -6,15 +6,18 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from model import EfficientNet, default_weights_path, normalize, resize_and_crop
 from model.export import export_onnx_bytes
-from service.core.engines import TorchEngine
+from service.core.engines import TorchEngine, build_engine
 from service.core.imaging import DRAFT_OVERSAMPLE, Preprocessor, decode_image
 from service.core.loading import load_model
 from service.core.settings import Settings
+from tests.helpers.components import missing_component
+from tests.helpers.images import float_preprocessed
 
 pytestmark = pytest.mark.slow  # real networks or many generated cases: not in `make test-fast`
 
@@ -99,14 +102,63 @@ def test_uint8_input_equals_normalising_in_float_first_within_1e5(backend, lite0
     assert np.array_equal(new_logits.argmax(1), np.asarray(old_logits).argmax(1))
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_onnx_engines_refuse_a_float_batch(backend):
-    """A float batch given to a uint8 engine is an error, never silently cast to uint8."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_batch_runs_as_sent_within_1e4_of_the_eager_model(backend, lite0, photos):
+    """A float32 batch (a normalised tensor off the 8-bit grid) enters each engine after its
+    normalisation and gives the eager model's features and logits on the same tensor within 1e-4; the
+    uint8 path of the same engine is untouched; other dtypes are refused, never cast."""
     if backend == "openvino" and importlib.util.find_spec("openvino") is None:
-        pytest.skip("openvino is not installed (pip install 'effnet-serve[openvino]')")
-    engine = load_model(Settings(backend=backend, num_threads=2)).engine
-    with pytest.raises(TypeError, match="uint8"):
-        engine.run(np.zeros((1, 3, 224, 224), dtype=np.float32))
+        missing_component("openvino is not installed (pip install 'effnet-serve[openvino]')")
+    spec = lite0.variant.preprocess
+    x = np.concatenate([float_preprocessed(data, spec.mean, spec.std) for data in photos.values()])
+    pixels = np.rint((x * np.asarray(lite0.variant.preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1)
+                      + np.asarray(lite0.variant.preprocess.mean, dtype=np.float32).reshape(1, 3, 1, 1)) * 255)
+    assert np.abs(x - normalize_pixels(np.clip(pixels, 0, 255).astype(np.uint8), lite0)).max() > 1e-3  # off the grid
+    with torch.inference_mode():
+        features, logits = lite0.forward_features_and_logits(torch.from_numpy(x))
+    engine = build_engine(backend, lite0, torch.device("cpu"), torch.float32, num_threads=2, image_size=224)
+    got_features, got_logits = engine.run(x)
+    np.testing.assert_allclose(got_logits, logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_features, features.numpy(), atol=1e-4, rtol=0)
+    uint8_features, uint8_logits = engine.run(np.clip(pixels, 0, 255).astype(np.uint8))
+    assert uint8_logits.shape == got_logits.shape
+    assert (np.argmax(uint8_logits, 1) == np.argmax(got_logits, 1)).all()
+    for dtype in (np.float64, np.int16):
+        with pytest.raises(TypeError, match="uint8 or float32"):
+            engine.run(x.astype(dtype))
+
+
+def normalize_pixels(pixels: np.ndarray, net) -> np.ndarray:
+    spec = net.variant.preprocess
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return (pixels.astype(np.float32) / np.float32(255) - mean) / std
+
+
+def test_float_twin_graph_is_the_export_without_its_normalisation():
+    """The float twin of a uint8 export: the normalisation (Cast, Mul, Sub) and its constants cut away, a
+    float32 input feeding the first convolution; a graph without that entry is refused. (The int8 model's
+    twin: tests/unit/test_quantize.py.)"""
+    from model.export import ExportError, float_input_graph
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=32).eval()
+    uint8_model = export_onnx_bytes(net, image_size=32, with_features=True, uint8_input=True)
+    float_model = float_input_graph(uint8_model)
+    graph = onnx.load_from_string(float_model).graph
+    assert [i.name for i in graph.input] == ["input"]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert len([n for n in graph.node if n.op_type == "Cast"]) < len(
+        [n for n in onnx.load_from_string(uint8_model).graph.node if n.op_type == "Cast"])
+    assert not {n.op_type for n in graph.node if "input" in n.input} & {"Cast", "Mul", "Sub"}
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(uint8_model).run(None, {"input": pixels})
+    got = ort.InferenceSession(float_model).run(None, {"input": normalize_pixels(pixels, net)})
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-5 * max(1.0, float(np.abs(e).max())), rtol=0)
+    with pytest.raises(ExportError, match="uint8"):
+        float_input_graph(export_onnx_bytes(net, image_size=32, with_features=True))
 
 
 def test_bfloat16_torch_engine_keeps_the_top1(reference):

@@ -141,3 +141,24 @@ def test_openvino_runs_the_same_int8_model_with_the_same_top1(quantized, float_m
     features, logits = engine.run(images)
     assert features.shape == (3, 1280) and logits.shape == (3, 1000)
     assert logits.argmax(1).tolist() == top1(float_model, images).tolist()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_engine_takes_a_normalised_float_batch(quantized, photos, backend):
+    """EFFNET_DTYPE=int8 takes the V2 FP32 input too: the normalised tensor enters at the model's first
+    quantisation (the uint8 normalisation and its Q/DQ nodes cut away), giving the uint8 path's answers on
+    the same pixels within the quantisation's own error, and the same top-1."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    from service.core.engines.int8 import Int8Engine
+
+    path, _ = quantized
+    images = np.stack([read_photo(data, CONFIG) for data in photos.values()])
+    mean = np.asarray(CONFIG.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(CONFIG.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    normalised = (images.astype(np.float32) / np.float32(255) - mean) / std
+    engine = Int8Engine(path.read_bytes(), backend, 1, image_size=CONFIG.input_size)
+    _, uint8_logits = engine.run(images)
+    _, float_logits = engine.run(normalised)
+    assert float_logits.argmax(1).tolist() == uint8_logits.argmax(1).tolist()
+    np.testing.assert_allclose(float_logits, uint8_logits, atol=1e-3 * np.abs(uint8_logits).max())

@@ -509,3 +509,77 @@ def test_slot_configuration_is_validated():
     with pytest.raises(ValueError, match="max_batch_size"):
         DynamicBatcher(RecordingEngine(), max_batch_size=4, max_delay_s=0.0, max_queue=4,
                        buffers=[np.zeros((2, 1))])
+
+
+def test_uint8_and_float_images_never_share_a_batch_and_keep_their_order():
+    """Pixels (uint8) and normalised tensors (float32) queued together: a batch closes where the kind
+    changes, so each batch is one dtype, the queue's order is kept, a float batch is stacked apart from the
+    uint8 slot buffer, and each request gets its own rows; the statistics see every batch's phases."""
+    from service.core.statistics import ModelStatistics, ObserverGroup
+
+    buffers = [np.zeros((8, 3, 2, 2), dtype=np.uint8)]
+    engine = SlotEngine(buffers)
+    dtypes: list[set[str]] = []
+    statistics = ModelStatistics()
+
+    def run_batch(batch: np.ndarray, slot: int):
+        dtypes.append({str(batch.dtype)})
+        return engine(batch, slot)
+
+    def pixels(value: int) -> np.ndarray:
+        return np.full((3, 2, 2), value, dtype=np.uint8)
+
+    async def main():
+        gate = threading.Event()
+        engine.gates[99.0] = gate
+        batcher = DynamicBatcher(run_batch, max_batch_size=8, max_delay_s=0.0, max_queue=64, buffers=buffers,
+                                 observer=ObserverGroup(batching.BatchObserver(), statistics))
+        batcher.start()
+
+        async def send(arrays):
+            with batcher.reserve(len(arrays)) as room:
+                return await room.run(arrays, timeout=10)
+
+        # A first batch holds the only slot while the mixed queue builds up behind it.
+        first = asyncio.ensure_future(send([pixels(99)]))
+        await asyncio.sleep(0.2)
+        requests = [[pixels(1), pixels(2)], [item(3.5)], [pixels(4)], [item(5.5), item(6.5)]]
+        pending = [asyncio.ensure_future(send(r)) for r in requests]
+        await asyncio.sleep(0.2)
+        gate.set()
+        outs = await asyncio.gather(first, *pending)
+        await batcher.close()
+        return outs
+
+    outs = run(main())
+    assert [[float(o[1]) for o in out] for out in outs[1:]] == [[2.0, 4.0], [7.0], [8.0], [11.0, 13.0]]
+    assert [values for _, values, _ in engine.records] == [[99.0], [1.0, 2.0], [3.5], [4.0], [5.5, 6.5]]
+    assert dtypes == [{"uint8"}, {"uint8"}, {"float32"}, {"uint8"}, {"float32"}]
+    assert [in_buffer for _, _, in_buffer in engine.records] == [True, True, False, True, False]
+    snap = statistics.snapshot()
+    assert snap.execution_count == 5 and snap.inference_count == 7 and snap.queue.count == 7
+    assert snap.compute_infer.count == 7 and [b.batch_size for b in snap.batches] == [1, 2]
+    assert [b.compute_infer.count for b in snap.batches] == [3, 2]
+
+
+def test_the_worker_survives_a_queue_emptied_while_a_batch_waits():
+    """A batch waiting for images still decoding, whose only queued image is withdrawn (its client left):
+    the worker finds an empty queue, and the next request is still served."""
+    engine = RecordingEngine()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=4, max_delay_s=0.5, max_queue=16)
+        batcher.start()
+        decoding = batcher.reserve(1)  # admitted, still "decoding": the batch waits for it
+        leaving = asyncio.ensure_future(submit(batcher, [1.0]))
+        await asyncio.sleep(0.05)
+        leaving.cancel()  # withdrawn while the batch waits
+        await asyncio.gather(leaving, return_exceptions=True)
+        await asyncio.sleep(0.6)  # past the delay: the batch closes on an empty queue
+        decoding.release()
+        out = await submit(batcher, [2.0])
+        await batcher.close()
+        return out
+
+    assert float(run(main())[0][1]) == 4.0
+    assert engine.batches == [[2.0]]

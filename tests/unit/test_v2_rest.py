@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from model import get_efficientnet_config
 from service.core.errors import BadRequest
-from service.core.runtime import normalised_to_pixels
+from service.core.runtime import as_engine_input
 from service.v2 import tensors
 from service.v2.rest import HEADER_LENGTH, parse_infer_request
 from tests.helpers.fakes import ESPRESSO, FakeEngine, app_with_engine
@@ -99,19 +98,40 @@ def test_binary_data_framing_takes_each_inputs_bytes_in_order():
         parse_infer_request(body, str(len(body) + 1))
 
 
-def test_fp32_input_maps_back_to_exactly_the_pixels_it_encodes():
-    spec = get_efficientnet_config(MODEL).preprocess
-    pixels = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, 3, 256, 256)).copy()
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
-    normalised = (pixels.astype(np.float32) / np.float32(255) - mean) / std
-    np.testing.assert_array_equal(normalised_to_pixels(normalised, spec), pixels)
-    with pytest.raises(BadRequest, match="UINT8"):
-        normalised_to_pixels(normalised + np.float32(0.005), spec)  # a quarter of a pixel step off
-    with pytest.raises(BadRequest, match="NaN"):
-        normalised_to_pixels(np.full((1, 3, 2, 2), np.nan, dtype=np.float32), spec)
-    with pytest.raises(BadRequest, match="range"):
-        normalised_to_pixels(np.full((1, 3, 2, 2), 100.0, dtype=np.float32), spec)
+def test_float_input_goes_to_the_engine_as_sent_and_nan_is_refused():
+    """A float tensor is the network's input as sent (any finite values, float64 narrowed to float32);
+    uint8 pixels stay uint8; NaN, infinity, a value beyond float32 and integer tensors are BadRequests."""
+    off_grid = np.linspace(-5, 5, 3 * 4 * 4, dtype=np.float32).reshape(1, 3, 4, 4)
+    assert as_engine_input(off_grid) is off_grid
+    wide = as_engine_input(off_grid.astype(np.float64))
+    assert wide.dtype == np.float32 and np.array_equal(wide, off_grid)
+    pixels = np.zeros((1, 3, 4, 4), dtype=np.uint8)
+    assert as_engine_input(pixels) is pixels
+    for bad, match in ((np.nan, "NaN"), (np.inf, "NaN or infinite"), (1e300, "float32")):
+        batch = np.zeros((1, 3, 4, 4), dtype=np.float64)
+        batch[0, 1, 2, 3] = bad
+        with pytest.raises(BadRequest, match=match):
+            as_engine_input(batch)
+    with pytest.raises(BadRequest, match="int16"):
+        as_engine_input(np.zeros((1, 3, 4, 4), dtype=np.int16))
+
+
+def test_json_nested_deeper_than_the_decoder_goes_is_a_400():
+    """100,000 levels of nesting anywhere in the JSON (not only in 'data'), and data nested deeper than a
+    tensor could be, are BadRequests, not a RecursionError."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for body in (deep, b'{"inputs": ' + deep + b"}", b'{"id": "x", "parameters": {"a": ' + deep + b"}}"):
+        with pytest.raises(BadRequest, match="nests too deeply"):
+            parse_infer_request(body, None)
+    data: list = [1.0]
+    for _ in range(20):
+        data = [data]
+    nested = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": data}]}
+    with pytest.raises(BadRequest, match="nests deeper"):
+        parse_infer_request(json.dumps(nested).encode(), None)
+    with pytest.raises(BadRequest, match="'id' must be a string"):
+        parse_infer_request(b'{"id": [[[[1]]]], "inputs": [{"name": "image", "datatype": "BYTES", "shape": [0], '
+                            b'"data": []}]}', None)
 
 
 def test_committed_grpc_code_is_what_the_proto_generates():

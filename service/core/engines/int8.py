@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.core.engines.base import Engine, as_uint8_batch
+from service.core.engines.base import Engine, FloatTwin, as_engine_batch
 from service.core.engines.openvino_engine import SlotRequests
 from service.core.errors import StartupError
 
@@ -66,6 +66,8 @@ class Int8Engine(Engine):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             self._run = self._run_onnxruntime
+            self._float = FloatTwin(model, lambda graph: _session_runner(
+                ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])))
         elif backend == "openvino":
             import openvino as ov
 
@@ -77,6 +79,10 @@ class Int8Engine(Engine):
                 "PERFORMANCE_HINT": "LATENCY",
             }))
             self._run = self._requests.infer
+            config = {"INFERENCE_NUM_THREADS": num_threads, "INFERENCE_PRECISION_HINT": "f32",
+                      "PERFORMANCE_HINT": "LATENCY"}
+            self._float = FloatTwin(model, lambda graph: SlotRequests(
+                core.compile_model(core.read_model(graph), "CPU", config)).infer)
         else:
             raise StartupError(f"EFFNET_DTYPE=int8 runs with onnxruntime or openvino, not {backend}")
 
@@ -85,4 +91,15 @@ class Int8Engine(Engine):
         return features, logits
 
     def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        return self._run(as_uint8_batch(batch), slot)
+        """uint8 pixels, or a float32 normalised tensor (entering at the model's first quantisation, the
+        same int8 network on the tensor sent)."""
+        x = as_engine_batch(batch)
+        return self._run(x, slot) if x.dtype == np.uint8 else self._float(x, slot)
+
+
+def _session_runner(session):
+    def run(x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        features, logits = session.run(None, {"input": x})
+        return features, logits
+
+    return run

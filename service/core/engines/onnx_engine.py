@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from model.export import export_onnx_bytes
-from service.core.engines.base import Engine
-from service.core.engines.base import as_uint8_batch as _uint8
+from service.core.engines.base import Engine, FloatTwin, as_engine_batch
 from service.core.errors import StartupError
 
 
@@ -44,12 +43,27 @@ class OnnxRuntimeEngine(Engine):
         onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, uint8_input=True,
                                        check=True)
         self.session = ort.InferenceSession(onnx_bytes, options, providers=providers)
+        # Float tensors (already normalised) run in a second session of the same export without its
+        # normalisation, made when the first one comes.
+        self._float = FloatTwin(onnx_bytes, lambda graph: self._runner(
+            ort.InferenceSession(graph, options, providers=providers)))
         self.device = str(device)
         self.dtype = "float32"
         self.image_size = int(image_size or net.image_size or net.variant.resolution)
 
+    @staticmethod
+    def _runner(session):
+        def run(x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+            features, logits = session.run(None, {"input": x})
+            return features, logits
+
+        return run
+
     def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 pixels (normalised in the graph), or a float32 normalised tensor (the float twin)."""
         # One session serves every slot: InferenceSession.run may be called from several threads at once.
-        x = _uint8(batch)
+        x = as_engine_batch(batch)
+        if x.dtype != np.uint8:
+            return self._float(x, slot)
         features, logits = self.session.run(None, {"input": x})
         return features, logits

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from model.export import export_onnx_bytes
-from service.core.engines.base import Engine
-from service.core.engines.base import as_uint8_batch as _uint8
+from service.core.engines.base import Engine, FloatTwin, as_engine_batch
 from service.core.errors import StartupError
 
 
@@ -55,16 +54,24 @@ class OpenVinoEngine(Engine):
                 "EFFNET_DTYPE=bfloat16 with EFFNET_BACKEND=openvino needs a CPU with bf16 support "
                 "(AVX-512 BF16 or AMX), which this one lacks; use float32 or int8"
             )
-        graph = core.read_model(export_onnx_bytes(net.eval(), image_size=image_size, with_features=True,
-                                                   uint8_input=True))
-        self._requests = SlotRequests(core.compile_model(graph, "CPU", {
+        onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, uint8_input=True)
+        config = {
             "INFERENCE_NUM_THREADS": num_threads,
             "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32",
             "PERFORMANCE_HINT": "LATENCY",
-        }))
+        }
+        self._requests = SlotRequests(core.compile_model(core.read_model(onnx_bytes), "CPU", config))
+        # Float tensors (already normalised): the same export without its normalisation, compiled when
+        # the first one comes.
+        self._float = FloatTwin(onnx_bytes, lambda graph: SlotRequests(
+            core.compile_model(core.read_model(graph), "CPU", config)).infer)
         self.device = str(device)
         self.dtype = "bfloat16" if bfloat16 else "float32"
         self.image_size = int(image_size or net.image_size or net.variant.resolution)
 
     def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        return self._requests.infer(_uint8(batch), slot)
+        """uint8 pixels (normalised in the graph), or a float32 normalised tensor (the float twin)."""
+        x = as_engine_batch(batch)
+        if x.dtype != np.uint8:
+            return self._float(x, slot)
+        return self._requests.infer(x, slot)

@@ -263,6 +263,8 @@ class TorchEngine(Engine):
         """uint8 NCHW batch (normalised here, on the device); a float batch is taken as already normalised."""
         with torch.inference_mode():
             x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+            if x.dtype not in (torch.uint8, torch.float32):  # never a silent cast (float64, int16, ...)
+                raise TypeError(f"expected a uint8 or float32 NCHW batch, got {x.dtype}")
             in_slot = self._cuda and x.dtype == torch.uint8 and slot < len(self._slots)
             if in_slot and len(x) <= self._slots[slot].capacity:
                 return self._run_in_slot(x, self._slots[slot])
