@@ -114,15 +114,6 @@ def warm_up_on_threads(engine: Engine, executor: Executor, threads: int, max_bat
     executor.submit(engine.warm_up, max_batch_size).result()
 
 
-def as_uint8_batch(batch: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A contiguous uint8 NCHW numpy batch; ``TypeError`` for any other dtype (never a silent cast of
-    already-normalised floats to uint8)."""
-    x = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise TypeError(f"expected a uint8 NCHW batch, got {x.dtype} with shape {x.shape}")
-    return np.ascontiguousarray(x)
-
-
 def as_engine_batch(batch: np.ndarray | torch.Tensor) -> np.ndarray:
     """A contiguous NCHW numpy batch: uint8 pixels, or a float32 normalised tensor; ``TypeError`` for any
     other dtype (never a silent cast)."""
