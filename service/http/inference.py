@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import Receive
 
 from service.core.errors import ClientGone
-from service.core.outputs import embedding, top_classes
+from service.core.outputs import embedding, require_classifier, top_classes
 from service.core.runtime import InferenceService
 from service.http.deps import ServiceDep, require_api_key
 from service.http.errors import error_response
@@ -101,6 +101,7 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
         top_k: Annotated[int, Query(ge=1, description="Classes to return per image (at most the model's).")] = 5,
         logits: Annotated[bool, Query(description="Also return all raw logits.")] = False,
     ) -> Any:
+        require_classifier(service.model)
         _check_top_k(top_k, service.model.num_classes)
         try:
             names, outputs = await run_inference(request, service)

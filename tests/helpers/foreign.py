@@ -1,0 +1,78 @@
+"""timm and torchvision as reference libraries for the tests of user checkpoints (model/sources.py).
+
+The torchvision wheel on the package index is built for the CUDA torch: its compiled operators do not load
+beside the CPU torch, and ``import torchvision`` fails while registering them. ``torchvision.models`` is pure
+Python and needs none of them, so the two modules that register the operators are replaced by empty ones
+before the import; timm (which imports torchvision) then imports too. Only the networks are used, never
+torchvision's operators or transforms on tensors.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+from torch import nn
+
+from tests.helpers.components import missing_component
+
+_OPS_MODULES = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
+
+
+def _import_torchvision():
+    if "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except RuntimeError:
+            for name in list(sys.modules):
+                if name == "torchvision" or name.startswith("torchvision."):
+                    del sys.modules[name]
+            for name in _OPS_MODULES:
+                sys.modules[name] = types.ModuleType(name)
+            import torchvision  # noqa: F401
+        except ImportError:
+            missing_component("torchvision is not installed (pip install '.[dev]')")
+    return sys.modules["torchvision"]
+
+
+def torchvision_models():
+    """``torchvision.models`` (skips, or fails under CI, when torchvision is missing)."""
+    _import_torchvision()
+    import torchvision.models
+
+    return torchvision.models
+
+
+def timm_module():
+    """``timm`` (skips, or fails under CI, when timm is missing)."""
+    _import_torchvision()
+    try:
+        import timm
+    except ImportError:
+        missing_component("timm is not installed (pip install '.[dev]')")
+    return timm
+
+
+def calibrate_batchnorm(net: nn.Module, photos: torch.Tensor, passes: int = 3, seed: int = 0) -> nn.Module:
+    """Realistic BatchNorm statistics for a randomly initialised network: random affine parameters, then a
+    few train-mode passes over real photos (cumulative averages), back to eval mode.
+
+    Without this a random network's activations die out or explode and every comparison is near-trivial.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:
+            m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the passes
+        net.train()
+        for _ in range(passes):
+            net(photos)
+    for m in bns:
+        m.momentum = 0.1
+    return net.eval()
+
+
