@@ -60,6 +60,9 @@ class PreprocessConfig:
     # The shorter side after resizing, when a source states it (torchvision's resize_size, timm's
     # floor(input / crop_pct)); else derived from crop_fraction.
     resize: int | None = None
+    # Crop geometry of torchvision's / timm's Resize + CenterCrop (whole-pixel resize and crop offsets),
+    # rather than the exact central window (see model.preprocess.resize_and_crop).
+    pixel_aligned: bool = False
 
     def __post_init__(self) -> None:
         if self.input_size < 8 or not 0.0 < self.crop_fraction <= 1.0:

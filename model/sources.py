@@ -236,12 +236,14 @@ def source_preprocess(source_format: str, variant: str) -> PreprocessConfig:
     if source_format in ("timm_tf", "timm"):
         arch = ("tf_" if source_format == "timm_tf" else "") + variant.replace("-", "_")
         size, crop_pct, interpolation, mean, std = _TIMM_PREPROCESS[arch]
-        return PreprocessConfig(size, crop_pct, interpolation, mean, std, resize=math.floor(size / crop_pct))
+        return PreprocessConfig(size, crop_pct, interpolation, mean, std, resize=math.floor(size / crop_pct),
+                                pixel_aligned=True)
     if source_format == "torchvision":
         if variant not in _TORCHVISION_PREPROCESS:
             return base
         crop, resize, interpolation = _TORCHVISION_PREPROCESS[variant]
-        return PreprocessConfig(crop, crop / resize, interpolation, IMAGENET_MEAN, IMAGENET_STD, resize=resize)
+        return PreprocessConfig(crop, crop / resize, interpolation, IMAGENET_MEAN, IMAGENET_STD, resize=resize,
+                                pixel_aligned=True)
     return base
 
 
@@ -386,6 +388,7 @@ def canonical_checkpoint(source: SourceCheckpoint) -> dict:
             "num_classes": source.num_classes,
             "arch": source.arch,
             "preprocess": {"input_size": pre.input_size, "resize_size": pre.resize_size,
-                           "interpolation": pre.interpolation, "mean": list(pre.mean), "std": list(pre.std)},
+                           "interpolation": pre.interpolation, "mean": list(pre.mean), "std": list(pre.std),
+                           "pixel_aligned": pre.pixel_aligned},
         },
     }

@@ -277,7 +277,8 @@ def load_model(settings: Settings) -> LoadedModel:
                     "class_0 .. class_%d; set EFFNET_LABELS to a file of %d class names", num_classes,
                     num_classes - 1, num_classes)
     elif labels_source == "none":
-        log.warning("the checkpoint has no classifier: serving features only (/predict and logits answer 409)")
+        log.warning("the checkpoint has no classifier: serving features only "
+                    "(/predict and the logits output answer 422 no_classifier)")
 
     size = variant.preprocess.input_size
     try:

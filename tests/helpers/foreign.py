@@ -9,6 +9,7 @@ torchvision's operators or transforms on tensors.
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -62,10 +63,21 @@ def calibrate_batchnorm(net: nn.Module, photos: torch.Tensor, passes: int = 3, s
     """
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    # The last BatchNorm of each block (its projection, on the residual branch) starts small, as in
+    # tests/helpers/model.py: the deep random network then stays near identity per block instead of
+    # chaotic, and stays so for inputs other than the calibration photos (an engine's random-pixel check).
+    block_re = re.compile(r"(blocks|features)\.\d+\.\d+")
+    residual = set()
+    for name, module in net.named_modules():
+        if block_re.fullmatch(name):
+            last = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+            if last:
+                residual.add(id(last[-1]))
     with torch.no_grad():
         for m in bns:
-            m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
-            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            gain = 0.2 if id(m) in residual else 1.0
+            m.weight.copy_((torch.rand(m.num_features, generator=g) * 0.5 + 0.75) * gain)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1 * gain)
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the passes
         net.train()
