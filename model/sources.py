@@ -43,6 +43,8 @@ _PADDING = {"efficientnet_pytorch": "same", "timm_tf": "same", "timm": "symmetri
 # torchvision builds B5-B7 with BatchNorm(eps=1e-3) (their weights come from TF); B0-B4 with PyTorch's 1e-5.
 _TORCHVISION_TF_EPS = {"efficientnet-b5", "efficientnet-b6", "efficientnet-b7"}
 
+# timm's (and torchvision's) architecture names of the family; a timm name may carry a ".tag".
+_ARCH_RE = re.compile(r"(tf_)?efficientnet_(b[0-8]|l2|lite[0-4])")
 _HALF = (0.5, 0.5, 0.5)
 # timm's default pretrained configuration per architecture (timm 1.0.31, checked by a test against timm
 # itself): input size, crop_pct, interpolation, mean/std. timm resizes the shorter side to
@@ -109,7 +111,7 @@ def resolve_model_name(name: str) -> ModelName:
     if name in VARIANTS:
         return ModelName(name, None, None)
     arch = name.split(".", 1)[0].strip().lower()
-    found = re.fullmatch(r"(tf_)?efficientnet_(b[0-8]|l2|lite[0-4])", arch)
+    found = _ARCH_RE.fullmatch(arch)
     if found is None:
         raise ValueError(f"unknown EfficientNet variant {name!r}; valid names: {', '.join(VARIANTS)}, or a timm / "
                          "torchvision name such as tf_efficientnet_lite0 or efficientnet_b0")
@@ -266,14 +268,14 @@ class SourceCheckpoint:
 
 
 def _timm_family(arch: str | None) -> str | None:
+    """timm_tf or timm from a full timm architecture name; None for anything else (timm's saver writes the
+    bare class name, ``efficientnet``, when it had no training arguments: that says nothing)."""
     if arch is None:
         return None
-    arch = arch.split(".", 1)[0].lower()
-    if arch.startswith("tf_efficientnet"):
-        return "timm_tf"
-    if arch.startswith("efficientnet"):
-        return "timm"
-    return None
+    found = _ARCH_RE.fullmatch(arch.split(".", 1)[0].strip().lower())
+    if found is None:
+        return None
+    return "timm_tf" if found.group(1) else "timm"
 
 
 def _resolve_format(path, raw: RawCheckpoint, layout: str, name: ModelName, weights_format: str) -> str:

@@ -328,6 +328,14 @@ def _int8_engine(settings: Settings, backend: str, net: EfficientNet, variant: A
                     variant.name)
     # Calibration photos go through the service's own preprocessing (draft decoding included).
     preprocessor = Preprocessor(variant.preprocess, max_pixels=settings.max_image_pixels)
+    if weights_sha256 is not None:
+        # The int8 cache is keyed by the weights' digest: fold in what else changes the quantised graph
+        # (padding and epsilon of the checkpoint's source, the normalisation inside the graph), so a
+        # changed EFFNET_WEIGHTS_FORMAT / EFFNET_MEAN / EFFNET_STD never serves a stale cache entry.
+        pre = variant.preprocess
+        served = json.dumps([weights_sha256, variant.global_config.padding, variant.global_config.batch_norm_epsilon,
+                             list(pre.mean), list(pre.std)])
+        weights_sha256 = hashlib.sha256(served.encode()).hexdigest()
     return int8_engine(
         net=net, variant=variant.name, image_size=size, weights_sha256=weights_sha256,
         calibration_dir=settings.calibration_dir, int8_model=settings.int8_model, cache_dir=settings.cache_dir,

@@ -346,6 +346,9 @@ def test_refusals_say_why_in_one_sentence(tmp_path):
     torch.save({"conv_stem.weight": torch.zeros(32, 3, 3, 3)}, timm_keys)
     message = _startup_error(weights=str(timm_keys))
     assert "does not say whether it is a tf_efficientnet_* model" in message
+    # timm's saver without training arguments writes the bare class name: that does not say either.
+    torch.save({"state_dict": {"conv_stem.weight": torch.zeros(32, 3, 3, 3)}, "arch": "efficientnet"}, timm_keys)
+    assert "does not say whether" in _startup_error(weights=str(timm_keys))
 
     with pytest.raises(WeightsError, match="key names, not those of the torchvision format"):
         load_source_checkpoint(b0, "efficientnet-b0", "torchvision")
