@@ -369,12 +369,6 @@ def load_source_checkpoint(path: str | Path, model: str = "efficientnet-lite0",
     return SourceCheckpoint(net.eval(), source_format, num_classes, raw.container, raw.arch, raw.file_format)
 
 
-def with_preprocess(net: EfficientNet, preprocess: PreprocessConfig) -> EfficientNet:
-    """``net`` serving another preprocessing (its engines normalise with the variant's mean/std)."""
-    net.variant = replace(net.variant, preprocess=preprocess)
-    return net
-
-
 def canonical_checkpoint(source: SourceCheckpoint) -> dict:
     """This package's canonical form of a checkpoint: the state dict under ``state_dict`` with
     efficientnet_pytorch's key names, plus ``effnet_config`` (plain data) saying how to build the network."""

@@ -16,6 +16,7 @@ from PIL import Image
 
 from model import EfficientNet, default_weights_path, imagenet_classes, read_state_dict
 from model.convert import main as convert_main
+from model.export import main as export_main
 from model.preprocess import resize_and_crop
 from model.sources import (
     _TIMM_PREPROCESS,
@@ -272,6 +273,17 @@ def test_convert_writes_a_canonical_checkpoint_the_service_loads(tmp_path, capsy
     x = photo_batch()
     with torch.no_grad():
         assert_close_rel(canonical.net(x), ref(x), 1e-4)
+
+    # The ONNX export of the user's checkpoint at another input size, checked against onnxruntime.
+    onnx_path = tmp_path / "tv.onnx"
+    assert export_main(["--variant", "efficientnet_b0", "--weights", str(src), "--image-size", "64",
+                        "--output", str(onnx_path)]) == 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        assert_close_rel(torch.from_numpy(logits), ref(x), 1e-4)
 
 
 # -- refusals: one clear sentence each -----------------------------------------------------------------------
