@@ -93,6 +93,8 @@ def test_logits_equal_the_source_library_in_every_container(tmp_path, library, a
     # Realistic activations: the photos get different answers.
     assert float((expected[0] - expected[2]).abs().max()) > 0.05 * float(expected.abs().max())
     paths = save_in_every_container(tmp_path, arch, ref.state_dict())
+    if arch == "efficientnet_b5":  # 30 M parameters: its point is the epsilon, two containers suffice
+        paths = {k: v for k, v in paths.items() if k in ("torchvision_ref.pth", "model.safetensors")}
     for name, path in paths.items():
         # A file that names its architecture needs no hint; the others get the architecture as the model.
         source = load_source_checkpoint(path, arch)
