@@ -109,11 +109,13 @@ def _load_pickle(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-        found = re.search(r"unsupported GLOBAL [\w.]+", plain, re.IGNORECASE)
-        if found is None and "weights_only" not in plain.lower():
+        found = re.search(r"GLOBAL ([\w.]+)", plain)
+        if found is None and "weights only" not in plain.lower():
             raise WeightsError(f"cannot read {path} as a PyTorch checkpoint "
                                f"(UnpicklingError: {_first_line(exc)}); is it truncated?") from None
-        reason = found.group(0) if found else _first_line(exc)
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", plain)
+        reason = (f"it refers to {found.group(1)}" if found
+                  else detail.group(1).strip() if detail else _first_line(exc))
         raise WeightsError(f"refused to load {path}: it is not a plain tensor checkpoint and would need "
                            f"code to unpickle (weights_only=True rejected it: {reason})") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt file can fail in many ways inside torch.load
