@@ -12,6 +12,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 Activation = Literal["swish", "relu6"]
+# "same": TensorFlow's "SAME" padding (asymmetric where needed: efficientnet_pytorch, the TF ports, timm's
+# tf_* models); "symmetric": PyTorch's (k - 1) // 2 on every side (torchvision, timm's native models).
+Padding = Literal["same", "symmetric"]
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
 # ImageNet statistics on a 0..1 pixel scale (what the TF B-series reference subtracts, times 255).
@@ -54,10 +57,26 @@ class PreprocessConfig:
     interpolation: Interpolation = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # The shorter side after resizing, when a source states it (torchvision's resize_size, timm's
+    # floor(input / crop_pct)); else derived from crop_fraction.
+    resize: int | None = None
+    # Crop geometry of torchvision's / timm's Resize + CenterCrop (whole-pixel resize and crop offsets),
+    # rather than the exact central window (see model.preprocess.resize_and_crop).
+    pixel_aligned: bool = False
+
+    def __post_init__(self) -> None:
+        if self.input_size < 8 or not 0.0 < self.crop_fraction <= 1.0:
+            raise ValueError(f"invalid preprocessing: input size {self.input_size}, crop fraction {self.crop_fraction}")
+        if self.resize is not None and self.resize < self.input_size:
+            raise ValueError(f"resize size {self.resize} is smaller than the input size {self.input_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(v <= 0 for v in self.std):
+            raise ValueError(f"mean and std need three values each, std positive: {self.mean}, {self.std}")
 
     @property
     def resize_size(self) -> int:
         """Length of the shorter side after resizing, before the centre crop."""
+        if self.resize is not None:
+            return self.resize
         return int(math.floor(self.input_size / self.crop_fraction + 0.5))
 
 
@@ -74,6 +93,7 @@ class GlobalConfig:
     # table reads like the paper and the modules get what PyTorch expects.
     batch_norm_momentum: float = 0.99
     batch_norm_epsilon: float = 1e-3
+    padding: Padding = "same"
     depth_divisor: int = 8
     min_depth: int | None = None
     activation: Activation = "swish"

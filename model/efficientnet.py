@@ -57,23 +57,23 @@ class MBConvBlock(nn.Module):
         inp = block.input_filters
         oup = inp * block.expand_ratio
         if self.has_expand:
-            conv = get_same_padding_conv2d(image_size)
+            conv = get_same_padding_conv2d(image_size, config.padding)
             self._expand_conv = conv(inp, oup, kernel_size=1, bias=False)
             self._bn0 = nn.BatchNorm2d(oup, momentum=bn_mom, eps=bn_eps)
 
-        conv = get_same_padding_conv2d(image_size)
+        conv = get_same_padding_conv2d(image_size, config.padding)
         self._depthwise_conv = conv(oup, oup, kernel_size=block.kernel_size, stride=block.stride,
                                     groups=oup, bias=False)
         self._bn1 = nn.BatchNorm2d(oup, momentum=bn_mom, eps=bn_eps)
         image_size = calculate_output_image_size(image_size, block.stride)
 
         if self.has_se:
-            conv = get_same_padding_conv2d((1, 1))
+            conv = get_same_padding_conv2d((1, 1), config.padding)
             squeezed = max(1, int(inp * block.se_ratio))
             self._se_reduce = conv(oup, squeezed, kernel_size=1)
             self._se_expand = conv(squeezed, oup, kernel_size=1)
 
-        conv = get_same_padding_conv2d(image_size)
+        conv = get_same_padding_conv2d(image_size, config.padding)
         self._project_conv = conv(oup, block.output_filters, kernel_size=1, bias=False)
         self._bn2 = nn.BatchNorm2d(block.output_filters, momentum=bn_mom, eps=bn_eps)
         self._swish = get_activation(config.activation, memory_efficient)
@@ -117,7 +117,7 @@ class EfficientNet(nn.Module):
         self.drop_connect_rate = config.drop_connect_rate
         bn_mom, bn_eps = config.torch_bn_momentum, config.batch_norm_epsilon
 
-        conv = get_same_padding_conv2d(image_size)
+        conv = get_same_padding_conv2d(image_size, config.padding)
         stem_out = round_filters(32, config, skip=config.fix_head_stem)
         self._conv_stem = conv(config.in_channels, stem_out, kernel_size=3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(stem_out, momentum=bn_mom, eps=bn_eps)
@@ -145,7 +145,7 @@ class EfficientNet(nn.Module):
 
         head_in = self.block_configs[-1].output_filters
         head_out = round_filters(1280, config, skip=config.fix_head_stem)
-        conv = get_same_padding_conv2d(size)
+        conv = get_same_padding_conv2d(size, config.padding)
         self._conv_head = conv(head_in, head_out, kernel_size=1, bias=False)
         self._bn1 = nn.BatchNorm2d(head_out, momentum=bn_mom, eps=bn_eps)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
@@ -262,10 +262,13 @@ class EfficientNet(nn.Module):
         return self._swish(self._bn1(self._conv_head(x)))
 
     def forward_features_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features (before dropout and the classifier) and logits, from one pass."""
-        if not self.include_top:
-            raise RuntimeError("this network was built with include_top=False and has no classifier")
+        """Pooled features (before dropout and the classifier) and logits, from one pass.
+
+        A network without a classifier (``include_top=False``) returns logits of width 0, so that engines and
+        exports keep one output signature; a server refuses classification for such a model."""
         pooled = self._avg_pooling(self.extract_features(inputs)).flatten(1)
+        if not self.include_top:
+            return pooled, pooled[:, :0]
         return pooled, self._fc(self._dropout(pooled))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -276,7 +279,10 @@ class EfficientNet(nn.Module):
         return self._fc(self._dropout(pooled))
 
     def extra_repr(self) -> str:
-        padding = "dynamic" if self.image_size is None else f"static {self.image_size}"
+        if self.config.padding == "symmetric":
+            padding = "symmetric"
+        else:
+            padding = "dynamic" if self.image_size is None else f"static {self.image_size}"
         return f"variant={self.variant.name}, padding={padding}"
 
 

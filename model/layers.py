@@ -138,8 +138,24 @@ class Conv2dStaticSamePadding(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-def get_same_padding_conv2d(image_size: ImageSize = None):
-    """Conv2d class with "SAME" padding: dynamic when ``image_size`` is None, else static for that size."""
+class Conv2dSymmetricPadding(nn.Conv2d):
+    """Conv2d with PyTorch's symmetric padding, (k - 1) // 2 * dilation on every side (torchvision's and
+    timm's native EfficientNets). For a stride-2 layer on an even input this pads one pixel more on the
+    top/left than TF's "SAME" does, so weights trained one way give other answers the other way."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 image_size: ImageSize = None, dilation: int = 1, groups: int = 1, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2 * dilation,
+                         dilation, groups, bias)
+
+
+def get_same_padding_conv2d(image_size: ImageSize = None, padding: str = "same"):
+    """Conv2d class for a padding mode. ``same``: TF "SAME", dynamic when ``image_size`` is None, else static
+    for that size; ``symmetric``: PyTorch's symmetric padding (any input size)."""
+    if padding == "symmetric":
+        return Conv2dSymmetricPadding
+    if padding != "same":
+        raise ValueError(f"unknown padding mode {padding!r}; expected 'same' or 'symmetric'")
     if image_size is None:
         return Conv2dDynamicSamePadding
     return partial(Conv2dStaticSamePadding, image_size=image_size)

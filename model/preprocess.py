@@ -34,18 +34,35 @@ def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image
     """Shorter side to ``config.resize_size`` (aspect kept), then the central ``input_size`` square.
 
     Resizing and cropping happen in one Pillow call (``box`` selects the source region), so no
-    intermediate full-size image is made.
+    intermediate full-size image is made. Two geometries (``config.pixel_aligned``):
+
+    - ``False`` (this package's own and the TF ports'): the crop window is the exact central region of the
+      source, fractional pixels included; it scales with the image, so a draft-decoded JPEG gets the same
+      window as a full decode.
+    - ``True`` (torchvision's and timm's ``Resize`` + ``CenterCrop``): the resized image's longer side is
+      truncated to whole pixels and the crop offset rounded to whole pixels, as they do. The box mapped back
+      to source pixels gives the same filter centres and image edges as their full resize followed by a crop,
+      so the pixels equal theirs (to Pillow's rounding) at the cost of one resize of the crop only.
     """
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode}")
     w, h = image.size
-    scale = config.resize_size / min(w, h)
     size = config.input_size
-    # The crop window in source pixels: the part of the image that maps onto the central square.
-    crop_w, crop_h = min(w, size / scale), min(h, size / scale)
-    left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    return image.resize((size, size), pillow_resample(config.interpolation),
-                        box=(left, top, left + crop_w, top + crop_h))
+    if config.pixel_aligned:
+        short, long = min(w, h), max(w, h)
+        new_short, new_long = config.resize_size, int(config.resize_size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        crop_w, crop_h = min(size, new_w), min(size, new_h)
+        left, top = int(round((new_w - crop_w) / 2.0)), int(round((new_h - crop_h) / 2.0))
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+    else:
+        scale = config.resize_size / min(w, h)
+        # The crop window in source pixels: the part of the image that maps onto the central square.
+        crop_w, crop_h = min(w, size / scale), min(h, size / scale)
+        left, top = (w - crop_w) / 2, (h - crop_h) / 2
+        box = (left, top, left + crop_w, top + crop_h)
+    return image.resize((size, size), pillow_resample(config.interpolation), box=box)
 
 
 def _scale_and_shift(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -160,6 +160,8 @@ class Run:
             raise FatalError(f"cannot load the model: {exc}") from None
         try:
             await runner.start()
+            if self.task == "predict" and runner.num_classes == 0:
+                raise Usage("the model's checkpoint has no classifier: use 'efficientnet-batch features'")
             if self.task == "predict" and args.top_k > runner.num_classes:
                 raise Usage(f"--top-k {args.top_k} is more than the model's {runner.num_classes} classes")
             self.sink = sink = open_sink(args.output, self.task, dim=runner.dim, resume=args.resume,

@@ -95,6 +95,14 @@ class UnsupportedMediaType(ServiceError):
     reject_reason = "unsupported_media_type"
 
 
+class NoClassifier(ServiceError):
+    """Classification asked of a model whose checkpoint has no classifier (it serves features only)."""
+
+    status_code = 422
+    code = "no_classifier"
+    reject_reason = "bad_request"
+
+
 class QueueFull(ServiceError):
     status_code = 503
     code = "overloaded"

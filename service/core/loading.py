@@ -29,9 +29,9 @@ from model import (
     VariantConfig,
     WeightsError,
     default_weights_path,
-    get_efficientnet_config,
     imagenet_classes,
 )
+from model.sources import load_source_checkpoint, resolve_model_name, source_preprocess
 from service.core.engines import Engine, build_engine
 from service.core.engines.int8 import Int8Engine
 from service.core.errors import StartupError
@@ -49,18 +49,25 @@ class LoadedModel:
     """A ready engine plus the facts /info reports."""
 
     engine: Engine
-    variant: VariantConfig
-    labels: list[str]
+    variant: VariantConfig  # its preprocess is the one served (the source's, with the settings' overrides)
+    labels: list[str]  # empty: the checkpoint has no classifier (features only)
     num_features: int
     num_parameters: int
     weights_source: str  # "package" | "file" | "random"
     weights_file: str | None
     weights_sha256: str | None
     quantization: Int8Info | None = None  # how the int8 model was obtained (EFFNET_DTYPE=int8 only)
+    source_format: str = "efficientnet_pytorch"  # the checkpoint's library (model.sources.SOURCE_FORMATS)
+    weights_container: str | None = None  # the key the weights were under in the file, if any
+    labels_source: str = "imagenet"  # "imagenet" | "file" | "generic" | "none"
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def has_classifier(self) -> bool:
+        return bool(self.labels)
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -129,28 +136,71 @@ def _resolve_int8_backend(name: str, device: torch.device) -> str:
 
 
 def load_labels(path: str | None, num_classes: int) -> list[str]:
-    """Class names from a JSON list or a one-name-per-line text file; default: ImageNet's 1000 names."""
+    """Class names from a JSON list or a one-name-per-line text file, exactly ``num_classes`` of them.
+
+    Without a file: ImageNet's 1000 names for a 1000-class head, else ``class_0 .. class_{N-1}`` (never
+    ImageNet names for another head); none for a model without a classifier.
+    """
+    return _labels(path, num_classes)[0]
+
+
+def _labels(path: str | None, num_classes: int) -> tuple[list[str], str]:
     if path is None:
-        names = list(imagenet_classes())
-        source = "the packaged ImageNet names"
-    else:
+        if num_classes == 0:
+            return [], "none"
+        if num_classes == 1000:
+            return list(imagenet_classes()), "imagenet"
+        return [f"class_{i}" for i in range(num_classes)], "generic"
+    if num_classes == 0:
+        raise StartupError(f"EFFNET_LABELS is set ({path}) but the checkpoint has no classifier: it serves "
+                           "features only; unset EFFNET_LABELS or use a checkpoint with its classifier")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"cannot read EFFNET_LABELS file {path}: {exc}") from None
+    if text.lstrip().startswith("["):
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StartupError(f"cannot read EFFNET_LABELS file {path}: {exc}") from None
-        source = path
-        if text.lstrip().startswith("["):
-            try:
-                names = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise StartupError(f"EFFNET_LABELS file {path} is not valid JSON: {exc}") from None
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise StartupError(f"EFFNET_LABELS file {path} must hold a JSON list of strings")
-        else:
-            names = [line.strip() for line in text.splitlines() if line.strip()]
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StartupError(f"EFFNET_LABELS file {path} is not valid JSON: {exc}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise StartupError(f"EFFNET_LABELS file {path} must hold a JSON list of strings")
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != num_classes:
-        raise StartupError(f"{source} has {len(names)} class names but the model has {num_classes} classes")
-    return names
+        raise StartupError(f"{path} has {len(names)} class names but the checkpoint's classifier has "
+                           f"{num_classes} classes")
+    return names, "file"
+
+
+def served_preprocess(base: PreprocessConfig, settings: Settings) -> PreprocessConfig:
+    """The source's preprocessing with the settings' overrides (a model fine-tuned at another size or
+    normalisation). A new input size keeps the source's crop fraction unless a resize is given."""
+    changes: dict[str, Any] = {}
+    if settings.input_size is not None:
+        changes["input_size"] = settings.input_size
+        changes["resize"] = None if settings.resize_size is None else settings.resize_size
+        changes["crop_fraction"] = base.input_size / base.resize_size
+    if settings.resize_size is not None:
+        changes["resize"] = settings.resize_size
+    if settings.crop_fraction is not None:
+        changes["crop_fraction"] = settings.crop_fraction
+        changes["resize"] = None
+    if settings.interpolation is not None:
+        changes["interpolation"] = settings.interpolation
+    if settings.mean is not None:
+        changes["mean"] = tuple(float(v) for v in settings.mean.split(","))
+    if settings.std is not None:
+        changes["std"] = tuple(float(v) for v in settings.std.split(","))
+    if not changes:
+        return base
+    if "resize" in changes and changes["resize"] is not None:
+        size = changes.get("input_size", base.input_size)
+        changes["crop_fraction"] = min(1.0, size / changes["resize"])
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as exc:
+        raise StartupError(f"invalid preprocessing settings: {exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -173,8 +223,8 @@ def load_model(settings: Settings) -> LoadedModel:
     except ValueError as exc:
         raise StartupError(f"invalid configuration: {exc}") from None
     try:
-        variant = get_efficientnet_config(settings.model)
-    except (ValueError, KeyError) as exc:
+        name = resolve_model_name(settings.model)
+    except ValueError as exc:
         raise StartupError(f"unknown EFFNET_MODEL {settings.model!r}: {exc}") from None
     device = resolve_device(settings.device)
     backend = resolve_backend(settings.backend, device, settings.effective_dtype)
@@ -184,38 +234,55 @@ def load_model(settings: Settings) -> LoadedModel:
 
     weights_file: str | None = None
     weights_sha256: str | None = None
+    container: str | None = None
     if settings.random_weights:
-        net = EfficientNet.from_name(variant.name)
+        source_format = name.source_format or "efficientnet_pytorch"
+        net = EfficientNet.from_name(name.variant)
+        net.variant = dataclasses.replace(net.variant, preprocess=source_preprocess(source_format, name.variant))
         source = "random"
         log.warning(
             "serving %s with RANDOM weights (EFFNET_WEIGHTS=random): predictions are meaningless",
-            variant.name,
+            name.variant,
         )
     else:
-        path = settings.weights or default_weights_path(variant.name)
+        path = settings.weights or default_weights_path(name.variant)
         if path is None:
             raise StartupError(
-                f"no weights for {variant.name}: set EFFNET_WEIGHTS to a checkpoint file "
+                f"no weights for {name.variant}: set EFFNET_WEIGHTS to a checkpoint file "
                 "(or EFFNET_WEIGHTS=random to serve random weights on purpose)"
             )
         source = "file" if settings.weights else "package"
         try:
-            net = EfficientNet.from_pretrained(variant.name, path)
+            checkpoint = load_source_checkpoint(path, settings.model, settings.weights_format)
         except FileNotFoundError:
             raise StartupError(f"weights file not found: {path}") from None
         except WeightsError as exc:
-            raise StartupError(f"bad weights for {variant.name}: {exc}") from None
+            raise StartupError(f"bad weights for {name.variant}: {exc}") from None
         except Exception as exc:  # a reader error the model package did not classify
             raise StartupError(
-                f"bad weights for {variant.name}: cannot load {path} "
+                f"bad weights for {name.variant}: cannot load {path} "
                 f"({type(exc).__name__}: {_first_line(exc)})"
             ) from None
+        net, source_format, container = checkpoint.net, checkpoint.source_format, checkpoint.container
         weights_file = os.path.basename(path)
         weights_sha256 = _sha256(path)
+        log.info("weights %s: %s checkpoint%s, %s", weights_file, source_format,
+                 f" (under '{container}')" if container else "",
+                 f"{checkpoint.num_classes} classes" if checkpoint.num_classes else "no classifier (features only)")
 
+    net.variant = dataclasses.replace(net.variant, preprocess=served_preprocess(net.variant.preprocess, settings))
+    variant = net.variant
     num_parameters = sum(p.numel() for p in net.parameters())
     num_features = int(net.num_features)
-    labels = load_labels(settings.labels, variant.global_config.num_classes)
+    num_classes = int(net._fc.out_features) if net.include_top else 0
+    labels, labels_source = _labels(settings.labels, num_classes)
+    if labels_source == "generic":
+        log.warning("the checkpoint's classifier has %d classes and EFFNET_LABELS is not set: answering with "
+                    "class_0 .. class_%d; set EFFNET_LABELS to a file of %d class names", num_classes,
+                    num_classes - 1, num_classes)
+    elif labels_source == "none":
+        log.warning("the checkpoint has no classifier: serving features only "
+                    "(/predict and the logits output answer 422 no_classifier)")
 
     size = variant.preprocess.input_size
     try:
@@ -247,6 +314,9 @@ def load_model(settings: Settings) -> LoadedModel:
         weights_file=weights_file,
         weights_sha256=weights_sha256,
         quantization=quantization,
+        source_format=source_format,
+        weights_container=container,
+        labels_source=labels_source,
     )
 
 
@@ -262,6 +332,14 @@ def _int8_engine(settings: Settings, backend: str, net: EfficientNet, variant: A
                     variant.name)
     # Calibration photos go through the service's own preprocessing (draft decoding included).
     preprocessor = Preprocessor(variant.preprocess, max_pixels=settings.max_image_pixels)
+    if weights_sha256 is not None:
+        # The int8 cache is keyed by the weights' digest: fold in what else changes the quantised graph
+        # (padding and epsilon of the checkpoint's source, the normalisation inside the graph), so a
+        # changed EFFNET_WEIGHTS_FORMAT / EFFNET_MEAN / EFFNET_STD never serves a stale cache entry.
+        pre = variant.preprocess
+        served = json.dumps([weights_sha256, variant.global_config.padding, variant.global_config.batch_norm_epsilon,
+                             list(pre.mean), list(pre.std)])
+        weights_sha256 = hashlib.sha256(served.encode()).hexdigest()
     return int8_engine(
         net=net, variant=variant.name, image_size=size, weights_sha256=weights_sha256,
         calibration_dir=settings.calibration_dir, int8_model=settings.int8_model, cache_dir=settings.cache_dir,
@@ -282,6 +360,7 @@ __all__ = [
     "LoadedModel",
     "load_labels",
     "load_model",
+    "served_preprocess",
     "resolve_backend",
     "resolve_device",
     "variant_config_dict",

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.core.errors import NoClassifier
+
+NO_CLASSIFIER = ("the served checkpoint has no classifier (it was saved without one, e.g. include_top=False or "
+                 "num_classes=0): it answers features only (/features, the V2 'features' output)")
+
 
 @dataclass(frozen=True)
 class ClassScore:
@@ -19,8 +24,17 @@ class ClassScore:
     score: float
 
 
+def require_classifier(model: object) -> None:
+    """``NoClassifier`` (422) unless the served model has a classifier: the one check every front-end's
+    classification path goes through (``model``: a ``LoadedModel``)."""
+    if not getattr(model, "has_classifier", True):
+        raise NoClassifier(NO_CLASSIFIER)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities over the last axis, computed in float64 for stable small scores."""
+    if logits.shape[-1] == 0:
+        raise NoClassifier(NO_CLASSIFIER)
     shifted = logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)

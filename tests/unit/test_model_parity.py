@@ -93,8 +93,10 @@ def test_extract_features_and_pooled_outputs(b0_pair):
         out = headless(x)
         assert out.shape == (3, headless.num_features) == (3, 1280)
         torch.testing.assert_close(out, pooled)
-    with pytest.raises(RuntimeError):
-        headless.forward_features_and_logits(x)
+        # No classifier: the same two outputs, logits of width 0 (a server refuses to classify).
+        headless_pooled, no_logits = headless.forward_features_and_logits(x)
+        torch.testing.assert_close(headless_pooled, pooled)
+        assert no_logits.shape == (3, 0)
 
 
 def test_eval_is_deterministic_and_train_is_stochastic(b0_pair):

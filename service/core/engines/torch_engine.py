@@ -144,7 +144,7 @@ class TorchEngine(Engine):
         self.normalize = Normalize(net.variant.preprocess).to(device)
         net = fold_batchnorm(export_form(net, self.image_size))
         self.num_features = int(net.num_features)
-        self.num_classes = int(net._fc.out_features)
+        self.num_classes = int(net._fc.out_features) if net.include_top else 0  # 0: no classifier
         self.net = net.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         self.device = str(device)
         self.dtype = str(dtype).removeprefix("torch.")
