@@ -100,28 +100,38 @@ def tracer() -> Tracer | None:
     return _tracer
 
 
+def _bounded(action: Any, what: str, timeout_s: float) -> None:
+    """Run ``action()`` in a daemon thread for at most ``timeout_s``: the SDK's force_flush exports
+    everything queued, retrying an exporter that is down, and ignores its own timeout."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            action()
+        except Exception as exc:  # an exporter's failure is never the service's
+            log.warning("%s failed: %s", what, exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="effnet-trace-flush", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("%s took over %.1f s (exporter down or slow?): unexported spans are dropped", what, timeout_s)
+
+
 def flush(timeout_s: float = 5.0) -> None:
-    """Export what is queued, for at most ``timeout_s`` (the server calls it at the end of its drain)."""
+    """Export what is queued, waiting at most ``timeout_s`` (the server calls it at the end of its drain)."""
     provider = _provider
     if provider is not None:
-        try:
-            provider.force_flush(int(timeout_s * 1000))
-        except Exception as exc:  # an exporter's failure is never the service's
-            log.warning("flushing spans failed: %s", exc)
+        _bounded(lambda: provider.force_flush(int(timeout_s * 1000)), "exporting the last spans", timeout_s)
 
 
 def shutdown(timeout_s: float = 5.0) -> None:
-    """Flush and stop the exporter (the end of a batch command)."""
+    """Flush and stop the exporter, waiting at most ``timeout_s`` (the end of a batch command)."""
     global _provider, _tracer
-    provider = _provider
-    flush(timeout_s)
-    if provider is not None:
-        try:
-            provider.shutdown()
-        except Exception as exc:
-            log.warning("stopping the span exporter failed: %s", exc)
     with _lock:
-        _provider, _tracer = None, None
+        provider, _provider, _tracer = _provider, None, None
+    if provider is not None:
+        _bounded(provider.shutdown, "exporting the last spans", timeout_s)
 
 
 # -- the SDK, only imported when tracing is on -----------------------------------------------------------------
@@ -152,7 +162,9 @@ def _make_provider(env: Mapping[str, str]) -> Any:
         sampler = _get_from_env_or_default()  # OTEL_TRACES_SAMPLER[_ARG], as the SDK reads them
     except Exception as exc:
         raise StartupError(f"OTEL_TRACES_SAMPLER: {exc}") from None
-    provider = TracerProvider(resource=resource, sampler=_LinkedSampler(sampler))
+    # shutdown_on_exit=False: the SDK's exit hook would wait for an exporter that is down; shutdown() here
+    # bounds that wait.
+    provider = TracerProvider(resource=resource, sampler=_LinkedSampler(sampler), shutdown_on_exit=False)
     for name in _exporter_names(env):
         provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
     return provider
