@@ -261,3 +261,50 @@ def test_access_record_without_tracing_costs_no_span():
     record = AccessRecord("POST", "/predict")
     record.start_trace({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
     assert record.trace is None and record.trace_id is None
+
+
+WITHOUT_SDK = """
+import importlib.abc, io, sys
+from PIL import Image
+
+class NoSdk(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.startswith(("opentelemetry.sdk", "opentelemetry.exporter")):
+            raise ModuleNotFoundError(f"No module named '{name}'")
+
+sys.meta_path.insert(0, NoSdk())
+from fastapi.testclient import TestClient
+from service.core import tracing
+from service.core.errors import StartupError
+from tests.helpers.fakes import FakeEngine, app_with_engine
+
+buffer = io.BytesIO()
+Image.new("RGB", (32, 32)).save(buffer, format="JPEG")
+with TestClient(app_with_engine(FakeEngine(), warmup=False)) as client:
+    response = client.post("/predict", content=buffer.getvalue(), headers={"content-type": "image/jpeg"})
+    print("predict", response.status_code)
+print("sdk imported", any(name.startswith("opentelemetry.sdk") for name in sys.modules))
+tracing.reset()
+try:
+    tracing.setup({"OTEL_TRACES_EXPORTER": "otlp"})
+except StartupError as exc:
+    print("asked:", exc)
+"""
+
+
+def test_the_service_runs_without_the_sdk_while_tracing_is_off():
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers.server import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "EFFNET_"))}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", WITHOUT_SDK], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "predict 200" in lines and "sdk imported False" in lines
+    (asked,) = [line for line in lines if line.startswith("asked:")]
+    assert "pip install 'effnet-serve[tracing]'" in asked
