@@ -105,8 +105,8 @@ def create_app(
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "traceparent", "tracestate"],
+            expose_headers=["X-Request-ID", "Retry-After", "traceresponse"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
