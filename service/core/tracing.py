@@ -290,6 +290,22 @@ def start_span(name: str, attributes: Mapping[str, Any] | None = None) -> Span |
     return tracer.start_span(name, attributes=attributes)
 
 
+def start_client(name: str, parent: Span | None, attributes: Mapping[str, Any]) -> tuple[Span, dict[str, str]] | None:
+    """A client span under ``parent`` and the W3C headers that carry it to the server (the batch command's
+    --server mode: the server's spans join the run's trace); None while tracing is off."""
+    tracer = _tracer
+    if tracer is None or parent is None:
+        return None
+    from opentelemetry.trace import SpanKind, set_span_in_context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    span = tracer.start_span(name, context=set_span_in_context(parent), kind=SpanKind.CLIENT,
+                             attributes=dict(attributes))
+    headers: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(headers, context=set_span_in_context(span))
+    return span, headers
+
+
 def end_with_error(span: Span, code: str, message: str, *, fault: bool) -> None:
     """Note an error on ``span``: ``error.type`` is the service's error code; a server fault also sets the
     span's status to ERROR (a client's mistake does not, as the HTTP conventions say for server spans)."""
@@ -375,6 +391,7 @@ __all__ = [
     "reset",
     "setup",
     "shutdown",
+    "start_client",
     "start_request",
     "start_span",
     "tracer",

@@ -246,3 +246,46 @@ def test_an_exporter_down_or_slow_does_not_hold_up_requests(exporter, photos, ba
     assert statistics.median(measured) < 1.5 * statistics.median(baseline) + 0.02, (
         f"median {statistics.median(measured):.4f} s with the exporter {exporter}, "
         f"{statistics.median(baseline):.4f} s with tracing off")
+
+
+def test_batch_command_server_mode_carries_its_run_trace_to_the_server(server, receiver, photos):
+    """efficientnet-batch --server with tracing on in the command: one trace from the run's span through
+    a client span per image to the server's spans."""
+    import asyncio
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.cli.remote import RemoteRunner
+    from service.core import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        runner = RemoteRunner(server.url, "predict", top_k=1)
+
+        async def main() -> None:
+            await runner.start()
+            try:
+                await asyncio.gather(runner.run("coffee.jpg", photos["coffee.jpg"]), runner.run("bad.jpg", b"x"))
+            finally:
+                await runner.close()
+
+        asyncio.run(main())
+    finally:
+        tracing.reset()
+    local = exporter.get_finished_spans()
+    (run,) = [s for s in local if s.name == "efficientnet-batch predict"]
+    clients = {s.attributes["effnet.file"]: s for s in local if s.name == "POST /predict"}
+    assert set(clients) == {"coffee.jpg", "bad.jpg"}
+    tid = format(run.context.trace_id, "032x")
+    assert all(format(s.context.trace_id, "032x") == tid and s.parent.span_id == run.context.span_id
+               for s in clients.values())
+    assert clients["bad.jpg"].attributes["error.type"] == "invalid_image"
+    spans = receiver.wait_for(lambda spans: len([s for s in spans if s.trace_id == tid
+                                                 and s.name == "POST /predict"]) == 2)
+    served = {s.parent_span_id for s in spans if s.trace_id == tid and s.name == "POST /predict"}
+    assert served == {format(s.context.span_id, "016x") for s in clients.values()}
