@@ -308,3 +308,15 @@ def test_the_service_runs_without_the_sdk_while_tracing_is_off():
     assert "predict 200" in lines and "sdk imported False" in lines
     (asked,) = [line for line in lines if line.startswith("asked:")]
     assert "pip install 'effnet-serve[tracing]'" in asked
+
+
+@pytest.mark.parametrize("header", ["garbage", f"00-{'0' * 32}-{PARENT_ID}-01", f"00-{TRACE_ID}-{PARENT_ID}-01\r\nx: y",
+                                    f"ff-{TRACE_ID}-{PARENT_ID}-01"])
+def test_a_malformed_traceparent_starts_a_new_trace(spans, jpeg, header):
+    with TestClient(app_with_engine(FakeEngine(), warmup=False)) as client:
+        response = client.post("/predict", content=jpeg, headers={"content-type": "image/jpeg",
+                                                                   "traceparent": header.replace("\r\n", " ")})
+    assert response.status_code == 200
+    (server,) = by_name(spans, "POST /predict")
+    assert server.parent is None  # a root of its own, never a forged or invalid parent
+    assert format(server.context.trace_id, "032x") != "0" * 32
