@@ -7,14 +7,19 @@ from __future__ import annotations
 import subprocess
 
 import httpx
-import pytest
 import yaml
 
 from tests.deploy.test_prometheus_scrape import PROMETHEUS, _config_for, _wait_for
-from tests.helpers.otlp import OtlpReceiver
+from tests.helpers.components import missing_component
 from tests.helpers.server import REPO, ServiceProcess, free_port
 
-pytest.importorskip("opentelemetry.sdk", reason="the tracing extra: pip install '.[tracing]'")
+try:
+    import opentelemetry.proto  # noqa: F401
+    import opentelemetry.sdk  # noqa: F401
+except ImportError:
+    missing_component("the OpenTelemetry SDK is not installed (the tracing extra, in the dev extras)")
+
+from tests.helpers.otlp import OtlpReceiver  # noqa: E402 - needs opentelemetry-proto
 
 TRACE_ID = "5d0c1f0e0a9b4c3d8e7f6a5b4c3d2e1f"
 

@@ -21,10 +21,16 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 
-from tests.helpers.otlp import OtlpReceiver
+from tests.helpers.components import missing_component
 from tests.helpers.server import ServiceProcess, free_port
 
-pytest.importorskip("opentelemetry.sdk", reason="the tracing extra: pip install '.[tracing]'")
+try:
+    import opentelemetry.proto  # noqa: F401
+    import opentelemetry.sdk  # noqa: F401
+except ImportError:
+    missing_component("the OpenTelemetry SDK is not installed (the tracing extra, in the dev extras)")
+
+from tests.helpers.otlp import OtlpReceiver  # noqa: E402 - needs opentelemetry-proto
 
 MODEL = "efficientnet-lite0"
 PARENT = "00f067aa0ba902b7"

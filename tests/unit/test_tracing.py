@@ -16,12 +16,16 @@ from PIL import Image
 
 from service.core import tracing
 from service.core.access import AccessRecord
+from tests.helpers.components import missing_component
 from tests.helpers.fakes import FakeEngine, app_with_engine
 
-sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased  # noqa: E402
+try:
+    from opentelemetry.sdk import trace as sdk_trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+except ImportError:
+    missing_component("the OpenTelemetry SDK is not installed (the tracing extra, in the dev extras)")
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
