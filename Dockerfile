@@ -33,8 +33,9 @@ RUN sed -E -e '/^(torch|triton)([^A-Za-z0-9_.-]|$)/d' -e '/^nvidia-/d' constrain
 FROM build-base AS build-cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Optional extras of the package, e.g. --build-arg EFFNET_EXTRAS=onnx once the onnxruntime backend is used.
-ARG EFFNET_EXTRAS=
+# Optional extras of the package (comma-separated). "tracing" (the OpenTelemetry SDK and OTLP exporters) is
+# in by default: tracing stays off until OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT is set.
+ARG EFFNET_EXTRAS=tracing
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY model ./model
@@ -46,7 +47,7 @@ FROM build-base AS build-gpu
 ARG TORCH_VERSION=2.13.0
 # Pick the CUDA variant that PyTorch publishes for TORCH_VERSION and that the nodes' driver supports.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG EFFNET_EXTRAS=
+ARG EFFNET_EXTRAS=tracing
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY model ./model

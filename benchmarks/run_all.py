@@ -15,6 +15,7 @@ SUITE = [
     ("Engines", "bench_engines", []),
     ("Service under load", "bench_service", []),
     ("Protocols: /predict, V2 REST and V2 gRPC", "bench_protocols", []),
+    ("Tracing: what OpenTelemetry costs", "bench_tracing", []),
     ("Batch command: efficientnet-batch", "bench_batch_cli", []),
     ("Decoding by format: JPEG, HEIC, AVIF", "bench_decode_formats", []),
     ("Training memory: MemoryEfficientSwish", "bench_train_memory", []),

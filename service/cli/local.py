@@ -7,7 +7,10 @@ and the dynamic batcher groups the decoded images into batches of up to ``EFFNET
 
 from __future__ import annotations
 
+import asyncio
+
 from service.cli.results import Result, failure
+from service.core import tracing
 from service.core.access import AccessRecord
 from service.core.errors import ServiceError
 from service.core.loading import LoadedModel, load_model
@@ -37,6 +40,7 @@ class LocalRunner:
         self.max_file_bytes = settings.max_body_bytes
         self.file_limit_name = "EFFNET_MAX_BODY_BYTES"  # what a file over max_file_bytes is told
         self._service: InferenceService | None = None
+        self._run_span = None  # the whole run's span (tracing on): one trace, a child span per image
 
     def default_concurrency(self) -> int:
         """Images in flight: enough to keep every decode thread busy while two batches wait to run."""
@@ -48,6 +52,10 @@ class LocalRunner:
         return f"{self.model_name} in-process ({e.backend}, {e.device}, {e.dtype})"
 
     async def start(self) -> None:
+        tracing.setup()
+        self._run_span = tracing.start_span(
+            f"efficientnet-batch {self.task}", {"effnet.model": self.model_name, "effnet.task": self.task}
+        )
         self.metrics = Metrics(self.settings.max_batch_size, process_metrics=False)
         self._service = InferenceService(self.settings, self.model, self.metrics)
         await self._service.start()
@@ -55,11 +63,17 @@ class LocalRunner:
     async def close(self) -> None:
         if self._service is not None:
             await self._service.close()
+        if self._run_span is not None:
+            self._run_span.end()
+            self._run_span = None
+            await asyncio.to_thread(tracing.shutdown, 5.0)
 
     async def run(self, path: str, data: bytes) -> Result:
         service = self._service
         assert service is not None, "start() first"
         record = AccessRecord("CLI", path)
+        if self._run_span is not None:
+            record.start_trace(parent=self._run_span)
         try:
             ((pooled, logits),) = await service.serve(
                 InferenceRequest(images=[(None, data)]), record=record

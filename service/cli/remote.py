@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 
 from service.cli.results import FatalError, Result, failure
+from service.core import tracing
 
 RETRY_STATUSES = {429, 502, 503, 504}
 FATAL_STATUSES = {401, 403, 404, 405}
@@ -84,6 +85,7 @@ class RemoteRunner:
         self.max_file_bytes: int | None = None
         self.file_limit_name = "the server's"  # what a file over max_file_bytes is told
         self._client: httpx.AsyncClient | None = None
+        self._run_span: Any = None  # the run's span (tracing on): each request a client span under it
         # The query string once, not merged into every request's URL.
         if task == "predict":
             self._target = f"/predict?top_k={top_k}"
@@ -97,6 +99,9 @@ class RemoteRunner:
         return f"{self.model_name} at {self.url}"
 
     async def start(self) -> None:
+        tracing.setup()
+        self._run_span = tracing.start_span(f"efficientnet-batch {self.task}",
+                                            {"effnet.task": self.task, "server.address": self.url})
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         timeout = httpx.Timeout(self.timeout_s, connect=10.0)
         self._client = httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout, headers=self.headers)
@@ -110,6 +115,10 @@ class RemoteRunner:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+        if self._run_span is not None:
+            self._run_span.end()
+            self._run_span = None
+            await asyncio.to_thread(tracing.shutdown, 5.0)
 
     async def _get_info(self) -> dict[str, Any]:
         """``GET /info`` (open even when an API key is set), retried like any request."""
@@ -146,7 +155,24 @@ class RemoteRunner:
             await asyncio.sleep(backoff_seconds(attempt, wait))
 
     async def run(self, path: str, data: bytes) -> Result:
-        response = await self._send("POST", self._target, what=path, content=data, headers=_RAW_IMAGE)
+        traced = tracing.start_client(f"POST {self._target.split('?', 1)[0]}", self._run_span,
+                                      {"effnet.file": path, "http.request.method": "POST"})
+        if traced is None:
+            return await self._run(path, data, _RAW_IMAGE)
+        span, trace_headers = traced
+        status = None
+        try:
+            result = await self._run(path, data, {**_RAW_IMAGE, **trace_headers})
+            status = "ok" if result.error is None else result.error["code"]
+            return result
+        finally:
+            if status is None or status != "ok":
+                code = status or "fatal"
+                tracing.end_with_error(span, code, code, fault=status is None)
+            span.end()
+
+    async def _run(self, path: str, data: bytes, headers: dict[str, str]) -> Result:
+        response = await self._send("POST", self._target, what=path, content=data, headers=headers)
         status = response.status_code
         endpoint = self._target.split("?", 1)[0]
         if status in FATAL_STATUSES:

@@ -5,6 +5,11 @@ request entry notes the image count, ``fail`` notes a service error (status, cod
 image), and ``finish`` writes the request metrics and one JSON access-log line. What the line holds, which
 errors are also logged as server faults, and which request ids are accepted from a client are decided
 here and nowhere else.
+
+The record also owns the request's trace span (service/core/tracing.py) while tracing is on: the
+front-end hands ``start_trace`` the caller's W3C headers (or gRPC metadata), ``fail`` notes the error on
+the span, ``finish`` ends it, and the access-log line and the latency histogram's exemplar carry its
+trace id.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from service.core import tracing
 from service.core.errors import ServiceError
 
 access_log = logging.getLogger("service.access")
@@ -31,8 +38,13 @@ def request_id(incoming: str | None) -> str:
     return incoming if incoming and REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
 
 
+# Probes and scrapes are not traced: a span every few seconds per replica says nothing about requests.
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
 class RequestObserver(Protocol):
-    def observe_request(self, path: str, status: int, duration_s: float, reject_reason: str | None) -> None: ...
+    def observe_request(self, path: str, status: int, duration_s: float, reject_reason: str | None,
+                        trace_id: str | None = None) -> None: ...
 
 
 @dataclass
@@ -50,6 +62,50 @@ class AccessRecord:
     image_index: int | None = None
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
+    trace: tracing.RequestTrace | None = None  # the request's span, while tracing is on
+    error_message: str | None = field(default=None, repr=False)
+    server_fault: bool = False
+
+    def start_trace(self, carrier: Mapping[str, str] | None = None, *, parent: Any = None) -> None:
+        """Open the request's span (nothing while tracing is off, or for a probe): joined to the caller's
+        trace from ``carrier`` (W3C ``traceparent``/``tracestate``, lower-case keys), or under ``parent``
+        (a span of this process: the batch command's run)."""
+        if tracing.tracer() is None or self.path in UNTRACED_PATHS:
+            return
+        attributes: dict[str, Any] = {"effnet.request_id": self.request_id}
+        if self.client:
+            attributes["client.address"] = self.client
+        if self.method == "gRPC":
+            service, _, rpc = self.path.lstrip("/").rpartition("/")
+            name, kind = self.path.lstrip("/"), "server"
+            attributes.update({"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc})
+        elif self.method == "CLI":
+            name, kind = "efficientnet-batch image", "internal"
+            attributes["effnet.file"] = self.path
+        else:
+            from service.core.metrics import endpoint_label
+
+            route = endpoint_label(self.path)
+            name, kind = self.method, "server"
+            attributes.update({"http.request.method": self.method, "url.path": self.path})
+            if route != "other":
+                name = f"{self.method} {route}"
+                attributes["http.route"] = route
+        wall_started = time.time_ns() - int((time.perf_counter() - self.started) * 1e9)
+        self.trace = tracing.start_request(name, kind, attributes, carrier, parent, start_time_ns=wall_started)
+
+    @property
+    def trace_id(self) -> str | None:
+        """The request's trace id (32 hex digits) while tracing is on."""
+        return self.trace.trace_id if self.trace is not None else None
+
+    def annotate(self, **attributes: Any) -> None:
+        """Set attributes on the request's span (``effnet_model="..."`` -> ``effnet.model``); nothing when
+        tracing is off."""
+        if self.trace is not None:
+            for key, value in attributes.items():
+                if value is not None:
+                    self.trace.span.set_attribute(key.replace("_", ".", 1), value)
 
     def fail(self, exc: ServiceError) -> None:
         """Note a service error as this request's outcome; a server fault is also logged as an error."""
@@ -57,6 +113,8 @@ class AccessRecord:
         self.error_code = exc.code
         self.reject_reason = exc.reject_reason
         self.image_index = exc.image_index
+        self.error_message = exc.message
+        self.server_fault = exc.server_fault
         if exc.server_fault:
             log.error("%s: %s", exc.code, exc.message, extra={"request_id": self.request_id})
 
@@ -73,6 +131,7 @@ class AccessRecord:
             "error_code": self.error_code,
             "images": self.images,
             "image_index": self.image_index,
+            "trace_id": self.trace_id,
         }
 
     def finish(self, metrics: RequestObserver | None, status: int | None = None) -> None:
@@ -83,9 +142,29 @@ class AccessRecord:
         if status is not None:
             self.status = status
         duration = time.perf_counter() - self.started
+        trace = self.trace
         if metrics is not None:
-            metrics.observe_request(self.path, self.status, duration, self.reject_reason)
+            sampled = trace.trace_id if trace is not None and trace.sampled else None
+            metrics.observe_request(self.path, self.status, duration, self.reject_reason, sampled)
         access_log.info("request", extra=self.fields(duration))
+        if trace is not None:
+            self._end_span(trace)
+
+    def _end_span(self, trace: tracing.RequestTrace) -> None:
+        span = trace.span
+        if self.method == "gRPC" or self.method == "CLI":
+            span.set_attribute("effnet.status_code", self.status)
+        else:
+            span.set_attribute("http.response.status_code", self.status)
+        if self.images is not None:
+            span.set_attribute("effnet.images", self.images)
+        if self.status >= 400 or self.error_code:
+            code = self.error_code or f"http_{self.status}"
+            if self.image_index is not None:
+                span.set_attribute("effnet.image_index", self.image_index)
+            tracing.end_with_error(span, code, self.error_message or code,
+                                   fault=self.server_fault or self.status >= 500)
+        span.end()
 
 
 __all__ = ["REQUEST_ID_PATTERN", "AccessRecord", "access_log", "request_id"]

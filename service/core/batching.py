@@ -18,6 +18,10 @@ before a batch is formed, so while every slot is busy the queue keeps growing in
 With ``buffers`` (one array per slot, shape ``(max_batch_size, *image_shape)``, pinned memory on a GPU)
 a batch is stacked into its slot's buffer, never into freshly allocated memory. One slot (the CPU
 default) is the plain one-batch-at-a-time batcher.
+
+Tracing (``spans``, while it is on): a request's items carry its trace; its queue-wait span ends when
+its last image is taken into a batch, and each batch gets a span of its own linked to every request it
+serves. With tracing off the items carry None and nothing more happens.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.core import tracing
 from service.core.errors import ClientGone, InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
 
 log = logging.getLogger("service.core.batching")
@@ -68,6 +73,8 @@ class _Item:
     future: asyncio.Future[tuple[np.ndarray, ...]]
     enqueued_at: float
     queued: bool = True  # still in the batcher's queue (not yet taken into a batch)
+    trace: tracing.RequestTrace | None = None  # its request's span (tracing on)
+    queue_wait: tracing.QueueWait | None = None
 
 
 class Reservation:
@@ -103,17 +110,19 @@ class Reservation:
         *,
         timeout: float | None = None,
         cancel_when: asyncio.Future[object] | None = None,
+        trace: tracing.RequestTrace | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """Queue ``arrays`` and wait for their per-item outputs, in order.
 
         Raises ``RequestTimeout`` after ``timeout`` seconds, ``ClientGone`` when ``cancel_when``
         completes first, ``InferenceFailed`` when a batch holding one of the items failed. In each case
-        the request's items still queued are removed.
+        the request's items still queued are removed. ``trace``: the request's span (tracing on).
         """
         if len(arrays) > self._unused:
             raise ValueError(f"reserved {self._unused} more images, got {len(arrays)}")
         self._unused -= len(arrays)
-        items = self._batcher._enqueue(arrays)
+        queue_wait = tracing.QueueWait(trace, len(arrays)) if trace is not None else None
+        items = self._batcher._enqueue(arrays, trace, queue_wait)
         try:
             all_done = asyncio.gather(*(item.future for item in items))
             # Mark its outcome as seen even when nobody awaits it (timeout, cancellation).
@@ -131,6 +140,8 @@ class Reservation:
             raise RequestTimeout(f"request not answered within {timeout:.3g} s")
         finally:
             self._batcher._withdraw(items)
+            if queue_wait is not None:
+                queue_wait.end()
 
 
 class DynamicBatcher:
@@ -149,6 +160,7 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         max_concurrent_batches: int = 1,
         buffers: Sequence[np.ndarray] | None = None,
+        spans: tracing.BatchSpans | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -174,6 +186,7 @@ class DynamicBatcher:
         )
         self._observer = observer or BatchObserver()
         self._buffers = list(buffers) if buffers is not None else None
+        self._spans = spans
         self._queue: deque[_Item] = deque()
         self._admitted = 0  # reserved room + queued items: what max_queue bounds
         self._running = 0  # items in the batches being run
@@ -270,12 +283,13 @@ class DynamicBatcher:
         self._admitted -= size
         self._observer.queue_depth_changed(self._admitted)
 
-    def _enqueue(self, arrays: Sequence[np.ndarray]) -> list[_Item]:
+    def _enqueue(self, arrays: Sequence[np.ndarray], trace: tracing.RequestTrace | None = None,
+                 queue_wait: tracing.QueueWait | None = None) -> list[_Item]:
         if self._worker is None:
             raise ShuttingDown("batcher is not running")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        items = [_Item(np.asarray(a), loop.create_future(), now) for a in arrays]
+        items = [_Item(np.asarray(a), loop.create_future(), now, True, trace, queue_wait) for a in arrays]
         self._queue.extend(items)
         self._wakeup.set()
         return items
@@ -350,6 +364,8 @@ class DynamicBatcher:
             batch.append(self._queue.popleft())
         for item in batch:
             item.queued = False
+            if item.queue_wait is not None:
+                item.queue_wait.taken()
         self._admitted -= len(batch)
         self._observer.queue_depth_changed(self._admitted)
         return batch
@@ -359,8 +375,12 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         self._running += len(batch)
         self._observer.batch_started(len(batch), [loop.time() - item.enqueued_at for item in batch])
+        span = None
+        if self._spans is not None and tracing.tracer() is not None:
+            span = self._spans.start((item.trace for item in batch), len(batch), slot)
         t0 = time.perf_counter()
         ok = False
+        error: BaseException | None = None
         buffer = self._buffers[slot] if self._buffers is not None else None
         try:
             outputs, input_s, infer_s = await loop.run_in_executor(
@@ -368,10 +388,12 @@ class DynamicBatcher:
             )
             ok = True
             t_out = time.perf_counter()
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            error = exc
             _fail(batch, ShuttingDown("server is shutting down"))
             raise
         except Exception as exc:
+            error = exc
             log.error("batch of %d failed: %s", len(batch), exc, exc_info=exc)
             _fail(batch, InferenceFailed("inference failed for this batch"))
         else:
@@ -383,6 +405,8 @@ class DynamicBatcher:
             self._running -= len(batch)
             self.batches_run += 1
             self._observer.batch_finished(len(batch), time.perf_counter() - t0, ok)
+            if span is not None:
+                tracing.BatchSpans.end(span, ok, error)
 
 
 def _fail(batch: Sequence[_Item], error: Exception) -> None:

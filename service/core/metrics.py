@@ -2,7 +2,9 @@
 
 Naming follows Prometheus conventions: base units (seconds), ``_total`` counters, histograms for
 latencies and batch sizes, a gauge for the queue depth and an ``_info`` gauge for the model. No request
-ids or other unbounded values appear in labels.
+ids or other unbounded values appear in labels. With tracing on, the request latency histogram carries
+the trace id of sampled requests as an exemplar, which only the OpenMetrics exposition shows (``/metrics``
+answers it when the scraper's Accept header asks for ``application/openmetrics-text``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from service.core.batching import BatchObserver
 from service.core.engines.base import batch_buckets
@@ -175,15 +179,25 @@ class Metrics(BatchObserver):
         self.model_info.clear()
         self.model_info.labels(model, device, dtype, backend).set(1)
 
-    def observe_request(self, path: str, status: int, duration_s: float, reject_reason: str | None) -> None:
+    def observe_request(self, path: str, status: int, duration_s: float, reject_reason: str | None,
+                        trace_id: str | None = None) -> None:
+        """``trace_id``: a sampled request's trace, kept as the latency bucket's exemplar."""
         endpoint = endpoint_label(path)
         self.requests.labels(endpoint, str(status)).inc()
-        self.request_duration.labels(endpoint).observe(duration_s)
+        exemplar = {"trace_id": trace_id} if trace_id else None
+        self.request_duration.labels(endpoint).observe(duration_s, exemplar)
         if reject_reason:
             self.rejected.labels(reject_reason if reject_reason in REJECT_REASONS else "bad_request").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The metrics and their content type for a scraper's Accept header: OpenMetrics (with exemplars)
+        when it asks for ``application/openmetrics-text``, else the Prometheus text format."""
+        if accept and "application/openmetrics-text" in accept:
+            return generate_openmetrics(self.registry), OPENMETRICS_CONTENT_TYPE
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 __all__ = ["ENDPOINTS", "Metrics", "REJECT_REASONS", "batch_size_buckets", "endpoint_label"]

@@ -19,6 +19,7 @@ from enum import Enum
 
 import numpy as np
 
+from service.core import tracing
 from service.core.access import AccessRecord
 from service.core.batching import DynamicBatcher
 from service.core.engines.base import warm_up_on_threads
@@ -128,6 +129,14 @@ class InferenceService:
         self._infer_pool = ThreadPoolExecutor(slots, thread_name_prefix="effnet-infer")
         # The statistics extension's numbers (V2 /stats, gRPC ModelStatistics), beside the metrics.
         self.statistics = ModelStatistics()
+        engine = model.engine
+        # The span of each batch (while tracing is on). ``batch_bucket(n)``: the size an engine pads n
+        # images to (CUDA graph buckets), if it pads.
+        batch_spans = tracing.BatchSpans(
+            {"effnet.model": model.variant.name, "effnet.engine": engine.backend,
+             "effnet.device": str(engine.device), "effnet.dtype": str(engine.dtype)},
+            bucket=engine.batch_bucket,
+        )
         self.batcher = DynamicBatcher(
             model.engine.run,
             max_batch_size=settings.max_batch_size,
@@ -137,6 +146,7 @@ class InferenceService:
             observer=ObserverGroup(metrics, self.statistics),
             max_concurrent_batches=slots,
             buffers=model.engine.input_buffers(slots, settings.max_batch_size),
+            spans=batch_spans,
         )
         self.state = Lifecycle.STARTING
         self.failure: str | None = None  # why the service failed after start-up (state FAILED)
@@ -144,7 +154,6 @@ class InferenceService:
         self._drain_deadline: float | None = None  # monotonic; set by the first drain()
         self._state_listeners: list[Callable[[Lifecycle], None]] = []
         self._warmup_task: asyncio.Task[None] | None = None
-        engine = model.engine
         metrics.set_model(model.variant.name, engine.device, engine.dtype, engine.backend)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -269,14 +278,18 @@ class InferenceService:
         order. ``cancel_when``: a coroutine function that returns when the caller has gone; the request
         is then withdrawn and ``ClientGone`` raised. ``record``: the access record, given the image count.
 
-        Errors are ``ServiceError``s; one about a single image carries its ``image_index``.
+        Errors are ``ServiceError``s; one about a single image carries its ``image_index``. While tracing
+        is on, the record's span gets a child per image (decode + preprocess) and one for the queue wait,
+        and the span of each batch that serves it links to it.
         """
+        trace = record.trace if record is not None else None
         with self.admit():
             started = time.perf_counter()
             request = await read() if callable(read) else read
             count = request.count
             if record is not None:
                 record.images = count
+                record.annotate(effnet_model=self.model.variant.name, effnet_images=count)
             if count < 1:
                 raise BadRequest("the request holds no image")
             self.check_image_count(count)
@@ -288,9 +301,10 @@ class InferenceService:
             ok = False
             try:
                 if request.pixels is not None:
-                    results = await self.infer_arrays(request.pixels, deadline=deadline, cancel_when=watcher)
+                    results = await self.infer_arrays(request.pixels, deadline=deadline, cancel_when=watcher,
+                                                      trace=trace)
                 else:
-                    results = await self.infer(request.images, deadline=deadline, cancel_when=watcher)
+                    results = await self.infer(request.images, deadline=deadline, cancel_when=watcher, trace=trace)
                 ok = True
                 return results
             finally:
@@ -316,15 +330,17 @@ class InferenceService:
         *,
         deadline: float,
         cancel_when: asyncio.Future[object] | None = None,
+        trace: tracing.RequestTrace | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """Decode, preprocess and batch the images; per-image (features, logits) in request order.
 
-        ``deadline`` is a ``time.monotonic()`` value covering decoding, queueing and inference.
+        ``deadline`` is a ``time.monotonic()`` value covering decoding, queueing and inference. ``trace``:
+        the request's span (tracing on), under which each image's decoding gets a span.
         """
         loop = asyncio.get_running_loop()
         with self.batcher.reserve(len(blobs)) as room:
             decodes = [
-                loop.run_in_executor(self._decode_pool, _decode, self.preprocessor, i, name, data)
+                loop.run_in_executor(self._decode_pool, _decode, self.preprocessor, i, name, data, trace)
                 for i, (name, data) in enumerate(blobs)
             ]
             try:
@@ -336,7 +352,8 @@ class InferenceService:
             finally:
                 for future in decodes:
                     future.cancel()
-            return await room.run(arrays, timeout=deadline - time.monotonic(), cancel_when=cancel_when)
+            return await room.run(arrays, timeout=deadline - time.monotonic(), cancel_when=cancel_when,
+                                  trace=trace)
 
     async def infer_arrays(
         self,
@@ -344,6 +361,7 @@ class InferenceService:
         *,
         deadline: float,
         cancel_when: asyncio.Future[object] | None = None,
+        trace: tracing.RequestTrace | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """Already preprocessed images (N, 3, S, S) through the same queue bound, batcher and deadline as
         ``infer``, without decoding; per-image (features, logits) in order.
@@ -358,7 +376,8 @@ class InferenceService:
             raise BadRequest(f"expected a batch of shape [N, 3, {size}, {size}] with N >= 1, got {list(batch.shape)}")
         images = as_engine_input(batch)
         with self.batcher.reserve(len(images)) as room:
-            return await room.run(list(images), timeout=deadline - time.monotonic(), cancel_when=cancel_when)
+            return await room.run(list(images), timeout=deadline - time.monotonic(), cancel_when=cancel_when,
+                                  trace=trace)
 
 
 def as_engine_input(batch: np.ndarray) -> np.ndarray:
@@ -376,7 +395,10 @@ def as_engine_input(batch: np.ndarray) -> np.ndarray:
     return floats
 
 
-def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes) -> np.ndarray:
+def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes,
+            trace: tracing.RequestTrace | None = None) -> np.ndarray:
+    if trace is not None:
+        return _traced_decode(preprocessor, index, name, data, trace)
     try:
         return preprocessor(data)
     except ServiceError as exc:
@@ -384,3 +406,16 @@ def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: byte
         raise exc.about_image(index, name) from None
     except Exception as exc:  # pragma: no cover - decode_image maps every decoder failure already
         raise InvalidImage(f"cannot decode image ({type(exc).__name__})").about_image(index, name) from exc
+
+
+def _traced_decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes,
+                   trace: tracing.RequestTrace) -> np.ndarray:
+    """``_decode`` inside a span of its own (one per image, in the decode thread)."""
+    span = trace.child("decode", {"effnet.image_index": index, "effnet.image_bytes": len(data)})
+    try:
+        return _decode(preprocessor, index, name, data)
+    except ServiceError as exc:
+        tracing.end_with_error(span, exc.code, exc.message, fault=exc.server_fault)
+        raise
+    finally:
+        span.end()

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.core import tracing
 from service.core.about import service_version
 from service.core.loading import LoadedModel, load_model
 from service.core.metrics import Metrics
@@ -39,6 +40,7 @@ def create_app(
     core service (``efficientnet-serve`` passes it unless EFFNET_GRPC_PORT is 0)."""
     settings = (settings or Settings()).resolved()
     metrics = Metrics(settings.max_batch_size)
+    tracing.setup()  # from the OTEL_* variables, once per process; nothing while they ask for none
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,6 +72,9 @@ def create_app(
                 # By now the drain has answered every admitted call; the grace covers any still finishing.
                 await grpc_server.stop(grace=min(5.0, settings.shutdown_drain_s))
             await service.close()
+            # The spans of the last requests, before the process exits (bounded: an exporter that is down
+            # costs the shutdown at most this long, off the event loop).
+            await asyncio.to_thread(tracing.flush, 2.0)
 
     app = FastAPI(
         title="EfficientNet inference service",
@@ -100,8 +105,8 @@ def create_app(
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "traceparent", "tracestate"],
+            expose_headers=["X-Request-ID", "Retry-After", "traceresponse"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

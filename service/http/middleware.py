@@ -1,7 +1,9 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer bodies and hide client disconnects).
 
 - ``RequestContextMiddleware`` (outermost): takes or makes the ``X-Request-ID``, echoes it, records the
-  request metrics and writes one JSON access-log line per request. An exception that escaped everything
+  request metrics and writes one JSON access-log line per request. With tracing on, the request's span
+  joins the caller's W3C trace (``traceparent``/``tracestate``) and the response names it
+  (``traceresponse``). An exception that escaped everything
   else becomes a JSON 500 without a stack trace. Once the service is shutting down (lame duck, draining),
   every response carries ``Connection: close``: the client or load balancer opens its next connection
   elsewhere instead of reusing one to a replica that is about to go.
@@ -19,6 +21,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.core import tracing
 from service.core.access import AccessRecord, request_id
 from service.core.errors import BodyTooLarge
 from service.core.metrics import Metrics
@@ -71,6 +74,8 @@ class RequestContextMiddleware:
             request_id(_header(scope, b"x-request-id")),
             client=client[0] if client else None,
         )
+        if tracing.tracer() is not None:
+            record.start_trace({k: v for k in tracing.TRACE_HEADERS if (v := _header(scope, k.encode()))})
         rid = record.request_id
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = rid
@@ -85,6 +90,8 @@ class RequestContextMiddleware:
                 response_started = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
+                if record.trace is not None:
+                    headers.append((b"traceresponse", record.trace.traceresponse().encode()))
                 if _leaving(scope) and not any(k.lower() == b"connection" for k, _ in headers):
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}

@@ -94,11 +94,12 @@ async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
     responses={
         200: {
             "content": {"text/plain": {"schema": {"type": "string"}}},
-            "description": "Prometheus text exposition format.",
+            "description": "Prometheus text exposition format; OpenMetrics (with the request latency's trace "
+            "exemplars) when the Accept header asks for application/openmetrics-text.",
         }
     },
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics
-    return Response(registry.render(), media_type=registry.content_type)
+    body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)

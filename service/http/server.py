@@ -31,6 +31,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from service.core import tracing
 from service.core.errors import StartupError
 from service.core.loading import load_model
 from service.core.logconfig import configure_logging
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("startup failed: %s", problem)
             return 1
     try:
+        tracing.setup()  # OTEL_* asking for an exporter that is not installed fails here, in one line
         model = load_model(settings)
     except StartupError as exc:
         log.error("startup failed: %s", exc)

@@ -169,7 +169,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Any:
         metadata = _metadata(context)
         record = AccessRecord("gRPC", method, request_id(metadata.get("x-request-id")), client=_client(context))
+        record.start_trace(metadata)  # W3C traceparent/tracestate metadata: the caller's trace (tracing on)
         trailers: list[tuple[str, str]] = [("x-request-id", record.request_id)]
+        if record.trace is not None:
+            trailers.append(("traceresponse", record.trace.traceresponse()))
         try:
             result = await handler(record, metadata)
         except ServiceError as exc:

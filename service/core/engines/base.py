@@ -64,6 +64,11 @@ class Engine(ABC):
         runs two batches in one slot at once, so per-slot state (an OpenVINO infer request, pinned buffers
         and a CUDA stream) needs no lock; batches in different slots may run concurrently."""
 
+    def batch_bucket(self, n: int) -> int | None:
+        """The batch size ``n`` images actually run at when the engine pads batches to buckets (CUDA
+        graphs), for the batch's trace span; None when it runs them as they are (the default)."""
+        return None
+
     def input_buffers(self, slots: int, max_batch_size: int) -> list[np.ndarray] | None:
         """One uint8 ``(max_batch_size, 3, S, S)`` array per slot for the batcher to stack batches into
         (pinned host memory on a GPU), or None: the batcher stacks into fresh arrays. Called once, before
