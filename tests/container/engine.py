@@ -301,3 +301,42 @@ class Container:
     def remove(self) -> None:
         now = ["-t", "0"] if self.engine.name == "podman" else []  # docker rm -f kills at once anyway
         self.engine.run("rm", "-f", *now, self.name, check=False, timeout=120)
+
+
+def service_image(engine: Engine, wanted: str, local: str) -> str:
+    """``wanted`` (docker-compose.yml's image) if present or pullable; otherwise Debian's package in a
+    local image built from tests/container/images/<local>/ on the Dockerfile's base (said in the notes)."""
+    if engine.image_exists(wanted) or engine.run("pull", wanted, check=False, timeout=600).returncode == 0:
+        return wanted
+    base = dockerfile_base()
+    stand_in = ensure_base(engine, base)
+    tag = f"localhost/effnet-test-{local}:debian-bookworm"
+    started = time.monotonic()
+    args = ["build", "-t", tag, "--build-arg", f"BASE={base}"]
+    if engine.name == "podman":
+        args += ["--format", "docker"]
+    if stand_in:
+        args += ["--pull=never"]
+    engine.run(*args, str(HERE / "images" / local), timeout=1200)
+    engine.timings[f"{local} image build"] = time.monotonic() - started
+    engine.note(f"{wanted} cannot be pulled: Debian bookworm's {local} package in {tag} instead")
+    return tag
+
+
+def compose_command(engine: Engine) -> list[str]:
+    """`docker compose` with docker; podman-compose with podman. Skipped (failed under CI) without it."""
+    if engine.name == "docker":
+        if engine.run("compose", "version", check=False, timeout=60).returncode == 0:
+            return ["docker", "compose"]
+        missing_component("docker has no compose plugin")
+    found = shutil.which("podman-compose")
+    if found is None:
+        missing_component("podman-compose is not installed (.ci/run installs the pinned version)")
+    version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60, env=engine.env)
+    engine.note("compose: " + " / ".join(version.stdout.split("\n")[:1]))
+    return [found]
+
+
+def compose_project_label(engine: Engine) -> str:
+    """The label each engine's compose puts on a project's containers, networks and volumes."""
+    return "io.podman.compose.project" if engine.name == "podman" else "com.docker.compose.project"
