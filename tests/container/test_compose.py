@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -43,9 +45,10 @@ class Stack:
     project: str
     env: dict[str, str]
     ports: dict[str, int]
+    override: Path
 
     def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-        files = ["-f", str(REPO / "docker-compose.yml"), "-f", str(HERE / "compose.override.yml")]
+        files = ["-f", str(REPO / "docker-compose.yml"), "-f", str(self.override)]
         proc = subprocess.run(
             [*self.command, "-p", self.project, *files, *args],
             cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
@@ -86,7 +89,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(engine: Engine, cpu_image: str):
+def stack(engine: Engine, cpu_image: str, tmp_path_factory):
     command = compose_command(engine)
     images = {
         name: spec["image"]
@@ -103,7 +106,11 @@ def stack(engine: Engine, cpu_image: str):
         "EFFNET_TEST_PROMETHEUS_PORT": str(ports["prometheus"]),
     }
     env.pop("EFFNET_API_KEY", None)  # passed through by the compose file when set
-    up = Stack(engine, command, f"effnet-test-{os.getpid()}", env, ports)
+    # podman-compose 1.6.0 does not interpolate variables under `!override`: the values go in here.
+    override = tmp_path_factory.mktemp("compose") / "compose.override.yml"
+    template = (HERE / "compose.override.yml").read_text()
+    override.write_text(re.sub(r"\$\{(\w+):\?\}", lambda m: env[m.group(1)], template))
+    up = Stack(engine, command, f"effnet-test-{os.getpid()}", env, ports, override)
     started = time.monotonic()
     try:
         up.compose("up", "-d", "--no-build", *SERVICES)
