@@ -32,7 +32,8 @@ from tests.container.engine import (
 )
 from tests.helpers.server import free_port
 
-pytestmark = pytest.mark.container
+# The first test also builds the image (and on a fresh machine the stand-in base): minutes on 2 busy cores.
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 SERVICES = ["effnet-1", "effnet-2", "haproxy", "prometheus"]
 REPLICAS = ["effnet-1", "effnet-2"]

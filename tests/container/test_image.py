@@ -29,7 +29,8 @@ from tests.container.engine import (
     host_pip_settings,
 )
 
-pytestmark = pytest.mark.container
+# The first test also builds the image (and on a fresh machine the stand-in base): minutes on 2 busy cores.
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 MODEL = "efficientnet-lite0"
 # Engines' default grace between SIGTERM and SIGKILL for `docker stop` / `podman stop` without -t.
