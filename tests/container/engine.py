@@ -84,7 +84,8 @@ class Engine:
         return config.get("Labels") or {}
 
     def note(self, text: str) -> None:
-        self.notes.append(text)
+        if text not in self.notes:
+            self.notes.append(text)
 
 
 def find_engine() -> Engine:

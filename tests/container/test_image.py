@@ -12,6 +12,7 @@ import re
 import threading
 import time
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -104,8 +105,6 @@ def test_v2_grpc_on_8001(box, local, photos):
         assert int(np.argmax(logits[row])) == local[name]["top_k"][0][0], name
         assert np.allclose(logits[row], local[name]["logits"], atol=1e-3), name
         assert np.allclose(features[row], local[name]["features"], atol=1e-3), name
-    import grpc
-
     with grpc.insecure_channel(box.grpc_url) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
