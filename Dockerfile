@@ -74,6 +74,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     TORCH_HOME=/tmp/.cache/torch
+# Lame duck after SIGTERM (the service's own default is 15 s): 5 s is over 2x what HAProxy needs to take a
+# replica out (deploy/haproxy/haproxy.cfg) and, once idle requests drain, lets a plain `docker stop` or
+# `podman stop` (10 s before SIGKILL) end in exit 0. Kubernetes (k8s/base/settings.env) sets 15 s and a
+# longer grace; behind a slower load balancer set it and --stop-timeout as docs/deployment.md says.
+ENV EFFNET_SHUTDOWN_DELAY_S=5
 WORKDIR /tmp
 # 8000: HTTP (REST, /v2 REST, metrics); 8001: gRPC (Open Inference Protocol, EFFNET_GRPC_PORT).
 EXPOSE 8000 8001

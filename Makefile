@@ -8,12 +8,13 @@ PORT   ?= 8000
 TORCH  := torch==2.13.0
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 
-.PHONY: run test test-fast lint bench export docs clean help gpu-rehearsal gpu-rehearsal-quick
+.PHONY: run test test-fast test-container lint bench export docs clean help gpu-rehearsal gpu-rehearsal-quick
 
 help:
 	@echo "make run     - create .venv if needed and serve $${EFFNET_MODEL:-efficientnet-lite0} at http://$(HOST):$(PORT)"
 	@echo "make test    - install the dev extras and run the tests, linters and validators"
 	@echo "make test-fast - the unit tests without the slow ones (well under a minute)"
+	@echo "make test-container - build the CPU image and test it and the compose stack (docker or podman; part of make test)"
 	@echo "make lint    - ruff and the deployment validators only"
 	@echo "make bench   - the benchmark suite (writes docs/benchmarks.md)"
 	@echo "make export  - export the default model to ONNX (artifacts/)"
@@ -68,6 +69,10 @@ gpu-rehearsal:
 # The inner loop: in-process unit tests only, without the ones that build real networks.
 test-fast: $(VENV)/.stamp-dev
 	$(BIN)/python -m pytest tests/unit -m "not slow" -q
+
+# The image and the compose stack for real (tests/container): one image build, then the containers.
+test-container: $(VENV)/.stamp-dev
+	$(BIN)/python -m pytest tests/container -m container
 
 bench: $(VENV)/.stamp-dev
 	$(PIP) -e ".[dev,bench]"
