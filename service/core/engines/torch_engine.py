@@ -197,7 +197,7 @@ class TorchEngine(Engine):
         bucket = bucket_for(n, self._buckets) if self.pad_to_buckets else None
         return bucket if bucket is not None else n
 
-    def batch_bucket(self, n: int) -> int | None:
+    def padded_batch_size(self, n: int) -> int | None:
         return self.rows_for(n) if self.pad_to_buckets else None
 
     def warm_up_thread(self, max_batch_size: int) -> None:
