@@ -198,7 +198,7 @@ kv() {
 step "kubernetes-validate --strict (files)"
 kv "${K8S_OBJECTS[@]}"
 for f in "${K8S_PATCHES[@]}"; do skip "$f: kustomize patch (partial object), validated in the rendered output"; done
-for f in "${K8S_CUSTOM[@]}"; do skip "$f: custom resource, no schema offline; its fields are checked by tests/deploy/test_deploy_static.py"; done
+for f in "${K8S_CUSTOM[@]}"; do skip "$f: custom resource, no schema offline; its fields are checked by tests/deploy/test_deploy_kubernetes.py"; done
 for f in "${K8S_OTHER[@]}"; do skip "$f: not a Kubernetes object (Helm values)"; done
 
 step "KServe manifests against the kserve package's models"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from service.core import tracing
-from tests.deploy.test_deploy_static import REPO, dockerfile_stages, load_yaml, read_env_file, render
+from tests.deploy.artefacts import REPO, dockerfile_stages, load_yaml, read_env_file, render
 
 # The variables the service (its OpenTelemetry SDK set-up) reads.
 OTEL_VARIABLES = {
