@@ -214,7 +214,8 @@
   async function send(entry, run) {
     const features = mode() === "features";
     const normalize = els.normalize.checked;
-    const topK = info ? Math.min(TOP_K, info.num_classes) : TOP_K;
+    // At least 1: a model without a classifier (0 classes) then gets the service's own no_classifier answer.
+    const topK = info ? Math.max(1, Math.min(TOP_K, info.num_classes)) : TOP_K;
     const url = features ? `features?normalize=${normalize}` : `predict?top_k=${topK}`;
     const body = new FormData();
     body.append("file", entry.file, entry.file.name || "image");
