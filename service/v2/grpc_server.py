@@ -54,6 +54,8 @@ from service.v2.protocol import (
 log = logging.getLogger("service.v2.grpc")
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+# How close to its deadline a cancelled call counts as timed out rather than abandoned (see _observe).
+DEADLINE_SLACK_S = 0.05
 
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -184,8 +186,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc_status(exc), exc.message, trailing_metadata=tuple(trailers))
         except asyncio.CancelledError:
             # The client cancelled, or its deadline passed: the call's images were withdrawn on the way out.
+            # The client's own deadline timer fires before ours by the one-way delay and reaches us as a
+            # plain cancellation, so one that arrives within DEADLINE_SLACK_S of the deadline is a timeout.
             remaining = context.time_remaining()
-            timed_out = remaining is not None and remaining <= 0
+            timed_out = remaining is not None and remaining <= DEADLINE_SLACK_S
             record.status = 504 if timed_out else 499
             record.reject_reason = record.error_code = "timeout" if timed_out else "client_gone"
             record.finish(self.metrics)

@@ -463,7 +463,8 @@ def test_grpc_deadline_shorter_than_queue_wait(server, photos):
     assert all(r.as_numpy("logits").shape == (2, 1000) for r in done)
     deadline = time.monotonic() + 5
     while metric(server, "effnet_rejected_total", reason="timeout") <= timeouts_before:
-        assert time.monotonic() < deadline, "the server never counted the timed-out call"
+        gone = metric(server, "effnet_rejected_total", reason="client_gone")
+        assert time.monotonic() < deadline, f"the server never counted the timed-out call (client_gone: {gone})"
         time.sleep(0.05)
     assert metric(server, "effnet_images_total") - images_before == 6  # the late image never ran
     assert metric(server, "effnet_queue_depth") == 0
