@@ -103,6 +103,29 @@ class NoClassifier(ServiceError):
     reject_reason = "bad_request"
 
 
+class ModelNotFound(ServiceError):
+    """No model of that name is served (never was, or was unloaded); the message lists the ones that are."""
+
+    status_code = 404
+    code = "model_not_found"
+    reject_reason = "model_not_found"
+
+
+class ModelControlDisabled(ServiceError):
+    """Loading or unloading over the network while ``EFFNET_MODEL_CONTROL`` is ``none``."""
+
+    status_code = 403
+    code = "model_control_disabled"
+    reject_reason = "bad_request"
+
+
+class ModelLoadFailed(ServiceError):
+    """A load or reload the repository API asked for failed; what served before still serves."""
+
+    status_code = 400
+    code = "model_load_failed"
+
+
 class QueueFull(ServiceError):
     status_code = 503
     code = "overloaded"

@@ -35,12 +35,15 @@ STATIC_PREFIXES = {"/web/": "/web/*", "/docs/assets/": "/docs/assets/*"}
 # Open Inference Protocol (V2) routes by their template: a model name or version in the path never becomes a
 # label value. ``/versions/{version}`` is folded into the same label as the unversioned route.
 V2_ENDPOINTS = ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}", "/v2/models/{model}/ready",
-                "/v2/models/{model}/infer")
+                "/v2/models/{model}/infer", "/v2/repository/index", "/v2/repository/models/{model}/load",
+                "/v2/repository/models/{model}/unload")
 _V2_MODEL_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer)?$")
+_V2_REPOSITORY_PATH = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
 # gRPC methods are labelled by their full method name.
 GRPC_ENDPOINTS = tuple(
     f"/inference.GRPCInferenceService/{m}"
-    for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+    for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+              "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
 ) + ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 REJECT_REASONS = (
     "queue_full",
@@ -70,14 +73,16 @@ def endpoint_label(path: str) -> str:
         return path
     if path.startswith("/v2/models/") and (match := _V2_MODEL_PATH.match(path)):
         return "/v2/models/{model}" + (match.group(1) or "")
+    if path.startswith("/v2/repository/") and (match := _V2_REPOSITORY_PATH.match(path)):
+        return "/v2/repository/models/{model}/" + match.group(1)
     for prefix, label in STATIC_PREFIXES.items():
         if path.startswith(prefix):
             return label
     return "other"
 
 
-class Metrics(BatchObserver):
-    """All metrics of the service; also the batcher's observer."""
+class Metrics:
+    """All metrics of the service; ``for_model(name)`` is a model's batcher observer."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -103,29 +108,34 @@ class Metrics(BatchObserver):
         self.queue_wait = Histogram(
             "effnet_queue_wait_seconds",
             "Time an image waited in the batch queue before its batch ran.",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_duration = Histogram(
             "effnet_inference_duration_seconds",
             "Duration of one batched forward pass.",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "effnet_batch_size",
             "Images per forward pass (one observation per batch).",
+            ["model"],
             buckets=batch_size_buckets(max_batch_size),
             registry=r,
         )
         self.queue_depth = Gauge(
             "effnet_queue_depth",
             "Images admitted (decoding or queued) and not yet in a running batch.",
+            ["model"],
             registry=r,
         )
         self.images = Counter(
             "effnet_images",
             "Images run through the model successfully.",
+            ["model"],
             registry=r,
         )
         self.rejected = Counter(
@@ -137,47 +147,47 @@ class Metrics(BatchObserver):
         self.batch_failures = Counter(
             "effnet_batch_failures",
             "Forward passes that raised (their requests got 500).",
+            ["model"],
             registry=r,
         )
         self.model_info = Gauge(
             "effnet_model_info",
-            "The served model: always 1, the facts are in the labels.",
+            "A served model: always 1, the facts are in the labels (one series per loaded model).",
             ["model", "device", "dtype", "backend"],
             registry=r,
         )
-        self.ready = Gauge("effnet_ready", "1 when the service is ready to serve, else 0.", registry=r)
+        self.ready = Gauge("effnet_ready", "1 when the service is ready to serve (every model it should serve "
+                           "is loaded and warm), else 0.", registry=r)
         self.batches_in_flight = Gauge(
             "effnet_batches_in_flight",
             "Batches running at this moment (stacking, copying or computing), at most "
             "EFFNET_MAX_CONCURRENT_BATCHES.",
+            ["model"],
             registry=r,
         )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        self._info_labels: dict[str, tuple[str, str, str, str]] = {}
 
-    # -- BatchObserver -------------------------------------------------------------------------------------
-    def queue_depth_changed(self, images: int) -> None:
-        self.queue_depth.set(images)
+    # -- per model -----------------------------------------------------------------------------------------
+    def for_model(self, name: str) -> ModelMetrics:
+        """The batcher's observer for the model served as ``name``: its series carry ``model="name"``."""
+        return ModelMetrics(self, name)
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
-        self.batch_size.observe(size)
-        for wait in queue_waits_s:
-            self.queue_wait.observe(max(0.0, wait))
+    def set_model(self, name: str, device: str, dtype: str, backend: str) -> None:
+        """``effnet_model_info`` for a model now served as ``name`` (replacing what it said before)."""
+        self.remove_model(name)
+        self._info_labels[name] = (name, device, dtype, backend)
+        self.model_info.labels(*self._info_labels[name]).set(1)
 
-    def batches_in_flight_changed(self, batches: int) -> None:
-        self.batches_in_flight.set(batches)
-
-    def batch_finished(self, size: int, duration_s: float, ok: bool) -> None:
-        self.inference_duration.observe(duration_s)
-        if ok:
-            self.images.inc(size)
-        else:
-            self.batch_failures.inc()
-
-    # -- the rest ------------------------------------------------------------------------------------------
-    def set_model(self, model: str, device: str, dtype: str, backend: str) -> None:
-        self.model_info.clear()
-        self.model_info.labels(model, device, dtype, backend).set(1)
+    def remove_model(self, name: str) -> None:
+        """The model ``name`` is no longer served: its info series goes, its gauges read 0 (its counters and
+        histograms stay, so rates over the unload stay right)."""
+        labels = self._info_labels.pop(name, None)
+        if labels is not None:
+            self.model_info.remove(*labels)
+        self.queue_depth.labels(name).set(0)
+        self.batches_in_flight.labels(name).set(0)
 
     def observe_request(self, path: str, status: int, duration_s: float, reject_reason: str | None,
                         trace_id: str | None = None) -> None:
@@ -200,4 +210,36 @@ class Metrics(BatchObserver):
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-__all__ = ["ENDPOINTS", "Metrics", "REJECT_REASONS", "batch_size_buckets", "endpoint_label"]
+class ModelMetrics(BatchObserver):
+    """One model's share of the metrics: the batcher's observer, writing the series labelled with its name."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.name = name
+        self._queue_depth = metrics.queue_depth.labels(name)
+        self._queue_wait = metrics.queue_wait.labels(name)
+        self._batch_size = metrics.batch_size.labels(name)
+        self._in_flight = metrics.batches_in_flight.labels(name)
+        self._inference = metrics.inference_duration.labels(name)
+        self._images = metrics.images.labels(name)
+        self._failures = metrics.batch_failures.labels(name)
+
+    def queue_depth_changed(self, images: int) -> None:
+        self._queue_depth.set(images)
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        self._batch_size.observe(size)
+        for wait in queue_waits_s:
+            self._queue_wait.observe(max(0.0, wait))
+
+    def batches_in_flight_changed(self, batches: int) -> None:
+        self._in_flight.set(batches)
+
+    def batch_finished(self, size: int, duration_s: float, ok: bool) -> None:
+        self._inference.observe(duration_s)
+        if ok:
+            self._images.inc(size)
+        else:
+            self._failures.inc()
+
+
+__all__ = ["ENDPOINTS", "Metrics", "ModelMetrics", "REJECT_REASONS", "batch_size_buckets", "endpoint_label"]

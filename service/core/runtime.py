@@ -110,17 +110,27 @@ Outputs = tuple[np.ndarray, ...]
 
 
 class InferenceService:
+    """One served model: its engine, dynamic batcher, queue bound, statistics and lifecycle. ``name``: what
+    requests call it (default: the variant's name). ``decode_pool``: decode threads shared with other
+    models (default: its own). ``statistics``: carried over from the instance it replaces (a reload)."""
+
     def __init__(
         self,
         settings: Settings,
         model: LoadedModel,
         metrics: Metrics,
+        *,
+        name: str | None = None,
+        decode_pool: ThreadPoolExecutor | None = None,
+        statistics: ModelStatistics | None = None,
     ) -> None:
         self.settings = settings = settings.resolved()
         self.model = model
+        self.name = name or model.variant.name
         self.metrics = metrics
         self.preprocessor = Preprocessor(model.preprocess, max_pixels=settings.max_image_pixels)
-        self._decode_pool = ThreadPoolExecutor(
+        self._owns_decode_pool = decode_pool is None
+        self._decode_pool = decode_pool or ThreadPoolExecutor(
             settings.effective_decode_threads, thread_name_prefix="effnet-decode"
         )
         # One inference thread per batch in flight; an engine that keeps per-slot buffers (pinned memory
@@ -128,12 +138,12 @@ class InferenceService:
         slots = settings.effective_max_concurrent_batches
         self._infer_pool = ThreadPoolExecutor(slots, thread_name_prefix="effnet-infer")
         # The statistics extension's numbers (V2 /stats, gRPC ModelStatistics), beside the metrics.
-        self.statistics = ModelStatistics()
+        self.statistics = statistics or ModelStatistics()
         engine = model.engine
         # The span of each batch (while tracing is on). ``padded_batch_size(n)``: the size an engine pads n
         # images to (CUDA graph buckets), if it pads.
         batch_spans = tracing.BatchSpans(
-            {"effnet.model": model.variant.name, "effnet.engine": engine.backend,
+            {"effnet.model": self.name, "effnet.engine": engine.backend,
              "effnet.device": str(engine.device), "effnet.dtype": str(engine.dtype)},
             bucket=engine.padded_batch_size,
         )
@@ -143,7 +153,7 @@ class InferenceService:
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
             executor=self._infer_pool,
-            observer=ObserverGroup(metrics, self.statistics),
+            observer=ObserverGroup(metrics.for_model(self.name), self.statistics),
             max_concurrent_batches=slots,
             buffers=model.engine.input_buffers(slots, settings.max_batch_size),
             spans=batch_spans,
@@ -154,7 +164,6 @@ class InferenceService:
         self._drain_deadline: float | None = None  # monotonic; set by the first drain()
         self._state_listeners: list[Callable[[Lifecycle], None]] = []
         self._warmup_task: asyncio.Task[None] | None = None
-        metrics.set_model(model.variant.name, engine.device, engine.dtype, engine.backend)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     @property
@@ -172,8 +181,7 @@ class InferenceService:
 
     def _set_state(self, state: Lifecycle) -> None:
         self.state = state
-        self.metrics.ready.set(1 if state is Lifecycle.READY else 0)
-        log.info("state: %s", state.value)
+        log.info("model '%s' state: %s", self.name, state.value)
         for listener in list(self._state_listeners):
             try:
                 listener(state)
@@ -196,6 +204,11 @@ class InferenceService:
             self._warmup_task = asyncio.get_running_loop().create_task(self._warm_up(), name="effnet-warmup")
         else:
             self._set_state(Lifecycle.READY)
+
+    async def warmed_up(self) -> None:
+        """Return once the warm-up (if any) has ended: the state is then ready or failed."""
+        if self._warmup_task is not None:
+            await asyncio.shield(self._warmup_task)
 
     async def _warm_up(self) -> None:
         loop = asyncio.get_running_loop()
@@ -245,8 +258,9 @@ class InferenceService:
             except asyncio.CancelledError:
                 pass
         await self.batcher.close()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        self._infer_pool.shutdown(wait=True)
+        if self._owns_decode_pool:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._infer_pool.shutdown, wait=True)
         self._set_state(Lifecycle.STOPPED)
 
     # -- requests -----------------------------------------------------------------------------------------
@@ -289,7 +303,7 @@ class InferenceService:
             count = request.count
             if record is not None:
                 record.images = count
-                record.annotate(effnet_model=self.model.variant.name, effnet_images=count)
+                record.annotate(effnet_model=self.name, effnet_images=count)
             if count < 1:
                 raise BadRequest("the request holds no image")
             self.check_image_count(count)

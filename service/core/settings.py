@@ -392,6 +392,43 @@ class Settings(BaseSettings):
 
         ),
     )
+    model_repository: str | None = Field(
+        None,
+        description=(
+
+            "Folder of models to serve side by side: one sub-folder per model, named as the model, "
+            "holding a `model.toml` (`variant`, `weights`, `labels` and per-model settings; see "
+            '"Several models"). Unset: one model from `EFFNET_MODEL` / `EFFNET_WEIGHTS`.'
+
+        ),
+    )
+    models: str | None = Field(
+        None,
+        description=(
+
+            "Comma-separated names of the repository's models to load at start. Unset: all of them."
+
+        ),
+    )
+    default_model: str | None = Field(
+        None,
+        description=(
+
+            "The model `/predict`, `/features` and the page serve when a request names none "
+            "(`?model=`). Unset: the only model, if there is one; with several, a request must name one."
+
+        ),
+    )
+    model_control: Literal["none", "explicit"] = Field(
+        "none",
+        description=(
+
+            "`explicit`: the repository API (`POST /v2/repository/models/NAME/load` and `/unload`, and "
+            "the gRPC calls) may load, reload and unload models while serving (behind the API key when "
+            "one is set). `none`: the repository is read at start only, and those calls are refused."
+
+        ),
+    )
 
     @field_validator("device")
     @classmethod
@@ -401,7 +438,8 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("weights", "labels", "api_key", "calibration_dir", "int8_model", mode="before")
+    @field_validator("weights", "labels", "api_key", "calibration_dir", "int8_model", "model_repository",
+                     "models", "default_model", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():

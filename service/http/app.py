@@ -18,9 +18,10 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.core import tracing
 from service.core.about import service_version
-from service.core.loading import LoadedModel, load_model
+from service.core.loading import LoadedModel
 from service.core.metrics import Metrics
-from service.core.runtime import InferenceService
+from service.core.registry import ModelRegistry, StartupModel, load_startup_models
+from service.core.repository import ModelRepository
 from service.core.settings import Settings
 from service.http import inference, operations
 from service.http.docs import install_docs
@@ -33,45 +34,55 @@ log = logging.getLogger("service.http.app")
 
 
 def create_app(
-    settings: Settings | None = None, *, model: LoadedModel | None = None, grpc_address: str | None = None
+    settings: Settings | None = None,
+    *,
+    model: LoadedModel | None = None,
+    models: list[StartupModel] | None = None,
+    grpc_address: str | None = None,
 ) -> FastAPI:
-    """Build the app. ``model``: an already loaded model (else the lifespan loads one from ``settings``).
-    ``grpc_address`` (host:port): also serve the Open Inference Protocol over gRPC there, on the same
-    core service (``efficientnet-serve`` passes it unless EFFNET_GRPC_PORT is 0)."""
+    """Build the app. ``models``: the models already loaded (``load_startup_models``, as
+    ``efficientnet-serve`` does so that a bad start fails before the port opens); ``model``: one already
+    loaded model; neither: the lifespan loads them from ``settings``. ``grpc_address`` (host:port): also
+    serve the Open Inference Protocol over gRPC there, on the same models (``efficientnet-serve`` passes it
+    unless EFFNET_GRPC_PORT is 0)."""
     settings = (settings or Settings()).resolved()
     metrics = Metrics(settings.max_batch_size)
     tracing.setup()  # from the OTEL_* variables, once per process; nothing while they ask for none
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
-        service = InferenceService(settings, loaded, metrics)
-        app.state.service = service
-        await service.start()
+        if models is not None:
+            startup = models
+        elif model is not None:
+            startup = [StartupModel(None, settings, model)]
+        else:
+            startup = await asyncio.to_thread(load_startup_models, settings)
+        registry = ModelRegistry(settings, metrics, startup)
+        if settings.model_repository:
+            registry.use_repository(ModelRepository(settings.model_repository, settings))
+        app.state.models = registry
+        await registry.start()
         grpc_server = None
         if grpc_address:
             from service.v2.grpc_server import GrpcServer
 
-            grpc_server = GrpcServer(service, grpc_address)
+            grpc_server = GrpcServer(registry, grpc_address)
             try:
                 await grpc_server.start()
             except BaseException:
-                await service.close()
+                await registry.close()
                 raise
-        log.info(
-            "serving %s on %s (%s, %s weights)",
-            loaded.variant.name,
-            loaded.engine.device,
-            loaded.engine.dtype,
-            loaded.weights_source,
-        )
+        for name in registry.names:
+            loaded = registry.services[name].model
+            log.info("serving %s as '%s' on %s (%s, %s weights)", loaded.variant.name, name,
+                     loaded.engine.device, loaded.engine.dtype, loaded.weights_source)
         try:
             yield
         finally:
             if grpc_server is not None:
                 # By now the drain has answered every admitted call; the grace covers any still finishing.
                 await grpc_server.stop(grace=min(5.0, settings.shutdown_drain_s))
-            await service.close()
+            await registry.close()
             # The spans of the last requests, before the process exits (bounded: an exporter that is down
             # costs the shutdown at most this long, off the event loop).
             await asyncio.to_thread(tracing.flush, 2.0)

@@ -93,7 +93,7 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
                 results.append(PredictResult(filename=name, top_k=scores, logits=raw.tolist()))
             else:
                 results.append(PredictResult(filename=name, top_k=scores))
-        return PredictResponse(model=service.model.variant.name, results=results)
+        return PredictResponse(model=service.name, results=results)
 
     @router.post(
         "/features",
@@ -113,7 +113,7 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
             for name, (pooled, _) in zip(names, outputs, strict=True)
         ]
         return FeaturesResponse(
-            model=service.model.variant.name, dim=service.model.num_features, results=results
+            model=service.name, dim=service.model.num_features, results=results
         )
 
     return router

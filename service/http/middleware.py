@@ -34,8 +34,8 @@ log = logging.getLogger("service.http.middleware")
 def _leaving(scope: Scope) -> bool:
     """The service is shutting down (lame duck or later): connections should not be kept alive."""
     app = scope.get("app")
-    service = getattr(getattr(app, "state", None), "service", None)
-    return service is not None and service.state.shutting_down
+    models = getattr(getattr(app, "state", None), "models", None)
+    return models is not None and models.state.shutting_down
 
 
 async def send_json_error(

@@ -11,9 +11,10 @@ from service.core.about import library_versions
 from service.core.errors import NotReady, ServiceUnavailable
 from service.core.imaging import describe, describe_formats
 from service.core.loading import variant_config_dict
+from service.core.registry import ModelRegistry
 from service.core.runtime import InferenceService
-from service.http.deps import ServiceDep, SettingsDep
-from service.http.schemas import ErrorResponse, HealthResponse, InfoResponse, ReadyResponse
+from service.http.deps import ModelsDep, ServiceDep
+from service.http.schemas import ErrorResponse, HealthResponse, InfoResponse, ModelSummary, ReadyResponse
 
 router = APIRouter(tags=["operations"])
 
@@ -25,8 +26,8 @@ router = APIRouter(tags=["operations"])
     summary="Liveness: the process answers (503 only after a fatal failure)",
 )
 async def healthz(request: Request) -> HealthResponse:
-    service: InferenceService | None = getattr(request.app.state, "service", None)
-    if service is not None and not service.state.live:
+    models: ModelRegistry | None = getattr(request.app.state, "models", None)
+    if models is not None and not models.state.live:
         raise ServiceUnavailable("service failed after start-up; see the server log")
     return HealthResponse(status="ok")
 
@@ -38,22 +39,24 @@ async def healthz(request: Request) -> HealthResponse:
     summary="Readiness: 200 once warmed up, 503 while loading or draining",
 )
 async def readyz(request: Request) -> Any:
-    service: InferenceService | None = getattr(request.app.state, "service", None)
-    if service is None:
+    models: ModelRegistry | None = getattr(request.app.state, "models", None)
+    if models is None:
         raise NotReady("model is loading")
-    if not service.state.ready:
-        raise service.state.not_ready_error()
+    if not models.state.ready:
+        raise models.state.not_ready_error()
     return ReadyResponse(status="ready")
 
 
 @router.get(
     "/info", response_model=InfoResponse, summary="Model, preprocessing and serving configuration"
 )
-async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
+async def info(service: ServiceDep, models: ModelsDep) -> InfoResponse:
     model = service.model
     engine = model.engine
+    settings = service.settings  # the model's own (batching may differ per model)
     return InfoResponse(
-        model=model.variant.name,
+        model=service.name,
+        variant=model.variant.name,
         state=service.state.value,
         num_classes=model.num_classes,
         num_features=model.num_features,
@@ -85,6 +88,24 @@ async def info(service: ServiceDep, settings: SettingsDep) -> InfoResponse:
         versions=library_versions(),
         precision=engine.dtype,
         quantization=model.quantization.as_dict() if model.quantization else None,  # type: ignore[arg-type]
+        weights_bytes=weights_bytes(service),
+        models=[_summary(models.services[name], name == models.default_name) for name in models.names],
+    )
+
+
+_BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+def weights_bytes(service: InferenceService) -> int:
+    return service.model.num_parameters * _BYTES_PER_PARAMETER.get(str(service.model.engine.dtype), 4)
+
+
+def _summary(service: InferenceService, default: bool) -> ModelSummary:
+    model, engine = service.model, service.model.engine
+    return ModelSummary(
+        name=service.name, variant=model.variant.name, state=service.state.value, default=default,
+        num_classes=model.num_classes, parameters=model.num_parameters, weights_bytes=weights_bytes(service),
+        device=str(engine.device), dtype=str(engine.dtype), backend=engine.backend, weights_file=model.weights_file,
     )
 
 

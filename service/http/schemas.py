@@ -107,8 +107,23 @@ class QuantizationInfo(BaseModel):
     cache_file: str | None = Field(description="The cache entry served or written (null if none).")
 
 
+class ModelSummary(BaseModel):
+    name: str = Field(description="The name requests use (`?model=`, the V2 model name).")
+    variant: str
+    state: str = Field(description="warming, ready, lame_duck, draining, stopped or failed.")
+    default: bool = Field(description="Served to requests that name no model.")
+    num_classes: int
+    parameters: int
+    weights_bytes: int = Field(description="Size of the parameters in the served precision.")
+    device: str
+    dtype: str
+    backend: str
+    weights_file: str | None
+
+
 class InfoResponse(BaseModel):
-    model: str
+    model: str = Field(description="The model's name (`?model=`, the V2 model name; one model: its variant).")
+    variant: str = Field(description="The EfficientNet variant it is.")
     state: str = Field(description="warming, ready, lame_duck, draining, stopped or failed.")
     num_classes: int
     num_features: int
@@ -139,4 +154,8 @@ class InfoResponse(BaseModel):
     precision: str = Field(description="Numeric precision of the served model: float32, float16, bfloat16 or int8.")
     quantization: QuantizationInfo | None = Field(
         None, description="How the int8 model was obtained (EFFNET_DTYPE=int8 only)."
+    )
+    weights_bytes: int = Field(0, description="Size of the parameters in the served precision.")
+    models: list[ModelSummary] = Field(
+        [], description="Every model this server serves (several with EFFNET_MODEL_REPOSITORY)."
     )

@@ -33,9 +33,9 @@ from pydantic import ValidationError
 
 from service.core import tracing
 from service.core.errors import StartupError
-from service.core.loading import load_model
 from service.core.logconfig import configure_logging
-from service.core.runtime import InferenceService, Lifecycle
+from service.core.registry import ModelRegistry, load_startup_models
+from service.core.runtime import Lifecycle
 from service.core.settings import Settings, settings_problems, unknown_settings
 from service.http.app import create_app
 
@@ -72,8 +72,9 @@ class DrainingServer(uvicorn.Server):
         self._skip_delay: asyncio.Event | None = None
 
     @property
-    def service(self) -> InferenceService | None:
-        return getattr(self.app.state, "service", None)
+    def service(self) -> ModelRegistry | None:
+        """The served models and the server's lifecycle over them."""
+        return getattr(self.app.state, "models", None)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     try:
         tracing.setup()  # OTEL_* asking for an exporter that is not installed fails here, in one line
-        model = load_model(settings)
+        models = load_startup_models(settings)
     except StartupError as exc:
         log.error("startup failed: %s", exc)
         return 1
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.v2.grpc_server import grpc_address as address
 
         grpc_address = address(args.host, settings.grpc_port)
-    app = create_app(settings, model=model, grpc_address=grpc_address)
+    app = create_app(settings, models=models, grpc_address=grpc_address)
     config = uvicorn.Config(
         app,
         host=args.host,

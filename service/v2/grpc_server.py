@@ -1,6 +1,6 @@
 """The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``) plus ``grpc.health.v1``.
 
-A ``grpc.aio`` server on the HTTP server's event loop, driving the same ``InferenceService``: the same
+A ``grpc.aio`` server on the HTTP server's event loop, driving the same models (``ModelRegistry``): the same
 decoding pool, batcher, queue bound, deadlines, limits, API key and metrics as every other door.
 
 - Deadlines: a call's gRPC deadline shortens the server's own (``EFFNET_REQUEST_TIMEOUT_S``); when it
@@ -35,7 +35,8 @@ from service.core.about import service_version
 from service.core.access import AccessRecord, request_id
 from service.core.auth import check_bearer
 from service.core.errors import BadRequest, ServiceError
-from service.core.runtime import InferenceRequest, InferenceService, Lifecycle
+from service.core.registry import ModelRegistry
+from service.core.runtime import InferenceRequest, Lifecycle
 from service.v2 import tensors
 from service.v2.pb import grpc_predict_v2_pb2 as pb
 from service.v2.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -157,10 +158,16 @@ def _client(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: InferenceService) -> None:
-        self.service = service
-        self.model = V2Model(service)
-        self.metrics = service.metrics
+    def __init__(self, models: ModelRegistry) -> None:
+        self.service = models  # the server's lifecycle (ServerLive, ServerReady)
+        self.models = models
+        self.metrics = models.metrics
+
+    def _model(self, name: str, version: str) -> V2Model:
+        """The served model called ``name`` (``ModelNotFound`` -> NOT_FOUND for any other name or version)."""
+        model = V2Model(self.models.get(name))
+        model.check(name, version)
+        return model
 
     # -- every call: metrics, access log, error mapping ---------------------------------------------------
     async def _observe(
@@ -218,8 +225,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelReadyResponse:
-            self.model.check(request.name, request.version)
-            return pb.ModelReadyResponse(ready=self.model.ready)
+            return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
 
         return await self._observe(f"/{SERVICE_NAME}/ModelReady", context, handle)
 
@@ -235,8 +241,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelMetadataResponse:
-            self.model.check(request.name, request.version)
-            meta = self.model.metadata()
+            model = self._model(request.name, request.version)
+            meta = model.metadata()
             response = pb.ModelMetadataResponse(
                 name=meta["name"], versions=meta["versions"], platform=meta["platform"]
             )
@@ -244,15 +250,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.inputs.add(**entry)
             for entry in meta["outputs"]:
                 response.outputs.add(**entry)
-            response.properties.update(self.model.properties())
+            response.properties.update(model.properties())
             return response
 
         return await self._observe(f"/{SERVICE_NAME}/ModelMetadata", context, handle)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelInferResponse:
-            self.model.check(request.model_name, request.model_version)
-            service = self.service
+            model = self._model(request.model_name, request.model_version)
+            service = model.service
             check_bearer(service.settings, metadata.get("authorization"))
             requested: list[RequestedOutput] = []
 
@@ -260,13 +266,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 inputs = decode_inputs(request)
                 outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs] or None
                 timeout_s = request_timeout_s(_parameters(request.parameters), context.time_remaining())
-                inference, wanted = self.model.request(inputs, outputs, timeout_s=timeout_s)
+                inference, wanted = model.request(inputs, outputs, timeout_s=timeout_s)
                 requested.extend(wanted)
                 return inference
 
             # No disconnect watcher: gRPC cancels this task itself when the client leaves.
             results = await service.serve(read, record=record)
-            return encode_response(self.model, request, self.model.outputs(results, requested))
+            return encode_response(model, request, model.outputs(results, requested))
 
         return await self._observe(f"/{SERVICE_NAME}/ModelInfer", context, handle)
 
@@ -275,19 +281,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelStatisticsResponse:
-            if request.name or request.version:  # empty name: every model (this server has one)
-                self.model.check(request.name, request.version)
+            if request.name:
+                chosen = [self._model(request.name, request.version)]
+            else:  # empty name: every model
+                chosen = [V2Model(self.models.services[name]) for name in self.models.names]
             response = pb.ModelStatisticsResponse()
-            stats = self.model.statistics()
-            entry = response.model_stats.add(
-                name=stats["name"], version=stats["version"], last_inference=stats["last_inference"],
-                inference_count=stats["inference_count"], execution_count=stats["execution_count"],
-            )
-            for key, value in stats["inference_stats"].items():
-                getattr(entry.inference_stats, key).CopyFrom(pb.StatisticDuration(**value))
-            for batch in stats["batch_stats"]:
-                entry.batch_stats.add(**{k: v if k == "batch_size" else pb.StatisticDuration(**v)
-                                         for k, v in batch.items()})
+            for model in chosen:
+                stats = model.statistics()
+                entry = response.model_stats.add(
+                    name=stats["name"], version=stats["version"], last_inference=stats["last_inference"],
+                    inference_count=stats["inference_count"], execution_count=stats["execution_count"],
+                )
+                for key, value in stats["inference_stats"].items():
+                    getattr(entry.inference_stats, key).CopyFrom(pb.StatisticDuration(**value))
+                for batch in stats["batch_stats"]:
+                    entry.batch_stats.add(**{k: v if k == "batch_size" else pb.StatisticDuration(**v)
+                                             for k, v in batch.items()})
             return response
 
         return await self._observe(f"/{SERVICE_NAME}/ModelStatistics", context, handle)
@@ -298,9 +307,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     READINESS_NAMES = ("", "readiness", SERVICE_NAME)
 
-    def __init__(self, service: InferenceService) -> None:
-        self.service = service
-        self.metrics = service.metrics
+    def __init__(self, models: ModelRegistry) -> None:
+        self.service = models
+        self.metrics = models.metrics
 
     def _status(self, name: str, state: Lifecycle | None = None) -> int | None:
         state = state or self.service.state
@@ -372,7 +381,7 @@ def port_problem(host: str, port: int) -> str | None:
 class GrpcServer:
     """The gRPC front-end: ``await start()`` binds and serves, ``await stop(grace)`` finishes calls in flight."""
 
-    def __init__(self, service: InferenceService, address: str) -> None:
+    def __init__(self, service: ModelRegistry, address: str) -> None:
         self.service = service
         self.address = address
         max_message = service.settings.max_body_bytes

@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from service.core.errors import BadRequest, ServiceError
+from service.core.errors import BadRequest, ModelNotFound
 from service.core.outputs import require_classifier, softmax
 from service.core.runtime import InferenceRequest, InferenceService, Outputs
 
 MODEL_VERSION = "1"
 SERVER_NAME = "effnet-serve"
 # Triton's names for the extensions this server speaks, as its clients expect them in server metadata.
-EXTENSIONS = ("binary_tensor_data", "classification", "statistics")
+EXTENSIONS = ("binary_tensor_data", "classification", "statistics", "model_repository",
+              "model_repository(unload_dependents)")
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
 OUTPUTS = ("logits", "probabilities", "features")
@@ -41,10 +42,32 @@ OUTPUTS = ("logits", "probabilities", "features")
 MAX_TENSORS = 16
 
 
-class ModelNotFound(ServiceError):
-    status_code = 404
-    code = "model_not_found"
-    reject_reason = "model_not_found"
+class ModelControl:
+    """The model repository extension's request checks, shared by REST and gRPC."""
+
+    @staticmethod
+    def index_ready_flag(value: Any) -> bool:
+        """The index request's ``ready`` (only the ready models): a boolean, default false."""
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise BadRequest("'ready' must be true or false")
+        return value
+
+    @staticmethod
+    def check_parameters(action: str, parameters: dict[str, Any]) -> None:
+        """Load takes no parameters (each model's ``model.toml`` in the repository says how to load it:
+        Triton's ``config`` and ``file:`` overrides are refused, not ignored); unload takes
+        ``unload_dependents`` (no model here has dependents, so either value means the same)."""
+        for key, value in parameters.items():
+            if action == "unload" and key == "unload_dependents":
+                if not isinstance(value, bool):
+                    raise BadRequest("parameter 'unload_dependents' must be true or false")
+                continue
+            if action == "load" and (key == "config" or key.startswith("file:")):
+                raise BadRequest(f"parameter '{key}' is not supported: a model is loaded from its model.toml "
+                                 "in the repository; change that file and load the model again")
+            raise BadRequest(f"unknown parameter '{key}' for {action}")
 
 
 @dataclass
@@ -98,7 +121,7 @@ class V2Model:
     def __init__(self, service: InferenceService) -> None:
         self.service = service
         model = service.model
-        self.name: str = model.variant.name
+        self.name: str = service.name
         self.size = service.preprocessor.input_size
         self.num_classes = model.num_classes
         self.num_features = model.num_features
@@ -107,7 +130,7 @@ class V2Model:
     # -- names and metadata ------------------------------------------------------------------------------
     def check(self, name: str, version: str | None) -> None:
         if name != self.name:
-            raise ModelNotFound(f"unknown model '{name}'; this server serves '{self.name}'")
+            raise ModelNotFound(f"unknown model '{name}'; this is '{self.name}'")
         if version not in (None, "", MODEL_VERSION):
             raise ModelNotFound(f"unknown version '{version}' of model '{name}'; it has version {MODEL_VERSION}")
 

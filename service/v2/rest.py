@@ -35,7 +35,8 @@ from service.core.errors import (
     ServiceError,
     UnsupportedMediaType,
 )
-from service.core.runtime import InferenceRequest, InferenceService
+from service.core.registry import ModelRegistry
+from service.core.runtime import InferenceRequest
 from service.http.asgi import access_record, disconnect_watcher
 from service.v2 import tensors
 from service.v2.protocol import (
@@ -45,6 +46,7 @@ from service.v2.protocol import (
     MODEL_VERSION,
     SERVER_NAME,
     InputTensor,
+    ModelControl,
     OutputTensor,
     RequestedOutput,
     V2Model,
@@ -62,19 +64,17 @@ def v2_error(request: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
 
 
-def _service(request: Request) -> InferenceService:
-    service = getattr(request.app.state, "service", None)
-    if service is None:
+def _models(request: Request) -> ModelRegistry:
+    models = getattr(request.app.state, "models", None)
+    if models is None:
         raise NotReady("model is not loaded yet")
-    return service
+    return models
 
 
-def _model(request: Request) -> V2Model:
-    service = _service(request)
-    model = getattr(request.app.state, "v2_model", None)
-    if model is None or model.service is not service:
-        model = V2Model(service)
-        request.app.state.v2_model = model
+def _model(request: Request, name: str, version: str | None) -> V2Model:
+    """The served model called ``name`` (``ModelNotFound``, 404, for any other name or version)."""
+    model = V2Model(_models(request).get(name))
+    model.check(name, version)
     return model
 
 
@@ -245,36 +245,33 @@ def v2_router() -> APIRouter:
 
     @router.get("/health/live", summary="Server live (200; 503 only after a fatal failure)")
     async def live(request: Request) -> Any:
-        service = getattr(request.app.state, "service", None)
+        service = getattr(request.app.state, "models", None)
         live = service is None or service.state.live
         return JSONResponse({"live": live}, 200 if live else 503)
 
     @router.get("/health/ready", summary="Server ready (200 once warmed up; 503 while loading or draining)")
     async def ready(request: Request) -> Any:
-        service = getattr(request.app.state, "service", None)
+        service = getattr(request.app.state, "models", None)
         is_ready = service is not None and service.state.ready
         return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
 
     async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Any:
         try:
-            model = _model(request)
-            model.check(model_name, model_version)
+            model = _model(request, model_name, model_version)
         except ServiceError as exc:
             return v2_error(request, exc)
         return model.metadata()
 
     async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Any:
         try:
-            model = _model(request)
-            model.check(model_name, model_version)
+            model = _model(request, model_name, model_version)
         except ServiceError as exc:
             return v2_error(request, exc)
         return JSONResponse({"name": model.name, "ready": model.ready}, 200 if model.ready else 503)
 
     async def model_infer(request: Request, model_name: str, model_version: str | None = None) -> Any:
         try:
-            model = _model(request)
-            model.check(model_name, model_version)
+            model = _model(request, model_name, model_version)
             service = model.service
             check_bearer(service.settings, request.headers.get("authorization"))
             parsed: dict[str, Any] = {}
@@ -302,12 +299,58 @@ def v2_router() -> APIRouter:
                                model_version: str | None = None) -> Any:
         """The statistics extension: every model's (``/v2/models/stats``) or one model's."""
         try:
-            model = _model(request)
             if model_name is not None:
-                model.check(model_name, model_version)
+                chosen = [_model(request, model_name, model_version)]
+            else:
+                models = _models(request)
+                chosen = [V2Model(models.services[name]) for name in models.names]
         except ServiceError as exc:
             return v2_error(request, exc)
-        return {"model_stats": [model.statistics()]}
+        return {"model_stats": [model.statistics() for model in chosen]}
+
+    # -- the model repository extension (Triton's): index, load (or reload), unload ------------------------
+    async def _control_body(request: Request) -> dict[str, Any]:
+        check_bearer(_models(request).settings, request.headers.get("authorization"))
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        body = load_json(raw)
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    async def repository_index(request: Request) -> Any:
+        try:
+            body = await _control_body(request)
+            ready_only = ModelControl.index_ready_flag(body.get("ready"))
+            models = _models(request)
+        except ServiceError as exc:
+            return v2_error(request, exc)
+        return [entry for entry in models.index() if not ready_only or entry["state"] == "READY"]
+
+    async def repository_load(request: Request, model_name: str) -> Any:
+        try:
+            body = await _control_body(request)
+            ModelControl.check_parameters("load", _parameters(body.get("parameters"), "request"))
+            await _models(request).load(model_name)
+        except ServiceError as exc:
+            return v2_error(request, exc)
+        return Response(status_code=200)
+
+    async def repository_unload(request: Request, model_name: str) -> Any:
+        try:
+            body = await _control_body(request)
+            ModelControl.check_parameters("unload", _parameters(body.get("parameters"), "request"))
+            await _models(request).unload(model_name)
+        except ServiceError as exc:
+            return v2_error(request, exc)
+        return Response(status_code=200)
+
+    router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index")
+    router.add_api_route("/repository/models/{model_name}/load", repository_load, methods=["POST"],
+                         summary="Load or reload a model")
+    router.add_api_route("/repository/models/{model_name}/unload", repository_unload, methods=["POST"],
+                         summary="Unload a model")
 
     # Before /models/{model_name}, which "stats" would otherwise match as a model's name.
     router.add_api_route("/models/stats", model_statistics, methods=["GET"], summary="Statistics of every model")
