@@ -34,7 +34,7 @@ from service.core.errors import (
 from service.core.loading import LoadedModel, load_model
 from service.core.metrics import Metrics
 from service.core.repository import ModelRepository
-from service.core.runtime import InferenceService, Lifecycle
+from service.core.runtime import AdmissionBudget, InferenceService, Lifecycle
 from service.core.settings import Settings
 
 log = logging.getLogger("service.core.registry")
@@ -88,6 +88,7 @@ class ModelRegistry:
         self.metrics = metrics
         self.repository: ModelRepository | None = None
         self._decode_pool = ThreadPoolExecutor(settings.effective_decode_threads, thread_name_prefix="effnet-decode")
+        self._budget = AdmissionBudget(settings.max_queue_total)
         self.services: dict[str, InferenceService] = {}
         self._startup: list[InferenceService] = []
         for model in models:
@@ -112,7 +113,8 @@ class ModelRegistry:
     def _build(self, name: str | None, settings: Settings, loaded: LoadedModel,
                previous: InferenceService | None = None) -> InferenceService:
         return InferenceService(settings, loaded, self.metrics, name=name, decode_pool=self._decode_pool,
-                                statistics=previous.statistics if previous is not None else None)
+                                statistics=previous.statistics if previous is not None else None,
+                                budget=self._budget)
 
     # -- choosing a model ---------------------------------------------------------------------------------
     @property
@@ -322,6 +324,8 @@ class ModelRegistry:
         if self._state is not Lifecycle.READY:
             return False
         self._phase = Lifecycle.LAME_DUCK
+        for service in self.services.values():
+            service.enter_lame_duck()  # each still admits; its V2 ready turns false with the server's
         self._notify()
         return True
 

@@ -35,7 +35,7 @@ else:  # pragma: no cover - Python 3.10
 from pydantic import ValidationError
 
 from service.core.errors import StartupError
-from service.core.settings import Settings, settings_problems
+from service.core.settings import Settings
 
 MODEL_FILE = "model.toml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -60,6 +60,13 @@ class ModelSpec:
     name: str
     source: str  # where it was described (the model.toml's path), for messages
     settings: Settings  # not resolved: ``load_model`` resolves them
+
+
+def _problems(exc: ValidationError) -> str:
+    """A refused model.toml in one line, each problem under its key's name in the file."""
+    keys = {setting: key for key, setting in IDENTITY_KEYS.items()}
+    return "; ".join((f"{keys.get(str(e['loc'][0]), e['loc'][0])}: " if e["loc"] else "") + e["msg"]
+                     for e in exc.errors())
 
 
 class ModelRepository:
@@ -123,7 +130,7 @@ class ModelRepository:
         try:
             return Settings(**{**server, **identity, **values})
         except ValidationError as exc:
-            raise StartupError(f"{where}: {settings_problems(exc)}") from None
+            raise StartupError(f"{where}: {_problems(exc)}") from None
         except ValueError as exc:
             raise StartupError(f"{where}: {exc}") from None
 

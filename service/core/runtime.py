@@ -27,6 +27,7 @@ from service.core.errors import (
     BadRequest,
     InvalidImage,
     NotReady,
+    QueueFull,
     RequestTimeout,
     ServiceError,
     ShuttingDown,
@@ -105,6 +106,26 @@ class InferenceRequest:
         return len(self.pixels) if self.pixels is not None else len(self.images)
 
 
+class AdmissionBudget:
+    """A bound on the images admitted at once across several models (``EFFNET_MAX_QUEUE_TOTAL``): a
+    request takes its images' worth when admitted and gives it back when answered."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.admitted = 0
+
+    @contextmanager
+    def take(self, images: int) -> Iterator[None]:
+        if self.limit is not None and self.admitted + images > self.limit:
+            raise QueueFull(f"server queue full ({self.admitted} of {self.limit} images admitted across all "
+                            "models); retry later")
+        self.admitted += images
+        try:
+            yield
+        finally:
+            self.admitted -= images
+
+
 Outputs = tuple[np.ndarray, ...]
 """Per image: (pooled features, logits), as the engine returns them."""
 
@@ -123,10 +144,12 @@ class InferenceService:
         name: str | None = None,
         decode_pool: ThreadPoolExecutor | None = None,
         statistics: ModelStatistics | None = None,
+        budget: AdmissionBudget | None = None,
     ) -> None:
         self.settings = settings = settings.resolved()
         self.model = model
         self.name = name or model.variant.name
+        self.budget = budget or AdmissionBudget(None)
         self.metrics = metrics
         self.preprocessor = Preprocessor(model.preprocess, max_pixels=settings.max_image_pixels)
         self._owns_decode_pool = decode_pool is None
@@ -311,21 +334,27 @@ class InferenceService:
             if request.timeout_s is not None:
                 timeout = min(timeout, max(0.0, request.timeout_s))
             deadline = time.monotonic() + timeout
-            watcher = asyncio.ensure_future(cancel_when()) if cancel_when is not None else None
-            ok = False
-            try:
-                if request.pixels is not None:
-                    results = await self.infer_arrays(request.pixels, deadline=deadline, cancel_when=watcher,
-                                                      trace=trace)
-                else:
-                    results = await self.infer(request.images, deadline=deadline, cancel_when=watcher, trace=trace)
-                ok = True
-                return results
-            finally:
-                # A request that reached the model: its outcome in the statistics (parse errors never do).
-                self.statistics.request_finished(time.perf_counter() - started, ok)
-                if watcher is not None:
-                    watcher.cancel()
+            with self.budget.take(count):
+                return await self._run(request, deadline, cancel_when, trace, started)
+
+    async def _run(self, request: InferenceRequest, deadline: float,
+                   cancel_when: Callable[[], Awaitable[object]] | None,
+                   trace: tracing.RequestTrace | None, started: float) -> list[Outputs]:
+        watcher = asyncio.ensure_future(cancel_when()) if cancel_when is not None else None
+        ok = False
+        try:
+            if request.pixels is not None:
+                results = await self.infer_arrays(request.pixels, deadline=deadline, cancel_when=watcher,
+                                                  trace=trace)
+            else:
+                results = await self.infer(request.images, deadline=deadline, cancel_when=watcher, trace=trace)
+            ok = True
+            return results
+        finally:
+            # A request that reached the model: its outcome in the statistics (parse errors never do).
+            self.statistics.request_finished(time.perf_counter() - started, ok)
+            if watcher is not None:
+                watcher.cancel()
 
     @contextmanager
     def admit(self) -> Iterator[None]:

@@ -402,6 +402,16 @@ class Settings(BaseSettings):
 
         ),
     )
+    max_queue_total: int | None = Field(
+        None,
+        ge=1,
+        description=(
+
+            "Images admitted at once across all models (a repository's models each have their own "
+            "`max_queue` too); beyond it a request gets 503 with `Retry-After`. Unset: only each model's bound."
+
+        ),
+    )
     models: str | None = Field(
         None,
         description=(

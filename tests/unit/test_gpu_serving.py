@@ -158,7 +158,7 @@ def test_torch_engine_serves_through_two_slots_with_its_own_buffers(lite0, photo
         np.testing.assert_allclose(answer[0][1], expected[order.index(name)], atol=1e-4, rtol=0)
     assert engine.warmup_seconds is not None
     assert service.batcher.batches_run >= 3
-    assert metrics.batches_in_flight._value.get() == 0
+    assert metrics.batches_in_flight.labels(service.name)._value.get() == 0
     infer_threads = {name for name, _ in warm}
     assert len(infer_threads) == 2 and all(t.startswith("effnet-infer") for t in infer_threads)
     for thread in infer_threads:

@@ -69,7 +69,7 @@ def test_a_failing_batch_fails_only_its_own_requests_over_http():
     engine = gated_engine()
     app = stand_in_app(engine, max_batch_size=2, max_batch_delay_ms=0, max_queue=8)
     with TestClient(app) as client, ThreadPoolExecutor(5) as pool:
-        batcher = app.state.service.batcher
+        batcher = app.state.models.get().batcher
 
         def post(name: str, data: bytes):
             return pool.submit(client.post, "/predict", files={"file": (name, data, "image/png")})
@@ -102,8 +102,8 @@ def test_a_failing_batch_fails_only_its_own_requests_over_http():
         assert client.get("/readyz").status_code == 200
         assert [f.result(30).status_code for f in (post("after-1.png", BLUE), post("after-2.png", BLUE))] == [200, 200]
         text = client.get("/metrics").text
-        assert "effnet_batch_failures_total 1.0" in text
-        assert "effnet_queue_depth 0.0" in text
+        assert 'effnet_batch_failures_total{model="efficientnet-lite0"} 1.0' in text
+        assert 'effnet_queue_depth{model="efficientnet-lite0"} 0.0' in text
 
 
 @pytest.fixture()
@@ -132,7 +132,7 @@ def serve() -> Iterator:
 
 def test_a_client_that_gives_up_while_queued_costs_nothing(serve):
     url, engine, app = serve(request_timeout_s=30)
-    batcher = app.state.service.batcher
+    batcher = app.state.models.get().batcher
     with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=url, timeout=30) as client:
         first = pool.submit(client.post, "/predict", files={"file": ("first.png", BLUE, "image/png")})
         assert engine.batch_running.wait(10)  # the engine is busy with the first request
@@ -148,13 +148,13 @@ def test_a_client_that_gives_up_while_queued_costs_nothing(serve):
     # The red image never reached the engine (it would have failed its batch), and it was counted.
     assert [colours(b) for b in engine.batches] == [["blue"], ["blue"]]
     assert 'effnet_rejected_total{reason="client_gone"} 1.0' in metrics
-    assert "effnet_batch_failures_total 0.0" in metrics
-    assert "effnet_queue_depth 0.0" in metrics
+    assert 'effnet_batch_failures_total{model="efficientnet-lite0"} 0.0' in metrics
+    assert 'effnet_queue_depth{model="efficientnet-lite0"} 0.0' in metrics
 
 
 def test_a_request_past_its_deadline_gets_504_and_its_room_is_freed_at_once(serve):
     url, engine, app = serve(request_timeout_s=0.5)
-    batcher = app.state.service.batcher
+    batcher = app.state.models.get().batcher
     with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=url, timeout=30) as client:
         first = pool.submit(client.post, "/predict", files={"file": ("first.png", BLUE, "image/png")})
         assert engine.batch_running.wait(10)  # the engine is busy (held) past both deadlines
@@ -173,4 +173,4 @@ def test_a_request_past_its_deadline_gets_504_and_its_room_is_freed_at_once(serv
         metrics = client.get("/metrics").text
     assert [colours(b) for b in engine.batches] == [["blue"], ["blue"]]  # the late (red) image never ran
     assert 'effnet_rejected_total{reason="timeout"} 2.0' in metrics
-    assert "effnet_queue_depth 0.0" in metrics
+    assert 'effnet_queue_depth{model="efficientnet-lite0"} 0.0' in metrics

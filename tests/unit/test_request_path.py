@@ -112,8 +112,8 @@ def server() -> Iterator[Callable[..., Server]]:
         thread = threading.Thread(target=server.run, name="uvicorn-under-test", daemon=True)
         thread.start()
         running.append((server, thread, engine))
-        _wait(lambda: server.started and getattr(app.state, "service", None) is not None
-              and app.state.service.ready, "the server never became ready")
+        _wait(lambda: server.started and getattr(app.state, "models", None) is not None
+              and app.state.models.ready, "the server never became ready")
         return Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", engine, app)
 
     yield start
@@ -250,7 +250,7 @@ def test_a_missed_deadline_is_504_timeout_at_every_door(server, access_log, door
     assert _core_fields(access_log.last(path)) == {"status": 504, "error_code": "timeout",
                                                    "reject_reason": "timeout", "image_index": None}
     assert srv.rejected("timeout") == 1
-    assert srv.app.state.service.batcher.admitted == 0  # nothing of it left in the queue
+    assert srv.app.state.models.get().batcher.admitted == 0  # nothing of it left in the queue
 
 
 def test_a_missed_deadline_in_the_batch_command_gives_the_same_record(access_log):
@@ -271,7 +271,7 @@ def _leave_http(srv: Server, path: str) -> None:
 def _leave_grpc(srv: Server) -> None:
     with grpc.insecure_channel(srv.grpc_target) as channel:
         call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(_grpc_request([GOOD]), timeout=30)
-        _wait(lambda: srv.app.state.service.batcher.admitted == 1, "the gRPC call never reached the queue")
+        _wait(lambda: srv.app.state.models.get().batcher.admitted == 1, "the gRPC call never reached the queue")
         call.cancel()
 
 
@@ -287,7 +287,7 @@ def test_a_client_that_leaves_is_499_client_gone_at_every_door(server, access_lo
             _leave_grpc(srv)
         else:
             _leave_http(srv, path)
-        _wait(lambda: srv.app.state.service.batcher.admitted == 0, "the abandoned image still holds its room")
+        _wait(lambda: srv.app.state.models.get().batcher.admitted == 0, "the abandoned image still holds its room")
         _wait(lambda: any(path in (line["path"] or "") and line["status"] == 499 for line in access_log.lines),
               "no access-log line for the request whose client left")
         srv.engine.gate.set()
@@ -308,7 +308,7 @@ def test_a_full_queue_is_503_overloaded_at_every_door(server, access_log, door):
         running = pool.submit(http_door, srv, [GOOD])
         assert srv.engine.batch_running.wait(10)
         waiting = pool.submit(http_door, srv, [GOOD, GOOD])  # fills the queue of 2
-        _wait(lambda: srv.app.state.service.batcher.admitted == 2, "the queue never filled")
+        _wait(lambda: srv.app.state.models.get().batcher.admitted == 2, "the queue never filled")
         status, code = send(srv, [GOOD])
         srv.engine.gate.set()
         assert running.result(30)[0] == waiting.result(30)[0] == 200

@@ -245,17 +245,23 @@ def test_no_route_takes_a_path_or_a_free_form_string_parameter():
             for parameter in operation.get("parameters", []):
                 assert parameter["in"] != "path", (route, parameter)
                 parameters.append((route, parameter["name"], parameter["schema"].get("type")))
-    # Every query parameter is a number or a flag: nothing that could name a file.
-    assert parameters and all(kind in ("integer", "boolean") for _, _, kind in parameters), parameters
+    # Every query parameter is a number or a flag, except ``model``: a name only looked up among the served
+    # models (a dict, service/core/registry.py) and at most 64 characters; nothing names a file.
+    strings = [(route, name) for route, name, kind in parameters if kind not in ("integer", "boolean")]
+    assert parameters and all(name == "model" for _, name in strings), parameters
     # Outside the document, the only templated routes are the Open Inference Protocol's (its spec puts the
-    # model name and version in the path): they are only compared with the served model's name and "1"
-    # (service/v2/protocol.py, V2Model.check) and name nothing else; an unknown one is a 404.
+    # model name and version in the path): they are only compared with the served models' names and "1"
+    # (service/v2/protocol.py, V2Model.check), or, for the repository API, matched against a strict name
+    # pattern before any path is formed (service/core/repository.py, NAME_RE); an unknown one is a 404.
     templated = [getattr(r, "path", "") for r in app.routes if "{" in getattr(r, "path", "")]
-    assert all(path.startswith("/v2/models/{model_name}") for path in templated), templated
+    assert all(path.startswith(("/v2/models/{model_name}", "/v2/repository/models/{model_name}"))
+               for path in templated), templated
     with TestClient(app) as client:
         for name in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "efficientnet-lite0%00"):
             response = client.get(f"/v2/models/{name}")
             assert response.status_code == 404 and set(response.json()) == {"error"}, name
+            response = client.get(f"/info?model={name}")
+            assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", name
 
 
 # -- no stack traces to clients --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def predict(client: TestClient, jpeg: bytes):
 def test_lame_duck_is_not_ready_but_still_serves_with_connection_close(jpeg):
     app = app_with_engine(FakeEngine(), warmup=False)
     with TestClient(app) as client:
-        service = app.state.service
+        service = app.state.models
         seen: list[Lifecycle] = []
         service.add_state_listener(seen.append)
         served = predict(client, jpeg)
@@ -51,7 +51,7 @@ def test_a_service_that_never_was_ready_skips_the_lame_duck(jpeg):
     engine = FakeEngine(hold=True)  # warm-up waits on the gate: the service stays WARMING
     app = app_with_engine(engine)
     with TestClient(app) as client:
-        service = app.state.service
+        service = app.state.models
         assert service.state is Lifecycle.WARMING
         assert service.enter_lame_duck() is False
         assert service.state is Lifecycle.WARMING
@@ -62,7 +62,7 @@ def test_a_service_that_never_was_ready_skips_the_lame_duck(jpeg):
 def test_a_failing_state_listener_does_not_break_the_lifecycle(jpeg):
     app = app_with_engine(FakeEngine(), warmup=False)
     with TestClient(app) as client:
-        service = app.state.service
+        service = app.state.models
 
         def broken(state: Lifecycle) -> None:
             raise RuntimeError("listener bug")

@@ -47,7 +47,7 @@ def test_failed_warm_up_is_fatal():
     engine.fail = True
     app = make_app(engine)
     with TestClient(app) as client:
-        service = app.state.service
+        service = app.state.models
         deadline = time.monotonic() + 10
         while service.state is not Lifecycle.FAILED:
             assert time.monotonic() < deadline

@@ -117,7 +117,7 @@ def test_two_requests_in_one_batch_are_both_linked_from_its_span(spans, jpeg):
         for thread in others:
             thread.start()
         deadline = time.monotonic() + 10
-        while len(client.app.state.service.batcher._queue) < 2:
+        while len(client.app.state.models.get().batcher._queue) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         engine.gate.set()
