@@ -31,6 +31,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "Empty, undecodable or unsupported image, or malformed body.",
         401: "Missing or wrong API key (only when EFFNET_API_KEY is set).",
         413: "Body, image or number of images too large.",
+        404: "Unknown model (?model=), or several models served and none named.",
         415: "Unsupported content type.",
         422: "Invalid query parameters.",
         500: "Inference failed for the batch holding this request.",

@@ -48,7 +48,11 @@ async def readyz(request: Request) -> Any:
 
 
 @router.get(
-    "/info", response_model=InfoResponse, summary="Model, preprocessing and serving configuration"
+    "/info",
+    response_model=InfoResponse,
+    responses={404: {"model": ErrorResponse, "description": "Unknown model (?model=), or several served and "
+                     "none named."}},
+    summary="Model, preprocessing and serving configuration",
 )
 async def info(service: ServiceDep, models: ModelsDep) -> InfoResponse:
     model = service.model
