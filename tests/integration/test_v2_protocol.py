@@ -615,7 +615,7 @@ def test_errors_outside_the_known_routes_are_in_the_protocols_shape(server, http
     {"error": "<message>"}; tritonclient shows the message (it used to fail formatting a dict)."""
     cases = [
         httpx.get(f"{server.url}/v2/models/{MODEL}/nothing-here"),
-        httpx.get(f"{server.url}/v2/repository/index"),
+        httpx.get(f"{server.url}/v2/repository/nothing-here"),
         httpx.delete(f"{server.url}/v2/models/{MODEL}/infer", headers=BEARER),
         httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b"{}",
                    headers={**BEARER, "Content-Encoding": "br"}),
@@ -624,8 +624,11 @@ def test_errors_outside_the_known_routes_are_in_the_protocols_shape(server, http
     for response in cases:
         assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str), response.text
     with pytest.raises(InferenceServerException) as info:
-        http_client.load_model(MODEL)  # the repository extension, which this server does not have
-    assert info.value.status() == "404" and isinstance(info.value.message(), str)
+        http_client.load_model(MODEL)  # the repository extension: behind the API key
+    assert info.value.status() == "401" and isinstance(info.value.message(), str)
+    with pytest.raises(InferenceServerException) as info:
+        http_client.load_model(MODEL, headers=BEARER)  # and refused: EFFNET_MODEL_CONTROL is none
+    assert info.value.status() == "403" and "EFFNET_MODEL_CONTROL is none" in info.value.message()
     # Outside /v2 the service's own shape stays.
     assert set(httpx.get(f"{server.url}/nothing-here").json()["error"]) >= {"code", "message"}
 
