@@ -36,7 +36,7 @@ def batch_stats(url: str) -> tuple[float, float]:
     return samples["effnet_batch_size_sum"], samples["effnet_batch_size_count"]
 
 
-async def load(url: str, clients: int, seconds: float, photos: list[bytes]) -> dict:
+async def load(url: str, clients: int, seconds: float, photos: list[bytes], path: str = "/predict") -> dict:
     latencies: list[float] = []
     codes: dict[str, int] = {}
     deadline = time.perf_counter() + seconds
@@ -48,7 +48,7 @@ async def load(url: str, clients: int, seconds: float, photos: list[bytes]) -> d
             body = photos[next(order)]
             t0 = time.perf_counter()
             try:
-                r = await c.post("/predict", content=body, headers={"Content-Type": "image/jpeg"})
+                r = await c.post(path, content=body, headers={"Content-Type": "image/jpeg"})
                 key = str(r.status_code)
             except httpx.HTTPError as exc:
                 key = type(exc).__name__
