@@ -31,9 +31,12 @@ from .common import DOCS, SUMMARY_MARKER, machine, markdown_table, metric_sample
 
 
 def batch_stats(url: str) -> tuple[float, float]:
-    """The server's effnet_batch_size histogram so far: (sum, count)."""
-    samples = {s.name: s.value for s in metric_samples(url, timeout=5) if not s.labels}
-    return samples["effnet_batch_size_sum"], samples["effnet_batch_size_count"]
+    """The server's effnet_batch_size histogram so far, over every model: (sum, count)."""
+    totals = {"effnet_batch_size_sum": 0.0, "effnet_batch_size_count": 0.0}
+    for sample in metric_samples(url, timeout=5):
+        if sample.name in totals:
+            totals[sample.name] += sample.value
+    return totals["effnet_batch_size_sum"], totals["effnet_batch_size_count"]
 
 
 async def load(url: str, clients: int, seconds: float, photos: list[bytes], path: str = "/predict") -> dict:

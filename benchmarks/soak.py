@@ -105,7 +105,7 @@ def scrape(url: str) -> dict[str, float]:
             "effnet_inference_duration_seconds_sum",
             "effnet_inference_duration_seconds_count",
         ):
-            wanted[sample.name] = sample.value
+            wanted[sample.name] = wanted.get(sample.name, 0.0) + sample.value  # summed over models
         elif (
             sample.name.startswith("effnet_request_duration_seconds")
             and sample.labels.get("endpoint") == "/predict"
