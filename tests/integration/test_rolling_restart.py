@@ -256,7 +256,9 @@ def test_sigterm_with_a_full_queue_loses_nothing_admitted(healthy, photos):
 
 
 def queue_depth(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("effnet_queue_depth "):
-            return float(line.split()[1])
-    raise KeyError("effnet_queue_depth")
+    """Images admitted and not yet running, over every model (one here)."""
+    depths = [float(line.split()[-1]) for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+              if line.startswith("effnet_queue_depth{")]
+    if not depths:
+        raise KeyError("effnet_queue_depth")
+    return sum(depths)
