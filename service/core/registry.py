@@ -100,7 +100,7 @@ class ModelRegistry:
         self._state = Lifecycle.STARTING
         self._listeners: list[Callable[[Lifecycle], None]] = []
         self._locks: dict[str, asyncio.Lock] = {}
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()  # loads and retirements under way
         self.failure: str | None = None
         if settings.default_model and settings.default_model not in self.services:
             raise StartupError(f"EFFNET_DEFAULT_MODEL={settings.default_model} is not among the models loaded "
@@ -183,30 +183,40 @@ class ModelRegistry:
     async def load(self, name: str) -> InferenceService:
         """Load ``name`` from the repository, or reload it if it is loaded: the new model is built and
         warmed beside the old, then takes the new requests while the old answers what it admitted.
-        ``ModelLoadFailed`` (and the old model still serving) if the new one cannot be loaded."""
+        ``ModelLoadFailed`` (and the old model still serving) if the new one cannot be loaded. A caller
+        that leaves (a gRPC deadline) does not stop the load halfway: it finishes or fails on its own."""
         self._check_control("loaded")
         assert self.repository is not None
         if name not in self.repository:
             raise ModelNotFound(f"no model '{name}' in the repository (it has: "
                                 f"{', '.join(self.repository.names()) or 'nothing'})")
+        task = asyncio.get_running_loop().create_task(self._load(name), name=f"effnet-load-{name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
+    async def _load(self, name: str) -> InferenceService:
+        assert self.repository is not None
         async with self._locks.setdefault(name, asyncio.Lock()):
-            self._notify()  # the index shows it LOADING
             previous = self.services.get(name)
+            still = "; the loaded one still serves" if previous is not None else ""
             started = time.perf_counter()
             try:
                 spec = self.repository.spec(name)
                 loaded = await asyncio.to_thread(load_model, spec.settings)
             except StartupError as exc:
-                raise ModelLoadFailed(f"failed to load model '{name}': {exc}" +
-                                      ("; the loaded one still serves" if previous is not None else "")) from None
+                raise ModelLoadFailed(f"failed to load model '{name}': {exc}{still}") from None
+            except Exception as exc:  # anything unforeseen is still this load's failure, in one line
+                first = (str(exc).strip().splitlines() or [""])[0]
+                log.exception("loading model '%s' failed", name)
+                raise ModelLoadFailed(f"failed to load model '{name}': {type(exc).__name__}: {first}{still}") from None
             service = self._build(name, spec.settings, loaded, previous)
             await service.start()
             await service.warmed_up()
             if not service.state.ready:
                 failure = service.failure or service.state.value
                 await service.close()
-                raise ModelLoadFailed(f"failed to load model '{name}': {failure}" +
-                                      ("; the loaded one still serves" if previous is not None else ""))
+                raise ModelLoadFailed(f"failed to load model '{name}': {failure}{still}")
             if self._phase is not Lifecycle.READY:  # the server began to shut down meanwhile
                 await service.close()
                 raise self.state.not_ready_error()
@@ -236,7 +246,7 @@ class ModelRegistry:
             self._notify()
             task = self._retire(name, service)
             del service  # the retiring task holds the last reference, so the model is freed when it ends
-            await task
+            await asyncio.shield(task)
 
     def _retire(self, name: str, service: InferenceService) -> asyncio.Task[None]:
         """Let ``service`` (no longer routed to) answer what it admitted, then close and free it."""
@@ -256,8 +266,8 @@ class ModelRegistry:
 
         del service
         task = asyncio.get_running_loop().create_task(retire(), name=f"effnet-retire-{name}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return task
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -340,8 +350,8 @@ class ModelRegistry:
     async def close(self) -> None:
         await self.drain(self.settings.shutdown_drain_s)
         await asyncio.gather(*(s.close() for s in self.services.values()))
-        if self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._phase = Lifecycle.STOPPED
         self._notify()
