@@ -309,7 +309,7 @@ class ModelRegistry:
             return
         self._state = state
         self.metrics.ready.set(1 if state is Lifecycle.READY else 0)
-        log.info("server state: %s", state.value)
+        log.info("state: %s", state.value)
         for listener in list(self._listeners):
             try:
                 listener(state)
