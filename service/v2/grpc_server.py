@@ -7,7 +7,11 @@ decoding pool, batcher, queue bound, deadlines, limits, API key and metrics as e
   passes, or the client cancels, the call's images leave the queue.
 - Limits: the largest message is ``EFFNET_MAX_BODY_BYTES`` (gRPC answers RESOURCE_EXHAUSTED beyond it);
   more than ``EFFNET_MAX_IMAGES_PER_REQUEST`` images is RESOURCE_EXHAUSTED too.
-- API key: ``authorization: Bearer <key>`` metadata on ModelInfer (metadata and health stay open).
+- API key: ``authorization: Bearer <key>`` metadata on ModelInfer and the repository methods (metadata
+  and health stay open).
+- The model repository extension (Triton's RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload):
+  the same registry calls and parameter checks as ``/v2/repository`` over REST. The server has one
+  repository, so a request that names another (``repository_name``) is refused, as Triton refuses it.
 - Errors: the service's errors map to gRPC codes (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 404
   NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE with a ``retry-after`` trailer, 504
   DEADLINE_EXCEEDED, 500 INTERNAL).
@@ -46,6 +50,7 @@ from service.v2.protocol import (
     MODEL_VERSION,
     SERVER_NAME,
     InputTensor,
+    ModelControl,
     OutputTensor,
     RequestedOutput,
     V2Model,
@@ -94,7 +99,7 @@ def grpc_status(exc: ServiceError) -> grpc.StatusCode:
 
 
 def _parameters(params: Any) -> dict[str, Any]:
-    """A protobuf map<string, InferParameter> -> plain values."""
+    """A protobuf map<string, InferParameter> (or ModelRepositoryParameter) -> plain values."""
     out: dict[str, Any] = {}
     for key, value in params.items():
         which = value.WhichOneof("parameter_choice")
@@ -300,6 +305,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
 
         return await self._observe(f"/{SERVICE_NAME}/ModelStatistics", context, handle)
+
+    # -- the model repository extension (Triton's): index, load (or reload), unload -------------------------
+    def _check_control(self, request: Any, metadata: dict[str, str]) -> None:
+        """What every repository call checks first: the API key, then the repository's name."""
+        check_bearer(self.models.settings, metadata.get("authorization"))
+        if request.repository_name:
+            # Not ignored: a caller that names a repository means that one, and this server has only its own
+            # (EFFNET_MODEL_REPOSITORY). Triton refuses any name too.
+            raise BadRequest(f"repository '{request.repository_name}': this server has one repository; "
+                             "leave repository_name empty")
+
+    async def RepositoryIndex(  # noqa: N802
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.RepositoryIndexResponse:
+            self._check_control(request, metadata)
+            ready_only = ModelControl.index_ready_flag(request.ready)
+            response = pb.RepositoryIndexResponse()
+            for entry in self.models.index():
+                if not ready_only or entry["state"] == "READY":
+                    response.models.add(**entry)
+            return response
+
+        return await self._observe(f"/{SERVICE_NAME}/RepositoryIndex", context, handle)
+
+    async def RepositoryModelLoad(  # noqa: N802
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.RepositoryModelLoadResponse:
+            self._check_control(request, metadata)
+            ModelControl.check_parameters("load", _parameters(request.parameters))
+            # A deadline that passes mid-load cancels this call, not the load (the registry shields it).
+            await self.models.load(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._observe(f"/{SERVICE_NAME}/RepositoryModelLoad", context, handle)
+
+    async def RepositoryModelUnload(  # noqa: N802
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.RepositoryModelUnloadResponse:
+            self._check_control(request, metadata)
+            ModelControl.check_parameters("unload", _parameters(request.parameters))
+            await self.models.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._observe(f"/{SERVICE_NAME}/RepositoryModelUnload", context, handle)
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
