@@ -12,8 +12,8 @@ decoding pool, batcher, queue bound, deadlines, limits, API key and metrics as e
 - The model repository extension (Triton's RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload):
   the same registry calls and parameter checks as ``/v2/repository`` over REST. The server has one
   repository, so a request that names another (``repository_name``) is refused, as Triton refuses it.
-- Errors: the service's errors map to gRPC codes (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 404
-  NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE with a ``retry-after`` trailer, 504
+- Errors: the service's errors map to gRPC codes (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403
+  PERMISSION_DENIED, 404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE with a ``retry-after`` trailer, 504
   DEADLINE_EXCEEDED, 500 INTERNAL).
 - Metrics: ``effnet_requests_total`` and ``effnet_request_duration_seconds`` with the full method name as
   ``endpoint`` and the HTTP-equivalent status as ``code``, so one alert covers every door.
