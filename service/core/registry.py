@@ -235,12 +235,12 @@ class ModelRegistry:
         answered and it is freed. Unloading a model the repository holds but that is not loaded is a no-op."""
         self._check_control("unloaded")
         assert self.repository is not None
+        if name not in self.services and name not in self.repository:  # before a lock is kept for the name
+            raise ModelNotFound(f"unknown model '{name}'; this server serves: {', '.join(self.names) or 'none'}")
         async with self._locks.setdefault(name, asyncio.Lock()):
             service = self.services.pop(name, None)
             if service is None:
-                if name in self.repository:
-                    return
-                raise ModelNotFound(f"unknown model '{name}'; this server serves: {', '.join(self.names) or 'none'}")
+                return
             self.metrics.remove_model(name)
             log.info("model '%s' unloaded", name)
             self._notify()
