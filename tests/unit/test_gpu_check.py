@@ -58,6 +58,7 @@ def _closure(names: set[str]) -> set[str]:
     return seen
 
 
+@pytest.mark.slow  # imports the whole server in a child process (6 s): make test runs it, test-fast does not
 def test_the_wheel_list_covers_what_the_server_imports():
     """Every distribution the server's modules import at start (measured in a fresh interpreter) is
     either on the GPU image (DEVICE_PACKAGES and what they require) or in gpu_wheels.sh's list: a
