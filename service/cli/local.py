@@ -25,16 +25,17 @@ IMAGE_DEADLINE_S = 3600.0
 
 
 class LocalRunner:
-    """Loads the model from ``settings`` (the server's EFFNET_* settings) and runs images through it."""
+    """Loads the model from ``settings`` (the server's EFFNET_* settings, or a repository model's) and runs
+    images through it. ``name``: the model's name in its repository (default: the variant's)."""
 
     def __init__(self, settings: Settings, task: str, *, top_k: int = 5, normalize: bool = False,
-                 model: LoadedModel | None = None) -> None:
+                 model: LoadedModel | None = None, name: str | None = None) -> None:
         self.settings = settings
         self.task = task
         self.top_k = top_k
         self.normalize = normalize
         self.model = model if model is not None else load_model(settings)
-        self.model_name = self.model.variant.name
+        self.model_name = name or self.model.variant.name
         self.num_classes = self.model.num_classes
         self.dim = self.model.num_features
         self.max_file_bytes = settings.max_body_bytes
@@ -49,7 +50,9 @@ class LocalRunner:
 
     def describe(self) -> str:
         e = self.model.engine
-        return f"{self.model_name} in-process ({e.backend}, {e.device}, {e.dtype})"
+        variant = self.model.variant.name
+        named = self.model_name if self.model_name == variant else f"{self.model_name} ({variant})"
+        return f"{named} in-process ({e.backend}, {e.device}, {e.dtype})"
 
     async def start(self) -> None:
         tracing.setup()
@@ -57,7 +60,7 @@ class LocalRunner:
             f"efficientnet-batch {self.task}", {"effnet.model": self.model_name, "effnet.task": self.task}
         )
         self.metrics = Metrics(self.settings.max_batch_size, process_metrics=False)
-        self._service = InferenceService(self.settings, self.model, self.metrics)
+        self._service = InferenceService(self.settings, self.model, self.metrics, name=self.model_name)
         await self._service.start()
 
     async def close(self) -> None:

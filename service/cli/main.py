@@ -15,21 +15,28 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from service.cli.discover import discover
 from service.cli.progress import PROG, Reporter, format_duration, make_reporter
 from service.cli.results import FatalError, Result, failure
 from service.cli.sinks import OutputError, Sink, open_sink, output_format
 
+if TYPE_CHECKING:  # the settings import pydantic: loaded only for in-process runs
+    from service.core.settings import Settings
+
 EXAMPLES = """\
 examples:
   efficientnet-batch predict photos/ --output results.jsonl --top-k 3
   efficientnet-batch features photos/ extra.jpg --output embeddings.npy --normalize
   efficientnet-batch predict photos/ --output results.parquet --server http://10.0.0.5:8000 --concurrency 16
+  efficientnet-batch predict photos/ --output birds.jsonl --server http://10.0.0.5:8000 --model birds
   efficientnet-batch predict photos/ --output results.jsonl --resume     # after an interruption
 
 In-process runs read the server's settings from the environment (EFFNET_MODEL, EFFNET_WEIGHTS,
 EFFNET_BACKEND, EFFNET_DTYPE, EFFNET_NUM_THREADS, EFFNET_DECODE_THREADS, EFFNET_MAX_BATCH_SIZE, ...).
+With EFFNET_MODEL_REPOSITORY set they load one of the repository's models (--model NAME, else
+EFFNET_DEFAULT_MODEL or its only model) from its model.toml, as the server would.
 """
 
 
@@ -56,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--retries", type=_non_negative_int, default=10, metavar="N",
                        help="with --server: how often one request is retried after a 503/502/504/429 or a "
                             "connection failure, with backoff, before the run stops (default 10)")
-    where.add_argument("--model", metavar="NAME", help="in-process: the variant (default: $EFFNET_MODEL or lite0)")
-    where.add_argument("--weights", metavar="FILE", help="in-process: a checkpoint (default: $EFFNET_WEIGHTS)")
+    where.add_argument("--model", metavar="NAME",
+                       help="with --server: the served model to use, by name (sent as ?model=NAME; default: the "
+                            "server's default model); in-process with $EFFNET_MODEL_REPOSITORY: the repository's "
+                            "model of that name (default: $EFFNET_DEFAULT_MODEL or its only model); in-process "
+                            "otherwise: the variant (default: $EFFNET_MODEL or lite0)")
+    where.add_argument("--weights", metavar="FILE",
+                       help="in-process, without a model repository: a checkpoint (default: $EFFNET_WEIGHTS)")
     shown = common.add_argument_group("progress")
     shown.add_argument("-q", "--quiet", action="store_true",
                        help="no progress and no summary; per-image errors are still printed")
@@ -121,12 +133,12 @@ class Run:
         top_k = getattr(args, "top_k", 5)
         normalize = getattr(args, "normalize", False)
         if args.server:
-            if args.model or args.weights:
-                raise Usage("--model and --weights apply in-process; the server serves its own model")
+            if args.weights:
+                raise Usage("--weights applies in-process; the server serves its own checkpoints")
             from service.cli.remote import RemoteRunner
 
             return RemoteRunner(args.server, self.task, top_k=top_k, normalize=normalize, api_key=args.api_key,
-                                concurrency=args.concurrency or 8, retries=args.retries)
+                                concurrency=args.concurrency or 8, retries=args.retries, model=args.model)
         from pydantic import ValidationError
 
         from service.cli.local import IMAGE_DEADLINE_S, LocalRunner
@@ -136,19 +148,28 @@ class Run:
         if "EFFNET_REQUEST_TIMEOUT_S" not in os.environ:
             # No per-image deadline in a batch job (the queue is never overfilled); this bounds a hung engine.
             overrides["request_timeout_s"] = IMAGE_DEADLINE_S
-        if args.model:
-            overrides["model"] = args.model
-        if args.weights:
-            overrides["weights"] = args.weights
+        name = None
         try:
-            settings = Settings(**overrides).resolved()
+            settings = Settings(**overrides)
+            if settings.model_repository:
+                if args.weights:
+                    raise Usage("--weights describes a single model; with EFFNET_MODEL_REPOSITORY each model's "
+                                "model.toml names its checkpoint")
+                name, settings = repository_model(settings, args.model)
+            elif args.model or args.weights:
+                if args.model:
+                    overrides["model"] = args.model
+                if args.weights:
+                    overrides["weights"] = args.weights
+                settings = Settings(**overrides)
+            settings = settings.resolved()
         except ValidationError as exc:
             raise Usage(f"invalid setting: {settings_problems(exc)}") from None
         except ValueError as exc:
             raise Usage(f"invalid setting: {exc}") from None
         if args.concurrency and args.concurrency > settings.max_queue:
             raise Usage(f"--concurrency {args.concurrency} is above EFFNET_MAX_QUEUE ({settings.max_queue})")
-        return LocalRunner(settings, self.task, top_k=top_k, normalize=normalize)
+        return LocalRunner(settings, self.task, top_k=top_k, normalize=normalize, name=name)
 
     async def main(self, images: list[str]) -> None:
         from service.core.errors import StartupError
@@ -271,6 +292,29 @@ class Run:
         if self.signal is not None or self.fatal:
             line += " (run again with --resume to finish)"
         return line
+
+
+def repository_model(base: Settings, wanted: str | None) -> tuple[str, Settings]:
+    """(name, settings) of the repository model an in-process run loads: ``wanted`` (--model), else the
+    one a server of these settings gives a request that names none. ``base``: the EFFNET_* settings, with
+    EFFNET_MODEL_REPOSITORY set; ``StartupError`` for a repository the server would refuse too."""
+    from service.core.repository import ModelRepository
+
+    repository = ModelRepository(base.model_repository, base)
+    source = "--model"
+    if not wanted and base.default_model:
+        wanted, source = base.default_model, "EFFNET_DEFAULT_MODEL"
+    if not wanted:
+        names = repository.startup_names(base.models)
+        if len(names) > 1:
+            raise Usage(f"the model repository {repository.root} holds several models ({', '.join(names)}): "
+                        "name one with --model NAME")
+        wanted = names[0]
+    elif wanted not in repository:
+        # With a repository --model names one of its models, never a variant.
+        raise Usage(f"{source} {wanted}: no such model in the repository {repository.root} (it has: "
+                    f"{', '.join(repository.names()) or 'nothing'})")
+    return wanted, repository.spec(wanted).settings
 
 
 def _count(n: int, noun: str) -> str:

@@ -7,6 +7,10 @@ backoff and jitter. When an image's retries run out the server is treated as gon
 (resumable), rather than writing an error row for every image left. What is the image's own fault
 (400, 413, 415, a 500 from its batch) is its error row, with the service's code and message. A refused
 API key (401/403) or a URL that is not the service (404) stops the run at once.
+
+``model``: the served model's name, sent as ``?model=NAME`` with ``/info`` and every image, for a server
+that serves several. A model the server does not serve (404 ``model_not_found``, on ``/info`` before any
+image is sent, or on an image when it is unloaded mid-run) stops the run with the server's message.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import email.utils
 import random
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -69,7 +74,7 @@ def _error_of(response: httpx.Response) -> tuple[str, str]:
 
 class RemoteRunner:
     def __init__(self, url: str, task: str, *, top_k: int = 5, normalize: bool = False, api_key: str | None = None,
-                 concurrency: int = 8, retries: int = 10, timeout_s: float = 120.0) -> None:
+                 concurrency: int = 8, retries: int = 10, timeout_s: float = 120.0, model: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.task = task
         self.top_k = top_k
@@ -86,11 +91,14 @@ class RemoteRunner:
         self.file_limit_name = "the server's"  # what a file over max_file_bytes is told
         self._client: httpx.AsyncClient | None = None
         self._run_span: Any = None  # the run's span (tracing on): each request a client span under it
+        self.model = model
         # The query string once, not merged into every request's URL.
+        chosen = f"&model={quote(model, safe='')}" if model else ""
         if task == "predict":
-            self._target = f"/predict?top_k={top_k}"
+            self._target = f"/predict?top_k={top_k}{chosen}"
         else:
-            self._target = f"/features?normalize={'true' if normalize else 'false'}"
+            self._target = f"/features?normalize={'true' if normalize else 'false'}{chosen}"
+        self._info_target = f"/info?model={quote(model, safe='')}" if model else "/info"
 
     def default_concurrency(self) -> int:
         return self.concurrency
@@ -100,13 +108,18 @@ class RemoteRunner:
 
     async def start(self) -> None:
         tracing.setup()
-        self._run_span = tracing.start_span(f"efficientnet-batch {self.task}",
-                                            {"effnet.task": self.task, "server.address": self.url})
+        attributes = {"effnet.task": self.task, "server.address": self.url}
+        if self.model:
+            attributes["effnet.model"] = self.model
+        self._run_span = tracing.start_span(f"efficientnet-batch {self.task}", attributes)
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         timeout = httpx.Timeout(self.timeout_s, connect=10.0)
         self._client = httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout, headers=self.headers)
         info = await self._get_info()
         self.model_name = str(info.get("model", "?"))
+        if self.model and self.model_name != self.model:  # a server from before ?model= ignores it
+            raise FatalError(f"{self.url}/info answered for model '{self.model_name}', not '{self.model}': "
+                             "this server cannot choose a model by name")
         self.num_classes = int(info.get("num_classes", 0))
         self.dim = int(info.get("num_features", 0))
         limits_info = info.get("limits") or {}
@@ -122,9 +135,12 @@ class RemoteRunner:
 
     async def _get_info(self) -> dict[str, Any]:
         """``GET /info`` (open even when an API key is set), retried like any request."""
-        response = await self._send("GET", "/info", what="GET /info")
+        response = await self._send("GET", self._info_target, what="GET /info")
         if response.status_code != 200:
             code, message = _error_of(response)
+            if code == "model_not_found":  # the service, but not that model (or several and none named)
+                hint = "" if self.model else " (choose one with --model NAME)"
+                raise FatalError(f"{self.url}: {message}{hint}")
             raise FatalError(f"{self.url}/info answered {response.status_code} ({message}): is this the service?")
         try:
             return response.json()

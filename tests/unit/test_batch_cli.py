@@ -342,7 +342,7 @@ def test_existing_output_is_not_replaced_without_resume_or_overwrite(tmp_path, c
         (["predict", "{tmp}/missing", "-o", "{tmp}/r.jsonl"], "no such file or folder"),
         (["predict", "{data}", "-o", "{tmp}/r.jsonl", "--top-k", "1001"], "1000 classes"),
         (["predict", "{data}", "-o", "-", "--resume"], "stdout"),
-        (["features", "{data}", "-o", "{tmp}/r.jsonl", "--server", "http://x", "--model", "efficientnet-b0"],
+        (["features", "{data}", "-o", "{tmp}/r.jsonl", "--server", "http://x", "--weights", "{tmp}/w.pth"],
          "in-process"),
     ],
 )
@@ -361,6 +361,70 @@ def test_invalid_setting_is_a_usage_error(tmp_path, monkeypatch, capsys):
         main(["predict", str(DATA / "coffee.jpg"), "-o", str(tmp_path / "r.jsonl")])
     assert exit_.value.code == 2
     assert "EFFNET_MAX_BATCH_SIZE" in capsys.readouterr().err
+
+
+# ---- a model repository (EFFNET_MODEL_REPOSITORY) in-process ---------------------------------------------------
+@pytest.fixture()
+def repository(tmp_path, monkeypatch, lite0) -> tuple[Path, list]:
+    """EFFNET_MODEL_REPOSITORY with two Lite0 models, ``a`` and ``b`` (b with its own batch size and labels
+    file); the loader records the settings it is asked to load and hands out the shared Lite0."""
+    root = tmp_path / "models"
+    for name, toml in (("a", "max_batch_size = 2\n"), ("b", 'max_batch_size = 3\nlabels = "labels.txt"\n')):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.toml").write_text('variant = "efficientnet-lite0"\n' + toml)
+    (root / "b" / "labels.txt").write_text("".join(f"b-class {i}\n" for i in range(1000)))
+    loads: list = []
+
+    def load(settings):
+        loads.append(settings)
+        return lite0
+
+    monkeypatch.setattr(local, "load_model", load)
+    monkeypatch.setenv("EFFNET_MODEL_REPOSITORY", str(root))
+    return root, loads
+
+
+def test_model_names_a_repository_model_in_process(repository, tmp_path, capsys):
+    """With a repository, --model NAME loads that model from its model.toml (its batch size, its labels
+    file), and the run is described by the model's name."""
+    root, loads = repository
+    out = tmp_path / "r.jsonl"
+    assert main(["predict", str(DATA / "coffee.jpg"), "-o", str(out), "--model", "b"]) == 0
+    (settings,) = loads
+    assert settings.max_batch_size == 3
+    assert settings.labels == str((root / "b" / "labels.txt").resolve())
+    assert "predict with b (efficientnet-lite0) in-process" in capsys.readouterr().err
+    assert len(rows_of(out)) == 1
+
+
+def test_the_repositorys_default_model_is_loaded_without_model(repository, tmp_path, monkeypatch):
+    """No --model: EFFNET_DEFAULT_MODEL, as a server of the same settings would choose."""
+    _, loads = repository
+    monkeypatch.setenv("EFFNET_DEFAULT_MODEL", "a")
+    assert main(["predict", str(DATA / "coffee.jpg"), "-o", str(tmp_path / "r.jsonl"), "-q"]) == 0
+    assert [s.max_batch_size for s in loads] == [2]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "the model repository {root} holds several models (a, b): name one with --model NAME"),
+        (["--model", "efficientnet-b0"], "--model efficientnet-b0: no such model in the repository {root} (it has: "
+                                         "a, b)"),
+        (["--model", "../a"], "--model ../a: no such model"),
+        (["--model", "a", "--weights", "{tmp}/w.pth"], "--weights describes a single model"),
+    ],
+)
+def test_repository_mistakes_are_usage_errors_before_any_load(repository, extra, message, tmp_path, capsys):
+    """With a repository --model never falls back to a variant; nothing is loaded when it names no model."""
+    root, loads = repository
+    argv = ["predict", str(DATA / "coffee.jpg"), "-o", str(tmp_path / "r.jsonl"),
+            *(a.format(tmp=tmp_path) for a in extra)]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message.format(root=root) in capsys.readouterr().err
+    assert loads == []
 
 
 # ---- progress ----------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class StandIn:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                if self.path == "/info":
+                if self.path.split("?", 1)[0] == "/info":  # a query it does not know is ignored, as FastAPI does
                     self._send(200, {"model": "stand-in", "num_classes": 1000, "num_features": 4,
                                      "limits": {"max_body_bytes": 1 << 20}})
                 else:
@@ -277,3 +277,15 @@ def test_an_unreachable_server_is_reported_after_the_retries(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "in"), "-o", str(tmp_path / "r.jsonl"),
                  "--server", f"http://127.0.0.1:{free_port()}", "--retries", "1"]) == 1
     assert "GET /info: giving up after 1 retry (ConnectError" in capsys.readouterr().err
+
+
+def test_a_server_that_ignores_model_is_not_used_for_another_model(stand_in, tmp_path, capsys):
+    """A server from before ?model= answers /info for its own model: --model names another, so the run
+    stops before sending any image rather than classify with the wrong model."""
+    server = stand_in()
+    make_images(tmp_path / "in", 3)
+    assert main(["predict", str(tmp_path / "in"), "-o", str(tmp_path / "r.jsonl"), "--server", server.url,
+                 "--model", "birds"]) == 1
+    assert "answered for model 'stand-in', not 'birds': this server cannot choose a model by name" in \
+        capsys.readouterr().err
+    assert not server.statuses
