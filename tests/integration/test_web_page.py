@@ -106,6 +106,7 @@ def test_a_photo_chosen_through_the_file_input_shows_the_services_top5_as_text(t
     time; the page made no request outside the service and logged no error (no CSP violation either)."""
     tab.open()
     assert tab.page.locator("#model-info").inner_text().startswith("efficientnet-lite0:")
+    assert tab.page.locator("#model-picker").is_hidden()  # one model: nothing to choose
     tab.page.get_by_label("Choose one or several images, or drop them here").set_input_files(DATA / "coffee.jpg")
 
     card = tab.card("coffee.jpg")
@@ -321,3 +322,102 @@ def test_an_iphone_heic_and_an_avif_are_offered_chosen_and_dropped(tab, tmp_path
     tab.card("shared.avif").get_by_text("espresso", exact=True).wait_for()
     tab.page.get_by_text("2 of 2 images answered.").wait_for()
     assert not tab.external_requests(), tab.external_requests()
+
+
+# ---- several models: the picker -------------------------------------------------------------------------------
+B_LABELS = [f"b-class {i}" for i in range(1000)]
+
+
+def two_model_repository(root: Path) -> Path:
+    """``a`` and ``b``, both the packaged Lite0, ``b`` with a batch size and a labels file of its own, so a
+    label on the page says which model answered."""
+    (root / "a").mkdir()
+    (root / "a" / "model.toml").write_text('variant = "efficientnet-lite0"\nmax_batch_size = 2\n')
+    (root / "b").mkdir()
+    (root / "b" / "labels.txt").write_text("\n".join(B_LABELS) + "\n")
+    (root / "b" / "model.toml").write_text(
+        'variant = "efficientnet-lite0"\nmax_batch_size = 4\nlabels = "labels.txt"\n'
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    return two_model_repository(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def two_models(start_service, repository) -> Iterator[ServiceProcess]:
+    """Both models served, ``b`` the default."""
+    service = start_service({"EFFNET_MODEL_REPOSITORY": str(repository), "EFFNET_DEFAULT_MODEL": "b",
+                             "EFFNET_BACKEND": "torch"})
+    yield service
+    service.close()
+
+
+def _inference_requests(tab: Tab) -> list[str]:
+    return [url.removeprefix(tab.base_url + "/") for url in tab.requests
+            if url.startswith((tab.base_url + "/predict", tab.base_url + "/features"))]
+
+
+def test_with_several_models_the_picker_chooses_where_the_images_go(browser, two_models):
+    """The picker lists the served models with the default (b) selected and its facts shown; an image goes
+    to b (b's own labels); after choosing a, its facts are shown and the same image, sent again, gets a's
+    labels, for predict and features alike. Every request names its model; no CSP error, nothing external."""
+    tab = Tab(browser, two_models.url)
+    try:
+        tab.open()
+        page = tab.page
+        picker = page.get_by_label("Model")
+        assert page.locator("#model-picker").is_visible()
+        assert picker.locator("option").all_inner_texts() == ["a", "b"]
+        assert picker.input_value() == "b"
+        assert page.locator("#model-info").inner_text().startswith("b (efficientnet-lite0): 1000 classes")
+
+        expected = _predict(two_models.url, DATA / "coffee.jpg").json()["results"][0]["top_k"][0]["label"]
+        assert expected in B_LABELS  # the default model answers a request that names none
+        page.locator("#images").set_input_files(DATA / "coffee.jpg")
+        card = tab.card("coffee.jpg")
+        card.get_by_text(expected, exact=True).wait_for()
+        assert " · b · top-5 in" in card.locator(".meta").inner_text()
+
+        picker.select_option("a")
+        expect(page.locator("#model-info")).to_have_text(re.compile(r"^a \(efficientnet-lite0\): 1000 classes"))
+        page.get_by_role("button", name="Run again on these images").click()
+        card.get_by_text("espresso", exact=True).wait_for()
+        assert " · a · top-5 in" in card.locator(".meta").inner_text()
+
+        page.get_by_role("radio", name="Features (embedding)").check()
+        page.get_by_role("button", name="Run again on these images").click()
+        card.locator("dl.features").wait_for()
+        assert " · a · features in" in card.locator(".meta").inner_text()
+
+        assert _inference_requests(tab) == ["predict?top_k=5&model=b", "predict?top_k=5&model=a",
+                                            "features?normalize=false&model=a"]
+        assert not tab.external_requests(), tab.external_requests()
+        assert not tab.console_errors, tab.console_errors
+    finally:
+        tab.close()
+
+
+def test_with_several_models_and_no_default_the_first_is_chosen(browser, start_service, repository):
+    """Without EFFNET_DEFAULT_MODEL, /info answers 404 until a model is named: the page then takes the served
+    names from the V2 statistics, chooses the first and sends the image to it. (That first 404 is the one
+    thing in the browser's console.)"""
+    service = start_service({"EFFNET_MODEL_REPOSITORY": str(repository), "EFFNET_BACKEND": "torch"})
+    tab = Tab(browser, service.url)
+    try:
+        assert httpx.get(f"{service.url}/info", timeout=10).status_code == 404
+        tab.open()
+        page = tab.page
+        assert page.get_by_label("Model").input_value() == "a"
+        assert page.locator("#model-info").inner_text().startswith("a (efficientnet-lite0):")
+        page.locator("#images").set_input_files(DATA / "coffee.jpg")
+        tab.card("coffee.jpg").get_by_text("espresso", exact=True).wait_for()
+        assert _inference_requests(tab) == ["predict?top_k=5&model=a"]
+        reads = [url.removeprefix(service.url + "/") for url in tab.requests if "/info" in url or "/v2/" in url]
+        assert reads == ["info", "v2/models/stats", "info?model=a"]
+        assert tab.console_errors == ["Failed to load resource: the server responded with a status of 404 (Not Found)"]
+    finally:
+        tab.close()
+        service.stop()

@@ -12,6 +12,8 @@
   const $ = (id) => document.getElementById(id);
   const els = {
     modelInfo: $("model-info"),
+    modelPicker: $("model-picker"),
+    modelSelect: $("model"),
     keyForm: $("key-form"),
     keyInput: $("api-key"),
     keyState: $("key-state"),
@@ -27,7 +29,10 @@
     template: $("card-template"),
   };
 
-  let info = null; // the service's /info answer, once read
+  let info = null; // the chosen model's /info answer, once read
+  let served = []; // /info's "models": every model the service serves
+  let chosen = ""; // the model picked in the list; "" while the service serves one (requests then name none)
+  let infoReads = 0; // only the answer to the latest /info request is shown
   let entries = []; // {file, url, card, run, state: "pending" | "done" | "error", needsKey}
   let queue = [];
   let active = 0;
@@ -82,26 +87,91 @@
     els.keyInput.focus();
   });
 
-  // -- what the service serves --------------------------------------------------------------------------------
-  async function loadInfo() {
+  // -- what the service serves, and which model the images go to ------------------------------------------------
+  async function loadInfo(name) {
+    const read = ++infoReads;
     try {
-      const response = await fetch("info", { cache: "no-store" });
+      const response = await fetch(withModel("info", name), { cache: "no-store" });
       const data = await readJson(response);
+      if (read !== infoReads) return; // another model was chosen meanwhile
       if (!response.ok) {
+        const code = data && data.error ? data.error.code : "";
+        if (!name && response.status === 404 && code === "model_not_found") {
+          // Several models and no default: /info describes one only when named. The V2 statistics (open, like
+          // /info) list the served names; the first is the page's choice until the visitor picks another.
+          const first = await firstServedModel();
+          if (read === infoReads && first) return loadInfo(first);
+        }
         els.modelInfo.textContent = `Could not read the model's description: ${errorMessage(response, data)}`;
         return;
       }
       info = data;
-      els.modelInfo.textContent =
-        `${data.model}: ${data.num_classes} classes, ${data.num_features} features, ` +
-        `${data.backend} on ${data.device} (${data.dtype}).`;
+      showModels(data);
       showFormats(data.image_formats);
-      if (data.auth_required) {
+      if (data.auth_required && els.keyForm.hidden) {
         showKeyForm(apiKey ? "A key is kept for this tab." : "Enter the key before choosing images.", false);
       }
     } catch (error) {
-      els.modelInfo.textContent = `Could not reach the service: ${error.message}`;
+      if (read === infoReads) els.modelInfo.textContent = `Could not reach the service: ${error.message}`;
     }
+  }
+
+  async function firstServedModel() {
+    try {
+      const response = await fetch("v2/models/stats", { cache: "no-store" });
+      const data = await readJson(response);
+      const names = response.ok && data && Array.isArray(data.model_stats) ? data.model_stats.map((m) => m.name) : [];
+      return names.sort()[0] || "";
+    } catch (_) {
+      return "";
+    }
+  }
+
+  // The picker, when the service serves several models (the one /info described is selected: the default, the
+  // first, or the visitor's choice), and the chosen model's facts.
+  function showModels(data) {
+    served = Array.isArray(data.models) ? data.models : [];
+    if (served.length > 1) {
+      chosen = data.model;
+      const names = served.map((m) => m.name);
+      const listed = Array.from(els.modelSelect.options, (o) => o.value);
+      if (names.join("\n") !== listed.join("\n")) {
+        els.modelSelect.replaceChildren(...served.map((m) => new Option(m.name, m.name)));
+      }
+      for (const option of els.modelSelect.options) {
+        const entry = served.find((m) => m.name === option.value);
+        option.textContent = entry.state === "ready" ? entry.name : `${entry.name} (${entry.state})`;
+      }
+      els.modelSelect.value = chosen;
+      els.modelPicker.hidden = false;
+    } else {
+      chosen = "";
+      els.modelPicker.hidden = true;
+    }
+    const entry = served.find((m) => m.name === data.model);
+    const named = data.variant && data.variant !== data.model ? `${data.model} (${data.variant})` : data.model;
+    const state = entry && entry.state !== "ready" ? ` Not ready: ${entry.state}.` : "";
+    els.modelInfo.textContent =
+      `${named}: ${data.num_classes} classes, ${data.num_features} features, ` +
+      `${data.backend} on ${data.device} (${data.dtype}).${state}`;
+  }
+
+  els.modelSelect.addEventListener("change", () => {
+    // Images sent from now on go to the new model at once; its facts follow when /info answers.
+    chosen = els.modelSelect.value;
+    els.modelInfo.textContent = `Asking the service about ${chosen}…`;
+    loadInfo(chosen);
+  });
+
+  // The chosen model's number of classes: from the list until its own /info has answered.
+  function numClasses() {
+    const entry = served.find((m) => m.name === chosen);
+    if (entry) return entry.num_classes;
+    return info ? info.num_classes : TOP_K;
+  }
+
+  function withModel(url, name) {
+    return name ? `${url}${url.includes("?") ? "&" : "?"}model=${encodeURIComponent(name)}` : url;
   }
 
   // The formats the service decodes (its /info): the hint, and what the file picker offers. Dropped files are
@@ -214,13 +284,15 @@
   async function send(entry, run) {
     const features = mode() === "features";
     const normalize = els.normalize.checked;
+    const model = chosen; // the model this image goes to, even if another is picked while it is on its way
     // At least 1: a model without a classifier (0 classes) then gets the service's own no_classifier answer.
-    const topK = info ? Math.max(1, Math.min(TOP_K, info.num_classes)) : TOP_K;
-    const url = features ? `features?normalize=${normalize}` : `predict?top_k=${topK}`;
+    const topK = Math.max(1, Math.min(TOP_K, numClasses()));
+    const url = withModel(features ? `features?normalize=${normalize}` : `predict?top_k=${topK}`, model);
+    const by = model ? ` · ${model}` : "";
     const body = new FormData();
     body.append("file", entry.file, entry.file.name || "image");
     const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
-    entry.card.meta.textContent = `${formatBytes(entry.file.size)} · sending`;
+    entry.card.meta.textContent = `${formatBytes(entry.file.size)}${by} · sending`;
 
     const started = performance.now();
     let response;
@@ -240,11 +312,9 @@
     const took = `${formatMs(elapsed)}`;
     if (!response.ok) {
       const code = data && data.error && data.error.code ? ` ${data.error.code}` : "";
-      showError(
-        entry,
-        errorMessage(response, data),
-        `HTTP ${response.status}${code} · ${took}${requestId ? ` · request ${requestId}` : ""}`,
-      );
+      const request = requestId ? ` · request ${requestId}` : "";
+      const detail = `${model ? `${model} · ` : ""}HTTP ${response.status}${code} · ${took}${request}`;
+      showError(entry, errorMessage(response, data), detail);
       if (response.status === 401) {
         entry.needsKey = true;
         showKeyForm(
@@ -258,10 +328,10 @@
     entry.card.root.removeAttribute("aria-busy");
     const result = data.results[0];
     if (features) {
-      entry.card.meta.textContent = `${formatBytes(entry.file.size)} · features in ${took}`;
+      entry.card.meta.textContent = `${formatBytes(entry.file.size)}${by} · features in ${took}`;
       entry.card.outcome.replaceChildren(renderFeatures(data.dim, result.embedding, normalize));
     } else {
-      entry.card.meta.textContent = `${formatBytes(entry.file.size)} · top-${topK} in ${took}`;
+      entry.card.meta.textContent = `${formatBytes(entry.file.size)}${by} · top-${topK} in ${took}`;
       entry.card.outcome.replaceChildren(renderLabels(result.top_k));
     }
   }
