@@ -116,6 +116,12 @@ class RemoteRunner:
         timeout = httpx.Timeout(self.timeout_s, connect=10.0)
         self._client = httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout, headers=self.headers)
         info = await self._get_info()
+        served = [m for m in info.get("models") or [] if isinstance(m, dict)]
+        if not self.model and len(served) > 1 and not any(m.get("default") for m in served):
+            # /info describes the first model then, but /predict would refuse every image: say so now.
+            names = ", ".join(str(m.get("name")) for m in served)
+            raise FatalError(f"{self.url}: this server serves several models ({names}) and none by default "
+                             "(choose one with --model NAME)")
         self.model_name = str(info.get("model", "?"))
         if self.model and self.model_name != self.model:  # a server from before ?model= ignores it
             raise FatalError(f"{self.url}/info answered for model '{self.model_name}', not '{self.model}': "
@@ -138,9 +144,8 @@ class RemoteRunner:
         response = await self._send("GET", self._info_target, what="GET /info")
         if response.status_code != 200:
             code, message = _error_of(response)
-            if code == "model_not_found":  # the service, but not that model (or several and none named)
-                hint = "" if self.model else " (choose one with --model NAME)"
-                raise FatalError(f"{self.url}: {message}{hint}")
+            if code == "model_not_found":  # the service, but not that model
+                raise FatalError(f"{self.url}: {message}")
             raise FatalError(f"{self.url}/info answered {response.status_code} ({message}): is this the service?")
         try:
             return response.json()

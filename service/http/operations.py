@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from service.core.about import library_versions
@@ -13,7 +13,7 @@ from service.core.imaging import describe, describe_formats
 from service.core.loading import variant_config_dict
 from service.core.registry import ModelRegistry
 from service.core.runtime import InferenceService
-from service.http.deps import ModelsDep, ServiceDep
+from service.http.deps import ModelsDep
 from service.http.schemas import ErrorResponse, HealthResponse, InfoResponse, ModelSummary, ReadyResponse
 
 router = APIRouter(tags=["operations"])
@@ -50,11 +50,19 @@ async def readyz(request: Request) -> Any:
 @router.get(
     "/info",
     response_model=InfoResponse,
-    responses={404: {"model": ErrorResponse, "description": "Unknown model (?model=), or several served and "
-                     "none named."}},
-    summary="Model, preprocessing and serving configuration",
+    responses={404: {"model": ErrorResponse, "description": "Unknown model (?model=)."}},
+    summary="Served models; the configuration of one",
 )
-async def info(service: ServiceDep, models: ModelsDep) -> InfoResponse:
+async def info(
+    models: ModelsDep,
+    name: Annotated[str | None, Query(
+        alias="model", max_length=64,
+        description="The model to describe (default: the default model; with several and no default, the "
+                    "first by name). Every served model is listed in `models` either way.",
+    )] = None,
+) -> InfoResponse:
+    # Unlike /predict, /info never needs a model named: it is how a client learns the names.
+    service = models.get(name) if name or models.default_name else models.services[models.names[0]]
     model = service.model
     engine = model.engine
     settings = service.settings  # the model's own (batching may differ per model)

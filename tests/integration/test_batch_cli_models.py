@@ -120,7 +120,7 @@ def test_features_go_to_the_chosen_model(server, photos, tmp_path):
     ("extra", "message"),
     [
         (["--model", "nope"], "{url}: unknown model 'nope'; this server serves: a, b\n"),
-        ([], "{url}: this server serves several models (a, b); name one with ?model=NAME (choose one with "
+        ([], "{url}: this server serves several models (a, b) and none by default (choose one with "
              "--model NAME)\n"),
     ],
 )

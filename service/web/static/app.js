@@ -95,13 +95,6 @@
       const data = await readJson(response);
       if (read !== infoReads) return; // another model was chosen meanwhile
       if (!response.ok) {
-        const code = data && data.error ? data.error.code : "";
-        if (!name && response.status === 404 && code === "model_not_found") {
-          // Several models and no default: /info describes one only when named. The V2 statistics (open, like
-          // /info) list the served names; the first is the page's choice until the visitor picks another.
-          const first = await firstServedModel();
-          if (read === infoReads && first) return loadInfo(first);
-        }
         els.modelInfo.textContent = `Could not read the model's description: ${errorMessage(response, data)}`;
         return;
       }
@@ -113,17 +106,6 @@
       }
     } catch (error) {
       if (read === infoReads) els.modelInfo.textContent = `Could not reach the service: ${error.message}`;
-    }
-  }
-
-  async function firstServedModel() {
-    try {
-      const response = await fetch("v2/models/stats", { cache: "no-store" });
-      const data = await readJson(response);
-      const names = response.ok && data && Array.isArray(data.model_stats) ? data.model_stats.map((m) => m.name) : [];
-      return names.sort()[0] || "";
-    } catch (_) {
-      return "";
     }
   }
 
