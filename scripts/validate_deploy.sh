@@ -80,12 +80,14 @@ compose_check() {
 step "docker-compose config"
 compose_check -f docker-compose.yml
 compose_check -f docker-compose.yml -f docker-compose.gpu.yml
+compose_check -f docker-compose.yml -f docker-compose.models.yml
+compose_check -f docker-compose.yml -f docker-compose.models.yml -f docker-compose.gpu.yml
 echo "ok"
 
 # ---------------------------------------------------------------------------------------------------
 step "yamllint"
 "$VENV_BIN/yamllint" --strict -c .yamllint.yaml \
-    .yamllint.yaml .hadolint.yaml docker-compose.yml docker-compose.gpu.yml deploy k8s
+    .yamllint.yaml .hadolint.yaml docker-compose.yml docker-compose.gpu.yml docker-compose.models.yml deploy k8s
 echo "ok"
 
 # ---------------------------------------------------------------------------------------------------
