@@ -97,17 +97,22 @@ if command -v promtool >/dev/null 2>&1; then
     promtool check config deploy/prometheus/prometheus.yml
     promtool test rules deploy/prometheus/alerts_test.yml
     # Every Grafana query must be valid PromQL: write them out as recording rules (Grafana's
-    # interval variables replaced by a fixed window) and let promtool parse them.
+    # interval variables replaced by a fixed window, the dashboard's own template variables, used in
+    # regex matchers, by ".*") and let promtool parse them.
     "$PY" - "$TMP/dashboard-rules.yml" deploy/grafana/dashboards/*.json <<'EOF'
 import json, sys, yaml
 out, paths = sys.argv[1], sys.argv[2:]
 rules = []
 for path in paths:
-    for panel in json.load(open(path))["panels"]:
+    dashboard = json.load(open(path))
+    variables = [v["name"] for v in dashboard.get("templating", {}).get("list", [])]
+    for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             expr = target["expr"]
             for var in ("$__rate_interval", "$__interval", "$__range"):
                 expr = expr.replace(var, "5m")
+            for name in sorted(variables, key=len, reverse=True):
+                expr = expr.replace("${" + name + "}", ".*").replace("$" + name, ".*")
             if "$" in expr:
                 sys.exit(f"{path}: panel {panel['title']!r}: unhandled template variable in {expr!r}")
             rules.append({"record": f"dashboard:panel{panel['id']}:{target['refId']}", "expr": expr})

@@ -89,3 +89,78 @@ def test_dashboard_shows_what_an_operator_needs():
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] in uids, panel["title"]
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def per_model_metrics() -> set[str]:
+    """The metric families that carry a ``model`` label, as the service exports them."""
+    metrics_module = pytest.importorskip("service.core.metrics")
+    metrics = metrics_module.Metrics(8, process_metrics=False)
+    observer = metrics.for_model("probe")
+    observer.batch_started(1, [0.0])
+    observer.batch_finished(1, 0.01, ok=False)
+    metrics.set_model("probe", "cpu", "float32", "torch")
+    families = set()
+    for family in metrics.registry.collect():
+        if any("model" in sample.labels for sample in family.samples):
+            families.add(family.name + ("_total" if family.type == "counter" else ""))
+    assert {"effnet_queue_depth", "effnet_images_total", "effnet_model_info"} <= families, families
+    return families
+
+
+def selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric family, its label matchers) for each metric an expression reads."""
+    return [(re.sub(r"_(bucket|sum|count)$", "", name), matchers or "")
+            for name, matchers in re.findall(r"\b(effnet_[a-z_]+)(\{[^}]*\})?", expr)]
+
+
+def aggregations(expr: str) -> list[str | None]:
+    """The grouping labels of each aggregation (``sum by (le, model) (...)`` -> "le, model"; None without by)."""
+    pattern = r"\b(?:sum|max|min|avg|count|topk|bottomk|quantile|stddev)\s*(?:by\s*\(([^)]*)\))?\s*\("
+    return [m.group(1) for m in re.finditer(pattern, expr)]
+
+
+def test_dashboard_selects_models_with_a_model_variable():
+    """Several models per server: a "model" variable (multi, with All) fills from effnet_model_info, every
+    per-model series is filtered by it, and the graphs keep one line per model instead of summing them."""
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "dashboards" / "effnet.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    model = variables["model"]
+    query = model["query"] if isinstance(model["query"], str) else model["query"]["query"]
+    assert re.fullmatch(r"label_values\(\s*effnet_model_info\s*,\s*model\s*\)", query), query
+    assert model["type"] == "query" and model["multi"] is True and model["includeAll"] is True
+    assert model["datasource"]["uid"] == dashboard["panels"][0]["datasource"]["uid"]
+    per_model = per_model_metrics()
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            reads = [(family, matchers) for family, matchers in selectors(expr) if family in per_model]
+            for family, matchers in reads:
+                used.add(family)
+                assert 'model=~"$model"' in matchers, f"{panel['title']}: {family} not filtered by $model"
+            if reads and panel["type"] != "stat":  # a stat is one number: it may sum the selected models
+                for grouping in aggregations(expr):
+                    labels = {label.strip() for label in (grouping or "").split(",")}
+                    assert "model" in labels, f"{panel['title']}: {expr} sums the models together"
+                legend = target.get("legendFormat")
+                assert panel["type"] == "table" or "{{model}}" in (legend or ""), panel["title"]
+    for family in ("effnet_images_total", "effnet_batch_size", "effnet_inference_duration_seconds",
+                   "effnet_queue_wait_seconds", "effnet_queue_depth"):
+        assert family in used, f"no per-model panel for {family}"
+
+
+def test_alerts_on_per_model_metrics_keep_the_model_label():
+    """An alert over a per-model metric must say which model, and one model's trouble must not be averaged
+    away by the others: every aggregation in it groups by model."""
+    per_model = per_model_metrics()
+    checked = 0
+    for group in load_yaml(REPO / "deploy" / "prometheus" / "alerts.yml")["groups"]:
+        for rule in group["rules"]:
+            if not any(family in per_model for family, _ in selectors(rule["expr"])):
+                continue
+            checked += 1
+            for grouping in aggregations(rule["expr"]):
+                labels = {label.strip() for label in (grouping or "").split(",")}
+                assert "model" in labels, f"{rule['alert']}: aggregates over models: {rule['expr']}"
+            assert "$labels.model" in rule["annotations"]["summary"], rule["alert"]
+    assert checked >= 2
