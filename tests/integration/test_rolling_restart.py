@@ -197,11 +197,15 @@ def test_sigkill_under_load_fails_only_requests_sent_to_that_replica_before_hapr
     # connection fails at most one request, so at most one per client. HAProxy cannot replay them (the
     # photo is larger than its buffer): it answers 502, or, for a request on a kept-alive client
     # connection, closes that connection without an answer so that the client may retry (RFC 9112,
-    # 9.3.1), as it does when a server closes a kept-alive connection under a request.
+    # 9.3.1), as it does when a server closes a kept-alive connection under a request. httpx reports that
+    # close as RemoteProtocolError ("disconnected without sending a response") or, when the close meets
+    # its read as a reset, as ReadError: both are a connection closed with no answer (CI saw the second).
+    closed = ("RemoteProtocolError", "ReadError")
     for outcome in failed:
         assert outcome.started <= killed + down_s, outcome
         assert outcome.request_id not in survivor, outcome
-        assert outcome.status in (502, 503, 504) or "RemoteProtocolError" in (outcome.error or ""), outcome
+        assert outcome.status in (502, 503, 504) or (outcome.status is None and any(
+            kind in (outcome.error or "") for kind in closed)), outcome
     assert len(failed) <= CLIENTS
     # After HAProxy marked the replica down, everything is 200 again.
     assert all(o.status == 200 for o in outcomes if o.started > killed + down_s + 0.1)
