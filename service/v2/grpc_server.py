@@ -321,37 +321,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Any:
         async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.RepositoryIndexResponse:
             self._check_control(request, metadata)
-            ready_only = ModelControl.index_ready_flag(request.ready)
             response = pb.RepositoryIndexResponse()
-            for entry in self.models.index():
-                if not ready_only or entry["state"] == "READY":
-                    response.models.add(**entry)
+            for entry in ModelControl.index(self.models, request.ready):
+                response.models.add(**entry)
             return response
 
         return await self._observe(f"/{SERVICE_NAME}/RepositoryIndex", context, handle)
 
+    async def _repository_call(self, action: str, request: Any, context: grpc.aio.ServicerContext,
+                               answer: Any) -> Any:
+        async def handle(record: AccessRecord, metadata: dict[str, str]) -> Any:
+            self._check_control(request, metadata)
+            # A deadline that passes mid-load cancels this call, not the load (the registry shields it).
+            await ModelControl.apply(self.models, action, request.model_name, _parameters(request.parameters))
+            return answer
+
+        return await self._observe(f"/{SERVICE_NAME}/RepositoryModel{action.capitalize()}", context, handle)
+
     async def RepositoryModelLoad(  # noqa: N802
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.RepositoryModelLoadResponse:
-            self._check_control(request, metadata)
-            ModelControl.check_parameters("load", _parameters(request.parameters))
-            # A deadline that passes mid-load cancels this call, not the load (the registry shields it).
-            await self.models.load(request.model_name)
-            return pb.RepositoryModelLoadResponse()
-
-        return await self._observe(f"/{SERVICE_NAME}/RepositoryModelLoad", context, handle)
+        return await self._repository_call("load", request, context, pb.RepositoryModelLoadResponse())
 
     async def RepositoryModelUnload(  # noqa: N802
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.RepositoryModelUnloadResponse:
-            self._check_control(request, metadata)
-            ModelControl.check_parameters("unload", _parameters(request.parameters))
-            await self.models.unload(request.model_name)
-            return pb.RepositoryModelUnloadResponse()
-
-        return await self._observe(f"/{SERVICE_NAME}/RepositoryModelUnload", context, handle)
+        return await self._repository_call("unload", request, context, pb.RepositoryModelUnloadResponse())
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):

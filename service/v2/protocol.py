@@ -27,6 +27,7 @@ import numpy as np
 
 from service.core.errors import BadRequest, ModelNotFound
 from service.core.outputs import require_classifier, softmax
+from service.core.registry import ModelRegistry
 from service.core.runtime import InferenceRequest, InferenceService, Outputs
 
 MODEL_VERSION = "1"
@@ -43,16 +44,26 @@ MAX_TENSORS = 16
 
 
 class ModelControl:
-    """The model repository extension's request checks, shared by REST and gRPC."""
+    """The model repository extension (index, load, unload) as both transports run it: each parses its
+    request, then calls ``index`` or ``apply`` here."""
+
+    ACTIONS = ("load", "unload")
 
     @staticmethod
-    def index_ready_flag(value: Any) -> bool:
-        """The index request's ``ready`` (only the ready models): a boolean, default false."""
-        if value is None:
-            return False
-        if not isinstance(value, bool):
+    def index(models: ModelRegistry, ready: Any) -> list[dict[str, str]]:
+        """The repository index; ``ready`` (the request's flag, a boolean, default false): ready models only."""
+        if ready is not None and not isinstance(ready, bool):
             raise BadRequest("'ready' must be true or false")
-        return value
+        return [entry for entry in models.index() if not ready or entry["state"] == "READY"]
+
+    @staticmethod
+    async def apply(models: ModelRegistry, action: str, name: str, parameters: dict[str, Any]) -> None:
+        """Load (or reload) or unload ``name``, after checking the call's parameters."""
+        ModelControl.check_parameters(action, parameters)
+        if action == "load":
+            await models.load(name)
+        else:
+            await models.unload(name)
 
     @staticmethod
     def check_parameters(action: str, parameters: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import binascii
 import json
 import logging
 import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -322,35 +323,26 @@ def v2_router() -> APIRouter:
     async def repository_index(request: Request) -> Any:
         try:
             body = await _control_body(request)
-            ready_only = ModelControl.index_ready_flag(body.get("ready"))
-            models = _models(request)
+            return ModelControl.index(_models(request), body.get("ready"))
         except ServiceError as exc:
             return v2_error(request, exc)
-        return [entry for entry in models.index() if not ready_only or entry["state"] == "READY"]
 
-    async def repository_load(request: Request, model_name: str) -> Any:
-        try:
-            body = await _control_body(request)
-            ModelControl.check_parameters("load", _parameters(body.get("parameters"), "request"))
-            await _models(request).load(model_name)
-        except ServiceError as exc:
-            return v2_error(request, exc)
-        return Response(status_code=200)
+    def repository_call(action: str) -> Callable[[Request, str], Awaitable[Any]]:
+        async def call(request: Request, model_name: str) -> Any:
+            try:
+                body = await _control_body(request)
+                await ModelControl.apply(_models(request), action, model_name,
+                                         _parameters(body.get("parameters"), "request"))
+            except ServiceError as exc:
+                return v2_error(request, exc)
+            return Response(status_code=200)
 
-    async def repository_unload(request: Request, model_name: str) -> Any:
-        try:
-            body = await _control_body(request)
-            ModelControl.check_parameters("unload", _parameters(body.get("parameters"), "request"))
-            await _models(request).unload(model_name)
-        except ServiceError as exc:
-            return v2_error(request, exc)
-        return Response(status_code=200)
+        return call
 
     router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index")
-    router.add_api_route("/repository/models/{model_name}/load", repository_load, methods=["POST"],
-                         summary="Load or reload a model")
-    router.add_api_route("/repository/models/{model_name}/unload", repository_unload, methods=["POST"],
-                         summary="Unload a model")
+    for action in ModelControl.ACTIONS:
+        router.add_api_route(f"/repository/models/{{model_name}}/{action}", repository_call(action),
+                             methods=["POST"], summary=f"{action.capitalize()} a model")
 
     # Before /models/{model_name}, which "stats" would otherwise match as a model's name.
     router.add_api_route("/models/stats", model_statistics, methods=["GET"], summary="Statistics of every model")
