@@ -20,25 +20,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.images import load_photos
+from tests.helpers.repository import B_LABELS, two_lite0_models
 from tests.helpers.server import REPO, ServiceProcess
 
 pytestmark = pytest.mark.slow
 
 PHOTOS = load_photos()
-B_LABELS = [f"b-class {i}" for i in range(1000)]
-
-
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    (root / "a").mkdir()
-    (root / "a" / "model.toml").write_text('variant = "efficientnet-lite0"\nmax_batch_size = 2\n')
-    (root / "b").mkdir()
-    (root / "b" / "labels.txt").write_text("\n".join(B_LABELS) + "\n")
-    (root / "b" / "model.toml").write_text(
-        'variant = "efficientnet-lite0"\nmax_batch_size = 4\nlabels = "labels.txt"\n'
-    )
-    return root
+    return two_lite0_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

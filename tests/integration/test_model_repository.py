@@ -16,15 +16,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import tritonclient.http as thttp
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from model import EfficientNet, default_weights_path
 from service.core.settings import Settings
 from service.http.app import create_app
+from tests.helpers.repository import save_fine_tuned_lite0, write_model
 from tests.helpers.server import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -32,26 +31,12 @@ pytestmark = pytest.mark.slow
 BIRDS = [f"bird {i}" for i in range(10)]
 
 
-def fine_tuned(path: Path, seed: int) -> None:
-    """Lite0 with ImageNet weights and a new 10-class head (as a fine-tuning run would start it), saved as
-    efficientnet_pytorch would save it."""
-    net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(torch.load(default_weights_path("efficientnet-lite0"), weights_only=True))
-    torch.manual_seed(seed)
-    net._fc = torch.nn.Linear(net._fc.in_features, len(BIRDS))
-    torch.save(net.state_dict(), path)
-
-
 def write_repository(root: Path) -> Path:
-    (root / "lite0").mkdir(parents=True)
-    (root / "lite0" / "model.toml").write_text('variant = "efficientnet-lite0"\n')
-    birds = root / "birds"
-    birds.mkdir()
-    fine_tuned(birds / "birds.pth", seed=1)
+    write_model(root, "lite0", 'variant = "efficientnet-lite0"\n')
+    birds = write_model(root, "birds", 'variant = "efficientnet-lite0"\nweights = "birds.pth"\n'
+                        'labels = "labels.txt"\nmax_batch_size = 4\n')
+    save_fine_tuned_lite0(birds / "birds.pth", len(BIRDS), seed=1)
     (birds / "labels.txt").write_text("\n".join(BIRDS) + "\n")
-    (birds / "model.toml").write_text(
-        'variant = "efficientnet-lite0"\nweights = "birds.pth"\nlabels = "labels.txt"\nmax_batch_size = 4\n'
-    )
     return root
 
 
@@ -178,7 +163,8 @@ def test_a_reload_under_load_fails_no_request_and_serves_the_new_weights(server,
         thread.start()
     try:
         time.sleep(1.0)
-        fine_tuned(repository / "birds" / "birds.pth", seed=2)  # the new weights, then the reload
+        # The new weights, then the reload.
+        save_fine_tuned_lite0(repository / "birds" / "birds.pth", len(BIRDS), seed=2)
         triton.load_model("birds")
         after = logits(server, "birds", coffee)
         time.sleep(1.0)
@@ -213,10 +199,8 @@ def test_a_broken_reload_leaves_the_old_model_serving(server, repository, triton
 
 
 def test_a_broken_model_fails_the_start_naming_it(tmp_path):
-    (tmp_path / "lite0").mkdir()
-    (tmp_path / "lite0" / "model.toml").write_text('variant = "efficientnet-lite0"\n')
-    (tmp_path / "owls").mkdir()
-    (tmp_path / "owls" / "model.toml").write_text('variant = "efficientnet-lite0"\nweights = "owls.pth"\n')
+    write_model(tmp_path, "lite0", 'variant = "efficientnet-lite0"\n')
+    write_model(tmp_path, "owls", 'variant = "efficientnet-lite0"\nweights = "owls.pth"\n')
     service = ServiceProcess({"EFFNET_MODEL_REPOSITORY": str(tmp_path)})
     try:
         assert service.wait_exit(120) == 1
@@ -225,3 +209,25 @@ def test_a_broken_model_fails_the_start_naming_it(tmp_path):
         service.close()
     errors = [line for line in log.splitlines() if '"level": "ERROR"' in line]
     assert len(errors) == 1 and "startup failed: model 'owls'" in errors[0] and "owls.pth" in errors[0], log
+
+
+def test_repository_calls_refuse_what_they_cannot_honour_over_rest(server):
+    """Each answered in the protocol's error shape, and nothing loaded or unloaded by them."""
+    base = f"{server.url}/v2/repository"
+    cases = {
+        "index ready not a boolean": (httpx.post(f"{base}/index", json={"ready": "yes"}), 400, "'ready'"),
+        "body not an object": (httpx.post(f"{base}/index", json=[1]), 400, "JSON object"),
+        "Triton's config override": (httpx.post(f"{base}/models/birds/load",
+                                                json={"parameters": {"config": "{}"}}), 400, "model.toml"),
+        "unknown load parameter": (httpx.post(f"{base}/models/birds/load", json={"parameters": {"x": 1}}),
+                                   400, "unknown parameter 'x'"),
+        "unload_dependents not a boolean": (httpx.post(f"{base}/models/birds/unload",
+                                                       json={"parameters": {"unload_dependents": "no"}}),
+                                            400, "unload_dependents"),
+        "a model the repository lacks": (httpx.post(f"{base}/models/owls/load"), 404, "no model 'owls'"),
+        "a path as a name": (httpx.post(f"{base}/models/..%2Flite0/load"), 404, ""),
+    }
+    for case, (response, status, words) in cases.items():
+        assert response.status_code == status and words in response.json()["error"], (case, response.text)
+    ready = httpx.post(f"{base}/index", json={"ready": True}).json()
+    assert {m["name"] for m in ready} == {"lite0", "birds"}  # still both, and both ready

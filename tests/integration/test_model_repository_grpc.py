@@ -14,35 +14,18 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as tgrpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from model import EfficientNet, default_weights_path
+from tests.helpers.repository import save_fine_tuned_lite0, write_model
 from tests.helpers.server import ServiceProcess, free_port
 
 KEY = "repository-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 AUTH_METADATA = tuple(AUTH.items())
 LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
-
-
-def save_ten_class_lite0(path: Path) -> None:
-    """Lite0 with its ImageNet weights and a fresh 10-class head, as a fine-tuning run starts it."""
-    net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(torch.load(default_weights_path("efficientnet-lite0"), weights_only=True))
-    torch.manual_seed(7)
-    net._fc = torch.nn.Linear(net._fc.in_features, 10)
-    torch.save(net.state_dict(), path)
-
-
-def write_model(root: Path, name: str, toml: str) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True)
-    (folder / "model.toml").write_text(toml)
-    return folder
 
 
 def start(repository: Path, control: str) -> ServiceProcess:
@@ -65,7 +48,7 @@ def servers(tmp_path_factory):
     explicit_root = tmp_path_factory.mktemp("explicit")
     write_model(explicit_root, "a", 'variant = "efficientnet-lite0"\n')
     b = write_model(explicit_root, "b", 'variant = "efficientnet-lite0"\nweights = "b.pth"\n')
-    save_ten_class_lite0(b / "b.pth")
+    save_fine_tuned_lite0(b / "b.pth", seed=7)
     none_root = tmp_path_factory.mktemp("none")
     write_model(none_root, "a", 'variant = "efficientnet-lite0"\n')
     started = [start(explicit_root, "explicit"), start(none_root, "none")]

@@ -21,6 +21,7 @@ import pytest
 
 from tests.helpers.components import missing_component
 from tests.helpers.images import DATA
+from tests.helpers.repository import B_LABELS, two_lite0_models
 from tests.helpers.server import ServiceProcess
 
 try:
@@ -325,25 +326,9 @@ def test_an_iphone_heic_and_an_avif_are_offered_chosen_and_dropped(tab, tmp_path
 
 
 # ---- several models: the picker -------------------------------------------------------------------------------
-B_LABELS = [f"b-class {i}" for i in range(1000)]
-
-
-def two_model_repository(root: Path) -> Path:
-    """``a`` and ``b``, both the packaged Lite0, ``b`` with a batch size and a labels file of its own, so a
-    label on the page says which model answered."""
-    (root / "a").mkdir()
-    (root / "a" / "model.toml").write_text('variant = "efficientnet-lite0"\nmax_batch_size = 2\n')
-    (root / "b").mkdir()
-    (root / "b" / "labels.txt").write_text("\n".join(B_LABELS) + "\n")
-    (root / "b" / "model.toml").write_text(
-        'variant = "efficientnet-lite0"\nmax_batch_size = 4\nlabels = "labels.txt"\n'
-    )
-    return root
-
-
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:
-    return two_model_repository(tmp_path_factory.mktemp("models"))
+    return two_lite0_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

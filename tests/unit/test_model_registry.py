@@ -19,18 +19,13 @@ from service.core.repository import ModelRepository
 from service.core.runtime import InferenceRequest, Lifecycle
 from service.core.settings import Settings
 from tests.helpers.fakes import FakeEngine
-
-
-def write(root, name: str, text: str):
-    (root / name).mkdir(parents=True, exist_ok=True)
-    (root / name / "model.toml").write_text(text)
-    return root / name
+from tests.helpers.repository import write_model
 
 
 def test_a_model_toml_sets_its_model_and_paths_are_relative_to_its_folder(tmp_path):
-    folder = write(tmp_path, "birds", 'variant = "efficientnet-b0"\nweights = "w.pth"\nlabels = "labels.txt"\n'
+    folder = write_model(tmp_path, "birds", 'variant = "efficientnet-b0"\nweights = "w.pth"\nlabels = "labels.txt"\n'
                    'mean = [0.5, 0.5, 0.5]\nmax_batch_size = 4\n')
-    write(tmp_path, "lite0", 'variant = "efficientnet-lite0"\n')
+    write_model(tmp_path, "lite0", 'variant = "efficientnet-lite0"\n')
     (tmp_path / "notes").mkdir()  # no model.toml: not a model
     repository = ModelRepository(tmp_path, Settings(max_batch_delay_ms=7))
     assert repository.names() == ["birds", "lite0"]
@@ -51,7 +46,7 @@ def test_a_model_toml_sets_its_model_and_paths_are_relative_to_its_folder(tmp_pa
     ('variant = "efficientnet-b0"\napi_key = "x"\n', "unknown key(s) api_key"),
 ])
 def test_a_broken_model_toml_is_refused_naming_the_model_and_the_problem(tmp_path, text, problem):
-    write(tmp_path, "birds", text)
+    write_model(tmp_path, "birds", text)
     with pytest.raises(StartupError) as refused:
         ModelRepository(tmp_path, Settings()).spec("birds")
     assert str(refused.value).startswith(f"model 'birds' ({tmp_path / 'birds' / 'model.toml'}): ")
@@ -66,8 +61,8 @@ def test_single_model_settings_are_refused_beside_a_repository(tmp_path):
 
 
 def test_models_to_load_at_start(tmp_path):
-    write(tmp_path, "a", 'variant = "efficientnet-lite0"\n')
-    write(tmp_path, "b", 'variant = "efficientnet-lite0"\n')
+    write_model(tmp_path, "a", 'variant = "efficientnet-lite0"\n')
+    write_model(tmp_path, "b", 'variant = "efficientnet-lite0"\n')
     repository = ModelRepository(tmp_path, Settings())
     assert repository.startup_names(None) == ["a", "b"]
     assert repository.startup_names("b") == ["b"]
@@ -135,7 +130,7 @@ def test_the_bound_across_models_refuses_at_once_with_503():
 
 
 def test_a_reload_answers_what_the_old_model_admitted_and_routes_new_requests_to_the_new(tmp_path, monkeypatch):
-    write(tmp_path, "a", 'variant = "efficientnet-lite0"\n')
+    write_model(tmp_path, "a", 'variant = "efficientnet-lite0"\n')
     old_engine, new_engine = FakeEngine(top_class=1, hold=True), FakeEngine(top_class=2)
     monkeypatch.setattr("service.core.registry.load_model", lambda settings: loaded(new_engine))
 
