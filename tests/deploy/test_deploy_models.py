@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.artefacts import APP_UID, BASE, K8S, REPO, only_container, settings_class
+from tests.deploy.artefacts import APP_UID, BASE, K8S, REPO, only_container, render_all, settings_class
 
 OVERLAY = K8S / "overlays" / "model-repository"
 EXAMPLE = REPO / "deploy" / "models-example"
@@ -27,18 +27,6 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".safetensors", ".onnx", "
 # Load and warm-up time allowed per model on the overlay's 2 CPUs (Lite0 took 2-4 s, B4 10 s on an idle
 # machine here; a pod starting beside a busy one is several times slower).
 STARTUP_S_PER_MODEL = 60
-
-
-def render_all(directory: Path) -> list[dict]:
-    """Every object kustomize renders (the overlay has two ConfigMaps, so not one per kind)."""
-    if shutil.which("kustomize"):
-        command = ["kustomize", "build", str(directory)]
-    elif shutil.which("kubectl"):
-        command = ["kubectl", "kustomize", str(directory)]
-    else:
-        pytest.skip("neither kustomize nor kubectl installed: cannot render the kustomization")
-    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 @pytest.fixture(scope="module")
