@@ -17,6 +17,9 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import functools
 import io
 import sys
 import warnings
@@ -24,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from .config import VARIANTS
+from .config import VARIANTS, PreprocessConfig
 from .efficientnet import EfficientNet
-from .preprocess import Normalize
+from .preprocess import Normalize, resize_and_crop, to_uint8_chw
 from .weights import WeightsError
 
 
@@ -78,11 +82,79 @@ def _image_size(module: EfficientNet) -> int:
     return size if isinstance(size, int) else int(size[0])
 
 
-def check_onnx(model: str | Path | bytes, reference: nn.Module, image_size: int, batch_sizes=(1, 4),
-               atol: float = 1e-4, rtol: float = 1e-4) -> float:
-    """Run an ONNX model (file or bytes) in onnxruntime, compare each output with ``reference``.
+# The check images: three real photos, each shrunk to 256 pixels on its shorter side (JPEG, 83 KB in all).
+# A check of an export must feed what the model will see: uniform random pixels are no image, and a network
+# whose BatchNorm statistics come from photos amplifies them into logits of ~190, where float32 rounding in
+# the folded graph (BatchNorm into the convolutions, a different summation order) reaches 0.05 while the
+# same export agrees with PyTorch to 3e-5 on photos (issue 31). Real photos rather than generated images:
+# they are what a served model sees, with no doubt whether a synthetic texture stirs a network's channels
+# as photos do (its BatchNorm statistics were measured on photos). These three are free to ship:
+# chelsea.jpg (a tabby cat, CC0, Stefan van der Walt, from scikit-image), coffee.jpg (an espresso, CC0,
+# Rachel Michetti, from scikit-image), grace_hopper.jpg (public domain, US Navy photo, from matplotlib's
+# sample data); see data/check_images/README.md.
+CHECK_IMAGES_DIR = Path(__file__).resolve().parent / "data" / "check_images"
+CHECK_IMAGE_NAMES = ("chelsea.jpg", "coffee.jpg", "grace_hopper.jpg")
 
-    Returns the largest absolute error; raises :class:`ExportError` beyond the tolerance.
+# How close is close enough. Errors are measured per output as a fraction of that output's scale, its
+# largest magnitude on the check photos. An export differs from PyTorch by float32 rounding alone (BatchNorm
+# folded into the convolutions, other summation orders), and how far rounding carries depends on the
+# network. Measured with onnxruntime 1.23 on the check photos (issue 31), against this package's PyTorch:
+# - torchvision and timm efficientnet_b0 with random weights and BatchNorm statistics from photos: at most
+#   1.4e-5 of the logits' scale over 23 networks at 96 px, 7.3e-6 over 18 at 224 px; the real Lite0 1.0e-6,
+#   Lite2 2.4e-6; default-initialised B0-B7 below 1e-6;
+# - deeper random networks calibrated the same way amplify rounding more: timm B3 up to 2.0e-4, a
+#   torchvision B5 at 96 px 4.7e-4;
+# - in all 46 networks the export's error was 0.7-1.7x PyTorch's own float32 error (the same network in
+#   float64 on the same photos): the export is as accurate as PyTorch, and the network sets the scale.
+# So: within CHECK_TOLERANCE (1e-4, 7x the worst B0) the export passes at once, with no float64 run;
+# beyond it, it passes while within FLOAT32_MARGIN (4, over the 1.7 seen) times PyTorch's own float32 error,
+# but never beyond MAX_TOLERANCE (1%): a network that unstable in float32 cannot be verified at all.
+# A graph that really differs is far outside: one convolution's weights scaled by 1.001 in the middle of
+# those B0s moved the logits by 0.6-1.1e-2 of their scale, a classifier shifted by 0.1 by 24-49 times it.
+CHECK_TOLERANCE = 1e-4
+FLOAT32_MARGIN = 4.0
+MAX_TOLERANCE = 1e-2
+
+
+@functools.lru_cache(maxsize=1)
+def _check_photos() -> tuple[Image.Image, ...]:
+    photos = []
+    for name in CHECK_IMAGE_NAMES:
+        with Image.open(CHECK_IMAGES_DIR / name) as image:
+            photos.append(image.convert("RGB"))
+    return tuple(photos)
+
+
+def check_images(config: PreprocessConfig, image_size: int | None = None) -> np.ndarray:
+    """The check images as the uint8 (4, 3, S, S) batch a model with preprocessing ``config`` sees: the three
+    packaged photos, then the first one mirrored, resized and centre-cropped with ``config`` (at
+    ``image_size`` when given, with the same crop fraction)."""
+    if image_size is not None and image_size != config.input_size:
+        config = dataclasses.replace(config, input_size=image_size, resize=None)
+    crops = [resize_and_crop(photo, config) for photo in _check_photos()]
+    crops.append(crops[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    return np.stack([to_uint8_chw(crop) for crop in crops])
+
+
+def _reference_net(reference: nn.Module) -> EfficientNet:
+    while not isinstance(reference, EfficientNet):
+        reference = reference.inner if isinstance(reference, _Uint8Input) else reference.net
+    return reference
+
+
+def check_onnx(model: str | Path | bytes, reference: nn.Module, image_size: int,
+               tolerance: float = CHECK_TOLERANCE, preprocess: PreprocessConfig | None = None) -> float:
+    """Run an ONNX model (file or bytes) in onnxruntime and compare each output with ``reference``'s.
+
+    Agreement is measured on the check images (:func:`check_images`, with ``preprocess``, by default the
+    reference network's own), at batch 1 and 4, as each output's largest error over its largest magnitude
+    there. Within ``tolerance`` it passes; beyond, it passes only while within :data:`FLOAT32_MARGIN` times
+    PyTorch's own float32 error (against the reference run in float64) and :data:`MAX_TOLERANCE`. Random
+    pixels (or a random normal tensor for a float input) are run too, for the outputs' shapes and
+    finiteness only: noise is no input a model is made for, and its answers say nothing of the export.
+
+    Returns the largest relative error seen; raises :class:`ExportError` naming the output, the error, the
+    output's scale and the tolerance when the export does not match.
     """
     try:
         import onnxruntime as ort
@@ -90,33 +162,77 @@ def check_onnx(model: str | Path | bytes, reference: nn.Module, image_size: int,
         raise ExportError("onnxruntime is needed to verify the export: pip install onnx onnxruntime") from exc
     source = model if isinstance(model, bytes) else str(model)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    in_channels = reference.net.in_channels if isinstance(reference, _FeaturesAndLogits) else reference.in_channels
+    names = [o.name for o in session.get_outputs()]
     uint8 = session.get_inputs()[0].type == "tensor(uint8)"
-    worst = 0.0
-    generator = torch.Generator().manual_seed(0)
-    for batch in batch_sizes:
-        shape = (batch, in_channels, image_size, image_size)
-        if uint8:
-            x = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
-        else:
-            x = torch.randn(*shape, generator=generator)
-        with torch.inference_mode():
-            expected = reference(x)
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        got = session.run(None, {"input": x.numpy()})
-        for e, g in zip(expected, got, strict=True):
-            e = e.numpy()
+    net = _reference_net(reference)
+    config = preprocess or net.variant.preprocess
+    pixels = torch.from_numpy(check_images(config, image_size))
+    photos = pixels if uint8 else Normalize(config)(pixels)
+    if not uint8 and net.in_channels != 3:  # a float network of other channels: the photos in grey
+        photos = photos.mean(1, keepdim=True).expand(-1, net.in_channels, -1, -1).contiguous()
+    with torch.inference_mode():
+        expected = _outputs(reference(photos))
+    # Each output's scale: its largest magnitude over the check images; a floor far below any real output's
+    # compares an output of zeros (a zero-initialised head) in absolute terms instead of dividing by zero.
+    scales = [max(float(np.abs(e).max()), 1e-6) if e.size else 1.0 for e in expected]
+    errors = [(0.0, 0.0, 0)] * len(names)  # per output: (relative error, abs error, batch) at its worst
+    for batch in (photos[:1], photos):
+        got = session.run(None, {"input": batch.numpy()})
+        for i, (name, e, g) in enumerate(zip(names, expected, got, strict=True)):
+            e = e[:len(batch)]
+            if g.shape != e.shape:
+                raise ExportError(f"onnxruntime output {name} has shape {g.shape}, PyTorch {e.shape}")
             if e.size == 0:  # the logits of a network without a classifier
-                if g.shape != e.shape:
-                    raise ExportError(f"onnxruntime output has shape {g.shape}, PyTorch {e.shape}")
                 continue
-            # Absolute tolerance in units of the output's scale: a random network's logits can be ~100.
-            scaled_atol = atol * max(1.0, float(np.abs(e).max()))
-            if e.shape != g.shape or not np.allclose(g, e, atol=scaled_atol, rtol=rtol):
-                err = float(np.abs(g - e).max()) if e.shape == g.shape else float("inf")
-                raise ExportError(f"onnxruntime output differs from PyTorch at batch {batch}: max abs error {err:.3g}")
-            worst = max(worst, float(np.abs(g - e).max()))
+            if not np.isfinite(g).all():
+                raise ExportError(f"onnxruntime output {name} is not finite on the check photos")
+            err = float(np.abs(g - e).max())
+            if err / scales[i] > errors[i][0]:
+                errors[i] = (err / scales[i], err, len(batch))
+    worst = max(relative for relative, _, _ in errors)
+    if worst > tolerance:
+        own = _float32_error(reference, photos, expected, scales)
+        for name, (relative, err, batch), scale, f32 in zip(names, errors, scales, own, strict=True):
+            allowed = max(tolerance, min(MAX_TOLERANCE, FLOAT32_MARGIN * f32))
+            if not relative <= allowed:
+                raise ExportError(
+                    f"onnxruntime output {name} differs from PyTorch on the check photos at batch {batch}: "
+                    f"max abs error {err:.3g} with {name} up to {scale:.3g} ({relative:.2g} of it; tolerance "
+                    f"{allowed:.2g}; PyTorch's own float32 error {f32:.2g})"
+                )
+    _check_noise(session, names, expected, photos, uint8)
     return worst
+
+
+def _outputs(result) -> list[np.ndarray]:
+    return [r.numpy() for r in (result if isinstance(result, tuple) else (result,))]
+
+
+def _float32_error(reference: nn.Module, photos: torch.Tensor, expected: list[np.ndarray],
+                   scales: list[float]) -> list[float]:
+    """Per output, how far ``reference``'s float32 result is from the same network in float64 on ``photos``,
+    relative to the output's scale: the rounding error the network itself amplifies."""
+    exact = copy.deepcopy(reference).double()
+    with torch.inference_mode():  # uint8 photos are promoted to float64 by the (now float64) normalisation
+        result = _outputs(exact(photos if photos.dtype == torch.uint8 else photos.double()))
+    return [float(np.abs(e.astype(np.float64) - r).max()) / s if e.size else 0.0
+            for e, r, s in zip(expected, result, scales, strict=True)]
+
+
+def _check_noise(session, names: list[str], expected: list[np.ndarray], photos: torch.Tensor, uint8: bool) -> None:
+    """Random pixels (a random normal tensor for a float input): the outputs' shapes and finiteness only."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, *photos.shape[1:])
+    if uint8:
+        noise = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+    else:
+        noise = torch.randn(*shape, generator=generator)
+    for name, e, g in zip(names, expected, session.run(None, {"input": noise.numpy()}), strict=True):
+        if g.shape != (2, *e.shape[1:]):
+            raise ExportError(f"onnxruntime output {name} has shape {g.shape} on a batch of 2, expected "
+                              f"{(2, *e.shape[1:])}")
+        if not np.isfinite(g).all():
+            raise ExportError(f"onnxruntime output {name} is not finite (NaN or inf) on random pixels")
 
 
 def _to_onnx(net: EfficientNet, target, image_size: int | None, opset: int,
@@ -256,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = args.image_size or net.variant.preprocess.input_size
     print(f"exported {args.variant} ({'weights ' + args.weights if args.weights else 'random weights'}) "
-          f"at {size}x{size} to {path}; onnxruntime matches PyTorch to 1e-4 at batch 1 and 4")
+          f"at {size}x{size} to {path}; onnxruntime matches PyTorch on the check photos")
     return 0
 
 

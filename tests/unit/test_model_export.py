@@ -170,7 +170,9 @@ def test_check_catches_an_onnx_file_that_differs(tmp_path, monkeypatch):
                         p.copy_(original)
 
     monkeypatch.setattr(torch.onnx, "export", tampered)
-    with pytest.raises(ExportError):
+    # Measured on the check photos, and the message says by how much against what.
+    with pytest.raises(ExportError, match=r"onnxruntime output logits differs from PyTorch on the check photos at "
+                                          r"batch \d: max abs error \S+ with logits up to \S+ \(\S+ of it; tolerance"):
         export_onnx(net, tmp_path / "bad.onnx", image_size=64, check=True)
 
 
@@ -215,6 +217,7 @@ def test_cli_exports_lite0(tmp_path, lite0_path):
     result = _cli("--variant", LITE0, "--weights", lite0_path, "--output", str(out), "--image-size", "224")
     assert result.returncode == 0, result.stderr
     assert "exported" in result.stdout and str(out) in result.stdout
+    assert "onnxruntime matches PyTorch on the check photos" in result.stdout
     assert out.is_file()
     net = EfficientNet.from_pretrained(LITE0, lite0_path).eval()
     x = torch.randn(2, 3, 224, 224)
