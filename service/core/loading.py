@@ -31,6 +31,7 @@ from model import (
     default_weights_path,
     imagenet_classes,
 )
+from model.export import ExportError
 from model.sources import load_source_checkpoint, resolve_model_name, source_preprocess
 from service.core.engines import Engine, build_engine
 from service.core.engines.int8 import Int8Engine
@@ -296,8 +297,12 @@ def load_model(settings: Settings) -> LoadedModel:
     except StartupError:
         raise
     except Exception as exc:
+        remedy = ""
+        if isinstance(exc, ExportError):  # refused, never swapped for another engine: say what would serve
+            also = " and EFFNET_DTYPE=float32" if settings.effective_dtype == "int8" else ""
+            remedy = f"; serve it with EFFNET_BACKEND=torch{also}, or report the model"
         raise StartupError(
-            f"cannot run {variant.name} on {device} in {settings.effective_dtype}: {_first_line(exc)}"
+            f"cannot run {variant.name} on {device} in {settings.effective_dtype}: {_first_line(exc)}{remedy}"
         ) from None
     if features.shape != (1, num_features) or logits.shape != (1, len(labels)):
         raise StartupError(
