@@ -69,7 +69,7 @@ def calibrate_batchnorm(net: nn.Module, photos: torch.Tensor, passes: int = 3, s
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     # The last BatchNorm of each block (its projection, on the residual branch) starts small, as in
     # tests/helpers/model.py: the deep random network then stays near identity per block instead of
-    # chaotic, and stays so for inputs other than the calibration photos (an engine's random-pixel check).
+    # chaotic, and stays so for photos other than the calibration ones.
     block_re = re.compile(r"(blocks|features)\.\d+\.\d+")
     residual = set()
     for name, module in net.named_modules():
@@ -104,23 +104,46 @@ def photo_batch(size: int = SIZE) -> torch.Tensor:
         image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         for im in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
             images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    x = torch.stack(images)
+    return _imagenet_normalised(torch.stack(images))
+
+
+def photo_crops(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``count`` random views of the real photos (square crops of 35-100% of the shorter side at random
+    places, half of them mirrored), bilinear to ``size``, normalised with ImageNet's mean/std: a stand-in
+    for the many photos a user's BatchNorm statistics come from."""
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(io.BytesIO(data)).convert("RGB") for data in load_photos().values()]
+    views = []
+    for i in range(count):
+        image = photos[i % len(photos)]
+        w, h = image.size
+        side = rng.uniform(0.35, 1.0) * min(w, h)
+        left, top = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        view = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        if rng.random() < 0.5:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        views.append(torch.from_numpy(np.asarray(view, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return _imagenet_normalised(torch.stack(views))
+
+
+def _imagenet_normalised(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def reference_model(library: str, arch: str, num_classes: int, size: int = SIZE):
-    torch.manual_seed(0)
+def foreign_model(library: str, arch: str, num_classes: int = 1000):
+    """timm's or torchvision's ``arch``, randomly initialised (seed with ``torch.manual_seed`` first)."""
     if library == "timm":
-        net = timm_module().create_model(arch, num_classes=num_classes)
-    else:
-        net = torchvision_models().get_model(arch, num_classes=num_classes)
-    # Calibrated on the photos and on as many images of uniform random pixels: the engines check their
-    # export on random pixels, which a network calibrated on photos alone amplifies into chaos.
-    photos = photo_batch(size)
-    noise = (torch.rand(photos.shape, generator=torch.Generator().manual_seed(1)) - 0.45) / 0.226
-    return calibrate_batchnorm(net, torch.cat([photos, noise]))
+        return timm_module().create_model(arch, num_classes=num_classes)
+    return torchvision_models().get_model(arch, num_classes=num_classes)
+
+
+def reference_model(library: str, arch: str, num_classes: int, size: int = SIZE):
+    """timm's or torchvision's ``arch`` with random weights and BatchNorm statistics from the photos only,
+    as a network trained on photos has them (it amplifies random pixels: compare it on photos)."""
+    torch.manual_seed(0)
+    return calibrate_batchnorm(foreign_model(library, arch, num_classes), photo_batch(size))
 
 
 def timm_with_lite0_weights(arch: str, lite0_state_dict: dict):
