@@ -97,19 +97,19 @@ _TORCHVISION_PREPROCESS: dict[str, tuple[int, int, str]] = {
 
 
 @dataclass(frozen=True)
-class ModelName:
-    """A model setting resolved: this package's variant, and the source format the name implies (if any)."""
+class ArchitectureName:
+    """What an EFFNET_MODEL value names: this package's variant, and the source format it implies (if any)."""
 
     variant: str
     source_format: str | None
     arch: str | None  # the source library's architecture name, when the setting was one
 
 
-def resolve_model_name(name: str) -> ModelName:
+def resolve_model_name(name: str) -> ArchitectureName:
     """``efficientnet-b0`` (this package's names) or a timm / torchvision architecture name
     (``tf_efficientnet_lite0``, ``efficientnet_b3``, with or without a timm ``.tag``)."""
     if name in VARIANTS:
-        return ModelName(name, None, None)
+        return ArchitectureName(name, None, None)
     arch = name.split(".", 1)[0].strip().lower()
     found = _ARCH_RE.fullmatch(arch)
     if found is None:
@@ -117,7 +117,7 @@ def resolve_model_name(name: str) -> ModelName:
                          "torchvision name such as tf_efficientnet_lite0 or efficientnet_b0")
     variant = f"efficientnet-{found.group(2)}"
     # tf_* is timm's; a plain efficientnet_* is timm's native family or torchvision's: the keys decide.
-    return ModelName(variant, "timm_tf" if found.group(1) else None, arch)
+    return ArchitectureName(variant, "timm_tf" if found.group(1) else None, arch)
 
 
 def detect_layout(keys) -> str | None:
@@ -278,7 +278,7 @@ def _timm_family(arch: str | None) -> str | None:
     return "timm_tf" if found.group(1) else "timm"
 
 
-def _resolve_format(path, raw: RawCheckpoint, layout: str, name: ModelName, weights_format: str) -> str:
+def _resolve_format(path, raw: RawCheckpoint, layout: str, name: ArchitectureName, weights_format: str) -> str:
     if weights_format != "auto":
         if weights_format not in SOURCE_FORMATS:
             raise WeightsError(f"unknown weights format {weights_format!r}; expected auto or one of "

@@ -4,7 +4,9 @@ A front-end opens an ``AccessRecord`` when a request arrives (method, path, requ
 request entry notes the image count, ``fail`` notes a service error (status, code, metric reason, which
 image), and ``finish`` writes the request metrics and one JSON access-log line. What the line holds, which
 errors are also logged as server faults, and which request ids are accepted from a client are decided
-here and nowhere else.
+here and nowhere else. What depends on the transport comes from the front-end that opened the record:
+``endpoint`` (the metrics label: the route or method it served), the span's name, kind and attributes,
+and the attribute its status goes in. The record never looks at a path or a protocol's name.
 
 The record also owns the request's trace span (service/core/tracing.py) while tracing is on: the
 front-end hands ``start_trace`` the caller's W3C headers (or gRPC metadata), ``fail`` notes the error on
@@ -38,23 +40,26 @@ def request_id(incoming: str | None) -> str:
     return incoming if incoming and REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
 
 
-# Probes and scrapes are not traced: a span every few seconds per replica says nothing about requests.
-UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
-
-
 class RequestObserver(Protocol):
-    def observe_request(self, path: str, status: int, duration_s: float, reject_reason: str | None,
+    def observe_request(self, endpoint: str, status: int, duration_s: float, reject_reason: str | None,
                         trace_id: str | None = None) -> None: ...
+
+
+# The metrics label of a request no route of its front-end served (an unknown path): bounded, whatever
+# paths clients send.
+UNMATCHED = "other"
 
 
 @dataclass
 class AccessRecord:
     """What the metrics and the access log know about one request."""
 
-    method: str  # the HTTP method, "gRPC" or "CLI"
+    method: str  # as the access log shows it: the HTTP method, or the front-end's name
     path: str  # the URL path, the gRPC method's full name, or the batch command's file
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     client: str | None = None
+    endpoint: str = UNMATCHED  # the metrics label, set by the front-end (its route's template, its method)
+    status_attribute: str = "effnet.status_code"  # the span attribute the status goes in (front-end's choice)
     status: int = 200
     reject_reason: str | None = None
     error_code: str | None = None
@@ -66,33 +71,26 @@ class AccessRecord:
     error_message: str | None = field(default=None, repr=False)
     server_fault: bool = False
 
-    def start_trace(self, carrier: Mapping[str, str] | None = None, *, parent: Any = None) -> None:
-        """Open the request's span (nothing while tracing is off, or for a probe): joined to the caller's
+    def start_trace(self, name: str, kind: str, attributes: Mapping[str, Any], *,
+                    carrier: Mapping[str, str] | None = None, parent: Any = None) -> None:
+        """Open the request's span (nothing while tracing is off): ``name``, ``kind`` ("server",
+        "internal") and the transport's ``attributes`` come from the front-end; joined to the caller's
         trace from ``carrier`` (W3C ``traceparent``/``tracestate``, lower-case keys), or under ``parent``
         (a span of this process: the batch command's run)."""
-        if tracing.tracer() is None or self.path in UNTRACED_PATHS:
+        if tracing.tracer() is None:
             return
-        attributes: dict[str, Any] = {"effnet.request_id": self.request_id}
+        every: dict[str, Any] = {"effnet.request_id": self.request_id, **attributes}
         if self.client:
-            attributes["client.address"] = self.client
-        if self.method == "gRPC":
-            service, _, rpc = self.path.lstrip("/").rpartition("/")
-            name, kind = self.path.lstrip("/"), "server"
-            attributes.update({"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc})
-        elif self.method == "CLI":
-            name, kind = "efficientnet-batch image", "internal"
-            attributes["effnet.file"] = self.path
-        else:
-            from service.core.metrics import endpoint_label
-
-            route = endpoint_label(self.path)
-            name, kind = self.method, "server"
-            attributes.update({"http.request.method": self.method, "url.path": self.path})
-            if route != "other":
-                name = f"{self.method} {route}"
-                attributes["http.route"] = route
+            every["client.address"] = self.client
         wall_started = time.time_ns() - int((time.perf_counter() - self.started) * 1e9)
-        self.trace = tracing.start_request(name, kind, attributes, carrier, parent, start_time_ns=wall_started)
+        self.trace = tracing.start_request(name, kind, every, carrier, parent, start_time_ns=wall_started)
+
+    def rename(self, name: str, **attributes: Any) -> None:
+        """Name the span once the front-end knows what it served (an HTTP route is known after routing)."""
+        if self.trace is not None:
+            self.trace.span.update_name(name)
+            for key, value in attributes.items():
+                self.trace.span.set_attribute(key, value)
 
     @property
     def trace_id(self) -> str | None:
@@ -145,17 +143,14 @@ class AccessRecord:
         trace = self.trace
         if metrics is not None:
             sampled = trace.trace_id if trace is not None and trace.sampled else None
-            metrics.observe_request(self.path, self.status, duration, self.reject_reason, sampled)
+            metrics.observe_request(self.endpoint, self.status, duration, self.reject_reason, sampled)
         access_log.info("request", extra=self.fields(duration))
         if trace is not None:
             self._end_span(trace)
 
     def _end_span(self, trace: tracing.RequestTrace) -> None:
         span = trace.span
-        if self.method == "gRPC" or self.method == "CLI":
-            span.set_attribute("effnet.status_code", self.status)
-        else:
-            span.set_attribute("http.response.status_code", self.status)
+        span.set_attribute(self.status_attribute, self.status)
         if self.images is not None:
             span.set_attribute("effnet.images", self.images)
         if self.status >= 400 or self.error_code:
@@ -167,4 +162,4 @@ class AccessRecord:
         span.end()
 
 
-__all__ = ["REQUEST_ID_PATTERN", "AccessRecord", "access_log", "request_id"]
+__all__ = ["REQUEST_ID_PATTERN", "UNMATCHED", "AccessRecord", "access_log", "request_id"]

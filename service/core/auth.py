@@ -5,10 +5,10 @@ from __future__ import annotations
 import hmac
 
 from service.core.errors import Unauthorized
-from service.core.settings import Settings
+from service.core.settings import ServerSettings
 
 
-def check_api_key(settings: Settings, supplied: str | None) -> None:
+def check_api_key(settings: ServerSettings, supplied: str | None) -> None:
     """Raise ``Unauthorized`` unless ``supplied`` is the configured key (or none is configured); the
     comparison takes the same time wherever the strings differ."""
     key = settings.api_key
@@ -18,7 +18,7 @@ def check_api_key(settings: Settings, supplied: str | None) -> None:
         raise Unauthorized()
 
 
-def check_bearer(settings: Settings, authorization: str | None) -> None:
+def check_bearer(settings: ServerSettings, authorization: str | None) -> None:
     """``check_api_key`` on the value of an ``Authorization: Bearer <key>`` header (or gRPC metadata)."""
     scheme, _, supplied = (authorization or "").partition(" ")
     check_api_key(settings, supplied.strip() if scheme.lower() == "bearer" else None)

@@ -188,7 +188,7 @@ class DynamicBatcher:
         self._buffers = list(buffers) if buffers is not None else None
         self._spans = spans
         self._queue: deque[_Item] = deque()
-        self._admitted = 0  # reserved room + queued items: what max_queue bounds
+        self._depth = 0  # reserved room + queued items: what max_queue bounds
         self._running = 0  # items in the batches being run
         self._free_slots = list(range(max_concurrent_batches - 1, -1, -1))  # a stack: slot 0 first
         self._slot_freed = asyncio.Event()
@@ -205,13 +205,14 @@ class DynamicBatcher:
             self._worker = asyncio.get_running_loop().create_task(self._work(), name="effnet-batcher")
 
     @property
-    def admitted(self) -> int:
-        """Images reserved or queued, not yet in a running batch."""
-        return self._admitted
+    def depth(self) -> int:
+        """Images reserved or queued, not yet in a running batch (what ``max_queue`` bounds and the queue
+        depth gauge shows)."""
+        return self._depth
 
     @property
     def idle(self) -> bool:
-        return self._admitted == 0 and self._running == 0
+        return self._depth == 0 and self._running == 0
 
     @property
     def batches_in_flight(self) -> int:
@@ -221,26 +222,11 @@ class DynamicBatcher:
     def accepting(self) -> bool:
         return self._accepting
 
-    def stop_accepting(self) -> None:
+    async def close(self) -> None:
+        """Refuse new work and stop the worker; whatever is still queued or running fails with
+        ``ShuttingDown``. Waiting for admitted work first is the drain's (``service.core.lifecycle``),
+        which waits while the batcher is not ``idle``."""
         self._accepting = False
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until nothing is reserved, queued or running; False if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
-        while not self.idle:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-
-    async def close(self, drain_timeout: float = 0.0) -> None:
-        """Refuse new work, let admitted work finish (up to ``drain_timeout``), then stop the worker.
-
-        Whatever is still queued afterwards is failed with ``ShuttingDown``.
-        """
-        self.stop_accepting()
-        if drain_timeout > 0:
-            await self.wait_idle(drain_timeout)
         if self._worker is not None:
             self._worker.cancel()
             try:
@@ -256,10 +242,10 @@ class DynamicBatcher:
         while self._queue:
             item = self._queue.popleft()
             item.queued = False
-            self._admitted -= 1
+            self._depth -= 1
             if not item.future.done():
                 item.future.set_exception(ShuttingDown("server is shutting down"))
-        self._observer.queue_depth_changed(self._admitted)
+        self._observer.queue_depth_changed(self._depth)
         if self._own_executor:
             # Not waiting: a batch still running in the thread finishes in the background.
             self._executor.shutdown(wait=False)
@@ -273,15 +259,15 @@ class DynamicBatcher:
             raise ShuttingDown("server is shutting down")
         if size > self.max_queue:
             raise QueueFull(f"a request of {size} images can never fit the queue of {self.max_queue}")
-        if self._admitted + size > self.max_queue:
-            raise QueueFull(f"queue full ({self._admitted} of {self.max_queue} images admitted); retry later")
-        self._admitted += size
-        self._observer.queue_depth_changed(self._admitted)
+        if self._depth + size > self.max_queue:
+            raise QueueFull(f"queue full ({self._depth} of {self.max_queue} images admitted); retry later")
+        self._depth += size
+        self._observer.queue_depth_changed(self._depth)
         return Reservation(self, size)
 
     def _unreserve(self, size: int) -> None:
-        self._admitted -= size
-        self._observer.queue_depth_changed(self._admitted)
+        self._depth -= size
+        self._observer.queue_depth_changed(self._depth)
 
     def _enqueue(self, arrays: Sequence[np.ndarray], trace: tracing.RequestTrace | None = None,
                  queue_wait: tracing.QueueWait | None = None) -> list[_Item]:
@@ -307,8 +293,8 @@ class DynamicBatcher:
                 item.queued = False
                 removed += 1
         if removed:
-            self._admitted -= removed
-            self._observer.queue_depth_changed(self._admitted)
+            self._depth -= removed
+            self._observer.queue_depth_changed(self._depth)
 
     # -- the worker ------------------------------------------------------------------------------------
     async def _work(self) -> None:
@@ -345,7 +331,7 @@ class DynamicBatcher:
         deadline = self._queue[0].enqueued_at + self.max_delay_s
         # Wait for more images only while some are on their way (admitted, still decoding): when
         # everything admitted is already queued, waiting could only add latency.
-        while 0 < len(self._queue) < self.max_batch_size and self._admitted > len(self._queue):
+        while 0 < len(self._queue) < self.max_batch_size and self._depth > len(self._queue):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -366,8 +352,8 @@ class DynamicBatcher:
             item.queued = False
             if item.queue_wait is not None:
                 item.queue_wait.taken()
-        self._admitted -= len(batch)
-        self._observer.queue_depth_changed(self._admitted)
+        self._depth -= len(batch)
+        self._observer.queue_depth_changed(self._depth)
         return batch
 
     async def _run(self, batch: list[_Item], slot: int) -> None:

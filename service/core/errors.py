@@ -103,6 +103,19 @@ class NoClassifier(ServiceError):
     reject_reason = "bad_request"
 
 
+class InvalidParameter(ServiceError):
+    """A request parameter out of the range the served model allows (``top_k`` above its classes); the
+    same 422 a parameter the front-end's own validation refuses gets. ``parameter``: its name."""
+
+    status_code = 422
+    code = "invalid_parameters"
+    reject_reason = "invalid_parameters"
+
+    def __init__(self, message: str, *, parameter: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
 class ModelNotFound(ServiceError):
     """No model of that name is served (never was, or was unloaded); the message lists the ones that are."""
 
@@ -177,3 +190,8 @@ class ClientGone(ServiceError):
 
 class StartupError(RuntimeError):
     """A start that cannot succeed: unknown model, bad weights, missing device, bad labels file."""
+
+
+class ConfigurationError(StartupError):
+    """Settings that cannot work together on this machine (found when they are resolved): a usage error,
+    which ``efficientnet-serve`` answers with exit status 2 like an invalid setting."""

@@ -35,10 +35,10 @@ from model.export import ExportError
 from model.sources import load_source_checkpoint, resolve_model_name, source_preprocess
 from service.core.engines import Engine, build_engine
 from service.core.engines.int8 import Int8Engine
-from service.core.errors import StartupError
+from service.core.errors import ConfigurationError, StartupError
 from service.core.imaging import Preprocessor
 from service.core.quantized import Int8Info, int8_engine
-from service.core.settings import Settings
+from service.core.settings import ModelSettings, ModelSpec, ServerSettings
 
 log = logging.getLogger("service.core.loading")
 
@@ -47,7 +47,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A ready engine plus the facts /info reports."""
+    """A model ready to serve: its engine, the facts /info reports, and the spec it was loaded from, with
+    its settings resolved (``settings``: what every later step reads; nothing resolves them again)."""
 
     engine: Engine
     variant: VariantConfig  # its preprocess is the one served (the source's, with the settings' overrides)
@@ -61,6 +62,24 @@ class LoadedModel:
     source_format: str = "efficientnet_pytorch"  # the checkpoint's library (model.sources.SOURCE_FORMATS)
     weights_container: str | None = None  # the key the weights were under in the file, if any
     labels_source: str = "imagenet"  # "imagenet" | "file" | "generic" | "none"
+    spec: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(None, "built in code", ModelSettings()))
+
+    @property
+    def name(self) -> str:
+        """What requests call it: the spec's name (a repository's folder), else the variant's."""
+        return self.spec.name or self.variant.name
+
+    @property
+    def settings(self) -> ModelSettings:
+        """The model's settings, resolved at load (a model built in code resolves its spec's on first use)."""
+        settings = self.spec.settings
+        return settings if settings.is_resolved else settings.resolved()
+
+    def describe(self) -> str:
+        """One line for the logs: variant, head, engine, device and dtype."""
+        engine = self.engine
+        head = f"{self.num_classes} classes" if self.has_classifier else "features only"
+        return f"{self.variant.name}, {head}, {engine.backend} on {engine.device} ({engine.dtype})"
 
     @property
     def num_classes(self) -> int:
@@ -174,7 +193,7 @@ def _labels(path: str | None, num_classes: int) -> tuple[list[str], str]:
     return names, "file"
 
 
-def served_preprocess(base: PreprocessConfig, settings: Settings) -> PreprocessConfig:
+def served_preprocess(base: PreprocessConfig, settings: ModelSettings) -> PreprocessConfig:
     """The source's preprocessing with the settings' overrides (a model fine-tuned at another size or
     normalisation). A new input size keeps the source's crop fraction unless a resize is given."""
     changes: dict[str, Any] = {}
@@ -217,12 +236,19 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Build, load, move and probe the model; ``StartupError`` with one clear sentence if impossible."""
+def load_model(spec: ModelSpec | ModelSettings) -> LoadedModel:
+    """Build, load, move and probe the model; ``StartupError`` with one clear sentence if impossible.
+
+    ``spec``: what to load (a bare ``ModelSettings`` is the model of those settings, named after its
+    variant). Its settings are resolved here, once; the loaded model carries them."""
+    if isinstance(spec, ModelSettings):
+        spec = ModelSpec(None, "EFFNET_* settings", spec)
     try:
-        settings = settings.resolved()
+        settings = spec.settings.resolved()
     except ValueError as exc:
-        raise StartupError(f"invalid configuration: {exc}") from None
+        raise ConfigurationError(f"invalid configuration: {exc}") from None
+    spec = dataclasses.replace(spec, settings=settings)
+    log.info("%ssettings resolved: %s", f"model '{spec.name}': " if spec.name else "", settings.describe_resolved())
     try:
         name = resolve_model_name(settings.model)
     except ValueError as exc:
@@ -322,10 +348,11 @@ def load_model(settings: Settings) -> LoadedModel:
         source_format=source_format,
         weights_container=container,
         labels_source=labels_source,
+        spec=spec,
     )
 
 
-def _int8_engine(settings: Settings, backend: str, net: EfficientNet, variant: Any,
+def _int8_engine(settings: ModelSettings, backend: str, net: EfficientNet, variant: Any,
                  weights_sha256: str | None) -> tuple[Engine, Int8Info]:
     """The int8 engine from EFFNET_INT8_MODEL, the cache, or a quantisation on EFFNET_CALIBRATION_DIR."""
     size = variant.preprocess.input_size
@@ -336,7 +363,7 @@ def _int8_engine(settings: Settings, backend: str, net: EfficientNet, variant: A
                     "EFFNET_DTYPE=bfloat16 with EFFNET_BACKEND=openvino is faster where the CPU has bf16",
                     variant.name)
     # Calibration photos go through the service's own preprocessing (draft decoding included).
-    preprocessor = Preprocessor(variant.preprocess, max_pixels=settings.max_image_pixels)
+    preprocessor = Preprocessor(variant.preprocess, max_pixels=ServerSettings.model_fields["max_image_pixels"].default)
     if weights_sha256 is not None:
         # The int8 cache is keyed by the weights' digest: fold in what else changes the quantised graph
         # (padding and epsilon of the checkpoint's source, the normalisation inside the graph), so a

@@ -9,7 +9,6 @@ answers it when the scraper's Accept header asks for ``application/openmetrics-t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -29,22 +28,6 @@ from service.core.batching import BatchObserver
 from service.core.engines.base import batch_buckets
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ENDPOINTS = ("/predict", "/features", "/healthz", "/readyz", "/info", "/metrics", "/docs", "/openapi.json", "/")
-# Static files under these prefixes share one label each (bounded, whatever paths clients ask for).
-STATIC_PREFIXES = {"/web/": "/web/*", "/docs/assets/": "/docs/assets/*"}
-# Open Inference Protocol (V2) routes by their template: a model name or version in the path never becomes a
-# label value. ``/versions/{version}`` is folded into the same label as the unversioned route.
-V2_ENDPOINTS = ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}", "/v2/models/{model}/ready",
-                "/v2/models/{model}/infer", "/v2/repository/index", "/v2/repository/models/{model}/load",
-                "/v2/repository/models/{model}/unload")
-_V2_MODEL_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer)?$")
-_V2_REPOSITORY_PATH = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
-# gRPC methods are labelled by their full method name.
-GRPC_ENDPOINTS = tuple(
-    f"/inference.GRPCInferenceService/{m}"
-    for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-              "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
-) + ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 REJECT_REASONS = (
     "queue_full",
     "timeout",
@@ -66,19 +49,6 @@ REJECT_REASONS = (
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     """The engines' batch-size buckets (1, 2, 4, ... max_batch_size), so each power of two is visible."""
     return tuple(float(size) for size in batch_buckets(max_batch_size))
-
-
-def endpoint_label(path: str) -> str:
-    if path in ENDPOINTS or path in GRPC_ENDPOINTS or path in V2_ENDPOINTS:
-        return path
-    if path.startswith("/v2/models/") and (match := _V2_MODEL_PATH.match(path)):
-        return "/v2/models/{model}" + (match.group(1) or "")
-    if path.startswith("/v2/repository/") and (match := _V2_REPOSITORY_PATH.match(path)):
-        return "/v2/repository/models/{model}/" + match.group(1)
-    for prefix, label in STATIC_PREFIXES.items():
-        if path.startswith(prefix):
-            return label
-    return "other"
 
 
 class Metrics:
@@ -189,10 +159,11 @@ class Metrics:
         self.queue_depth.labels(name).set(0)
         self.batches_in_flight.labels(name).set(0)
 
-    def observe_request(self, path: str, status: int, duration_s: float, reject_reason: str | None,
+    def observe_request(self, endpoint: str, status: int, duration_s: float, reject_reason: str | None,
                         trace_id: str | None = None) -> None:
-        """``trace_id``: a sampled request's trace, kept as the latency bucket's exemplar."""
-        endpoint = endpoint_label(path)
+        """One answered request. ``endpoint``: its label, chosen by the front-end that served it (the
+        route's template, the gRPC method; bounded, never a raw path); ``trace_id``: a sampled request's
+        trace, kept as the latency bucket's exemplar."""
         self.requests.labels(endpoint, str(status)).inc()
         exemplar = {"trace_id": trace_id} if trace_id else None
         self.request_duration.labels(endpoint).observe(duration_s, exemplar)
@@ -242,4 +213,4 @@ class ModelMetrics(BatchObserver):
             self._failures.inc()
 
 
-__all__ = ["ENDPOINTS", "Metrics", "ModelMetrics", "REJECT_REASONS", "batch_size_buckets", "endpoint_label"]
+__all__ = ["Metrics", "ModelMetrics", "REJECT_REASONS", "batch_size_buckets"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.core.errors import NoClassifier
+from service.core.errors import InvalidParameter, NoClassifier
 
 NO_CLASSIFIER = ("the served checkpoint has no classifier (it was saved without one, e.g. include_top=False or "
                  "num_classes=0): it answers features only (/features, the V2 'features' output)")
@@ -24,11 +24,27 @@ class ClassScore:
     score: float
 
 
-def require_classifier(model: object) -> None:
+class HasClasses:
+    """What the checks below read of a model (a ``LoadedModel``, or a description of one)."""
+
+    num_classes: int
+
+
+def require_classifier(model: HasClasses) -> None:
     """``NoClassifier`` (422) unless the served model has a classifier: the one check every front-end's
-    classification path goes through (``model``: a ``LoadedModel``)."""
-    if not getattr(model, "has_classifier", True):
+    classification path goes through."""
+    if model.num_classes == 0:
         raise NoClassifier(NO_CLASSIFIER)
+
+
+def check_top_k(model: HasClasses, k: int, parameter: str = "top_k") -> None:
+    """The classification checks of every door (``/predict``'s ``top_k``, V2's ``classification``, the
+    batch command's ``--top-k``): the model has a classifier, and ``k`` is between 1 and its classes.
+    ``InvalidParameter`` (422) names ``parameter`` otherwise."""
+    require_classifier(model)
+    if k < 1 or k > model.num_classes:
+        raise InvalidParameter(f"{parameter}: must be between 1 and the model's {model.num_classes} classes, "
+                               f"not {k}", parameter=parameter)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -8,11 +8,11 @@ its own (``EFFNET_MODEL_REPOSITORY``), as Triton and TorchServe lay theirs out.
                           labels = "labels.txt"
                           max_batch_size = 16
 
-The folder's name is the model's name. A ``model.toml`` sets what the single-model ``EFFNET_*`` settings
-set for one model: ``variant`` (``EFFNET_MODEL``), the checkpoint and its labels, the preprocessing, and the
-engine and batching settings. Paths are relative to the model's folder. What it does not say about the
-checkpoint comes from the checkpoint (never from ``EFFNET_WEIGHTS``); the engine and batching settings it
-does not give are the server's ``EFFNET_*`` values. Anything else is refused with the model's name, the
+The folder's name is the model's name. A ``model.toml`` sets a model's settings (``ModelSettings``, the
+keys are its field names): ``variant`` (``EFFNET_MODEL``), the checkpoint and its labels, the
+preprocessing, and the engine and batching settings. Paths are relative to the model's folder. What it
+does not say about the checkpoint comes from the checkpoint (never from ``EFFNET_WEIGHTS``); the engine
+and batching settings it does not give are the ``EFFNET_*`` values. Anything else is refused with the model's name, the
 file and the key, so a typo never falls back to a default silently.
 
 Reading is cheap and has no side effects: ``ModelRepository.spec(name)`` reads the file again each time,
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,51 +34,36 @@ else:  # pragma: no cover - Python 3.10
 from pydantic import ValidationError
 
 from service.core.errors import StartupError
-from service.core.settings import Settings
+from service.core.settings import IDENTITY_FIELDS, ModelSettings, ModelSpec
 
 MODEL_FILE = "model.toml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-# The model's identity: set only by its model.toml (the setting it maps to; ``variant`` is EFFNET_MODEL).
-IDENTITY_KEYS = {
-    "variant": "model", "weights": "weights", "labels": "labels", "weights_format": "weights_format",
-    "input_size": "input_size", "resize_size": "resize_size", "crop_fraction": "crop_fraction",
-    "interpolation": "interpolation", "mean": "mean", "std": "std", "int8_model": "int8_model",
-    "calibration_dir": "calibration_dir",
-}
-# How it runs: the server's EFFNET_* value unless its model.toml says otherwise.
-RUN_KEYS = ("device", "dtype", "backend", "max_batch_size", "max_batch_delay_ms", "max_queue",
-            "max_concurrent_batches", "cuda_graphs", "warmup")
-PATH_KEYS = ("weights", "labels", "int8_model", "calibration_dir")
+# A model.toml's keys are ModelSettings' fields, except that the network is its ``variant``.
+FILE_KEY = {"model": "variant"}
+SETTING = {key: field for field, key in FILE_KEY.items()}
+PATH_KEYS = ("weights", "labels", "int8_model", "calibration_dir", "cache_dir")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model as the repository describes it: its name, its file and the settings that load it."""
-
-    name: str
-    source: str  # where it was described (the model.toml's path), for messages
-    settings: Settings  # not resolved: ``load_model`` resolves them
+def _file_key(field: str) -> str:
+    return FILE_KEY.get(field, field)
 
 
 def _problems(exc: ValidationError) -> str:
     """A refused model.toml in one line, each problem under its key's name in the file."""
-    keys = {setting: key for key, setting in IDENTITY_KEYS.items()}
-    return "; ".join((f"{keys.get(str(e['loc'][0]), e['loc'][0])}: " if e["loc"] else "") + e["msg"]
-                     for e in exc.errors())
+    return "; ".join((f"{_file_key(str(e['loc'][0]))}: " if e["loc"] else "") + e["msg"] for e in exc.errors())
 
 
 class ModelRepository:
     """The folder of models. ``names()`` lists them; ``spec(name)`` reads one (``StartupError`` naming the
     model, its file and the problem)."""
 
-    def __init__(self, root: str | Path, base: Settings) -> None:
+    def __init__(self, root: str | Path, base: ModelSettings) -> None:
         self.root = Path(root)
         self.base = base
         if not self.root.is_dir():
             raise StartupError(f"EFFNET_MODEL_REPOSITORY {str(self.root)!r} is not a folder")
-        given = sorted(f"EFFNET_{IDENTITY_KEYS[k].upper()}" for k in IDENTITY_KEYS
-                       if IDENTITY_KEYS[k] in base.model_fields_set)
+        given = sorted(f"EFFNET_{field.upper()}" for field in IDENTITY_FIELDS if field in base.model_fields_set)
         if given:
             raise StartupError(
                 f"{', '.join(given)} describe(s) a single model and cannot be combined with "
@@ -109,11 +93,12 @@ class ModelRepository:
             raise StartupError(f"{where}: not valid TOML: {exc}") from None
         return ModelSpec(name, str(path), self._settings(raw, folder, where))
 
-    def _settings(self, raw: dict[str, Any], folder: Path, where: str) -> Settings:
-        unknown = sorted(set(raw) - set(IDENTITY_KEYS) - set(RUN_KEYS))
+    def _settings(self, raw: dict[str, Any], folder: Path, where: str) -> ModelSettings:
+        keys = {_file_key(field) for field in ModelSettings.model_fields}
+        unknown = sorted(set(raw) - keys)
         if unknown:
-            known = ", ".join(sorted([*IDENTITY_KEYS, *RUN_KEYS]))
-            raise StartupError(f"{where}: unknown key(s) {', '.join(unknown)}; a model.toml may set {known}")
+            raise StartupError(f"{where}: unknown key(s) {', '.join(unknown)}; a model.toml may set "
+                               f"{', '.join(sorted(keys))}")
         if "variant" not in raw:
             raise StartupError(f"{where}: no 'variant' (e.g. variant = \"efficientnet-b0\")")
         values: dict[str, Any] = {}
@@ -122,13 +107,13 @@ class ModelRepository:
                 value = str((folder / value).resolve())
             elif key in ("mean", "std") and isinstance(value, list):
                 value = ",".join(str(v) for v in value)
-            values[IDENTITY_KEYS.get(key, key)] = value
-        # The server's settings, less the single-model identity (each model's comes from its own file:
-        # given explicitly, so the environment can never fill in EFFNET_WEIGHTS or EFFNET_LABELS).
-        server = self.base.model_dump(include=self.base.model_fields_set - set(IDENTITY_KEYS.values()))
-        identity = {field: Settings.model_fields[field].default for field in IDENTITY_KEYS.values()}
+            values[SETTING.get(key, key)] = value
+        # The environment's model settings, less the identity (each model's comes from its own file: given
+        # explicitly, so the environment can never fill in EFFNET_WEIGHTS or EFFNET_LABELS).
+        inherited = self.base.model_dump(include=self.base.model_fields_set - set(IDENTITY_FIELDS))
+        identity = {field: ModelSettings.model_fields[field].default for field in IDENTITY_FIELDS}
         try:
-            return Settings(**{**server, **identity, **values})
+            return ModelSettings(**{**inherited, **identity, **values})
         except ValidationError as exc:
             raise StartupError(f"{where}: {_problems(exc)}") from None
         except ValueError as exc:

@@ -1,8 +1,8 @@
-"""The running service: engine, batcher and decode pool, plus the lifecycle the probes report.
+"""One served model at work: its engine, dynamic batcher, statistics and lifecycle (``ServedModel``).
 
-Every front-end (HTTP, V2 REST and gRPC, the batch command) drives this one object through one entry,
+Every front-end (HTTP, V2 REST and gRPC, the batch command) drives a served model through one entry,
 ``serve``: admission, the image cap, the deadline, cancellation when the caller leaves, decoding, batching
-and inference, with errors that say which image failed. Probes read ``state`` (a ``Lifecycle``) or
+and inference, with errors that say which image failed. Probes read ``state`` (service.core.lifecycle) or
 subscribe to its changes. It knows nothing of any transport.
 """
 
@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 
@@ -25,76 +24,31 @@ from service.core.batching import DynamicBatcher
 from service.core.engines.base import warm_up_on_threads
 from service.core.errors import (
     BadRequest,
+    ClientGone,
     InvalidImage,
-    NotReady,
     QueueFull,
     RequestTimeout,
     ServiceError,
-    ShuttingDown,
     TooManyImages,
 )
 from service.core.imaging import Preprocessor
+from service.core.lifecycle import Lifecycle, State
 from service.core.loading import LoadedModel
 from service.core.metrics import Metrics
-from service.core.settings import Settings
-from service.core.statistics import ModelStatistics, ObserverGroup
+from service.core.settings import ServerSettings
+from service.core.statistics import BatchObservers, ModelStatistics
 
 log = logging.getLogger("service.core.runtime")
 
-
-class Lifecycle(str, Enum):
-    """The states the probes report, in order. Every front-end follows ``InferenceService.state``.
-
-    ``warming`` (loaded, warm-up passes running; readiness 503) -> ``ready`` -> ``lame_duck`` (SIGTERM
-    came: readiness 503 so load balancers take the replica out, but requests are still admitted and
-    answered; responses ask clients to close their connections) -> ``draining`` (new requests refused
-    with 503 ``shutting_down``, admitted ones still answered) -> ``stopped``. A warm-up that fails moves
-    to ``failed``: liveness turns 503 and the server exits non-zero with ``failure``.
-
-    For a front-end: ``ready`` is readiness (``/readyz``, V2 ready, gRPC health "serving"), ``live`` is
-    liveness; work is admitted while ``admits_requests``; ``shutting_down`` is true from ``lame_duck`` on.
-    """
-
-    STARTING = "starting"
-    WARMING = "warming"
-    READY = "ready"
-    LAME_DUCK = "lame_duck"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-    @property
-    def shutting_down(self) -> bool:
-        """On the way out (lame duck, draining, stopped): readiness 503, connections closed after use."""
-        return self in (Lifecycle.LAME_DUCK, Lifecycle.DRAINING, Lifecycle.STOPPED)
-
-    @property
-    def admits_requests(self) -> bool:
-        """New inference requests are accepted (ready, or lame duck: still served while LBs catch up)."""
-        return self in (Lifecycle.READY, Lifecycle.LAME_DUCK)
-
-    @property
-    def ready(self) -> bool:
-        """Readiness: warmed up and not leaving. Load balancers send traffic only while this is true."""
-        return self is Lifecycle.READY
-
-    @property
-    def live(self) -> bool:
-        """Liveness: false only after a fatal failure (the orchestrator should restart the process)."""
-        return self is not Lifecycle.FAILED
-
-    def not_ready_error(self) -> ServiceError:
-        """The 503 a readiness probe (or a request refused for the same reason) gets in this state."""
-        if self.shutting_down:
-            return ShuttingDown("server is shutting down; retry on another instance", headers={"Connection": "close"})
-        if self is Lifecycle.FAILED:
-            return NotReady("service failed after start-up; see the server log")
-        return NotReady(f"model is not ready yet ({self.value})")
+# A transport that cancels a request itself when its deadline passes (gRPC) reaches the core as a plain
+# cancellation; the client's own timer fires first by the one-way delay, so a cancellation within this
+# long of the request's deadline is its timeout, not a caller that left.
+DEADLINE_SLACK_S = 0.05
 
 
 @dataclass
 class InferenceRequest:
-    """One request as every front-end hands it to ``InferenceService.serve``: encoded images (with their
+    """One request as every front-end hands it to ``ServedModel.serve``: encoded images (with their
     file names, if any) or already preprocessed pixels, and the caller's own deadline if it has one."""
 
     images: Sequence[tuple[str | None, bytes]] = ()
@@ -106,55 +60,58 @@ class InferenceRequest:
         return len(self.pixels) if self.pixels is not None else len(self.images)
 
 
-class AdmissionBudget:
-    """A bound on the images admitted at once across several models (``EFFNET_MAX_QUEUE_TOTAL``): a
-    request takes its images' worth when admitted and gives it back when answered."""
+class QueueBudget:
+    """A bound on the images held at once across several models (``EFFNET_MAX_QUEUE_TOTAL``): a request
+    takes its images' worth once admitted and gives it back when answered."""
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
-        self.admitted = 0
+        self.held = 0
 
     @contextmanager
     def take(self, images: int) -> Iterator[None]:
-        if self.limit is not None and self.admitted + images > self.limit:
-            raise QueueFull(f"server queue full ({self.admitted} of {self.limit} images admitted across all "
+        if self.limit is not None and self.held + images > self.limit:
+            raise QueueFull(f"server queue full ({self.held} of {self.limit} images admitted across all "
                             "models); retry later")
-        self.admitted += images
+        self.held += images
         try:
             yield
         finally:
-            self.admitted -= images
+            self.held -= images
 
 
 Outputs = tuple[np.ndarray, ...]
 """Per image: (pooled features, logits), as the engine returns them."""
 
 
-class InferenceService:
-    """One served model: its engine, dynamic batcher, queue bound, statistics and lifecycle. ``name``: what
-    requests call it (default: the variant's name). ``decode_pool``: decode threads shared with other
-    models (default: its own). ``statistics``: carried over from the instance it replaces (a reload)."""
+class ServedModel:
+    """One served model: its engine, dynamic batcher, queue bound, statistics and lifecycle.
+
+    ``model``: the loaded model (its name, engine and resolved settings); ``server``: the server's
+    settings (request limits, deadline). ``decode_pool``: decode threads shared with other models
+    (default: its own). ``statistics``: carried over from the instance it replaces (a reload).
+    ``budget``: the bound on images admitted across every model of the server."""
 
     def __init__(
         self,
-        settings: Settings,
         model: LoadedModel,
+        server: ServerSettings,
         metrics: Metrics,
         *,
-        name: str | None = None,
         decode_pool: ThreadPoolExecutor | None = None,
         statistics: ModelStatistics | None = None,
-        budget: AdmissionBudget | None = None,
+        budget: QueueBudget | None = None,
     ) -> None:
-        self.settings = settings = settings.resolved()
         self.model = model
-        self.name = name or model.variant.name
-        self.budget = budget or AdmissionBudget(None)
+        self.settings = settings = model.settings
+        self.server = server
+        self.name = model.name
+        self.budget = budget or QueueBudget(None)
         self.metrics = metrics
-        self.preprocessor = Preprocessor(model.preprocess, max_pixels=settings.max_image_pixels)
+        self.preprocessor = Preprocessor(model.preprocess, max_pixels=server.max_image_pixels)
         self._owns_decode_pool = decode_pool is None
         self._decode_pool = decode_pool or ThreadPoolExecutor(
-            settings.effective_decode_threads, thread_name_prefix="effnet-decode"
+            server.decode_threads_for([settings]), thread_name_prefix="effnet-decode"
         )
         # One inference thread per batch in flight; an engine that keeps per-slot buffers (pinned memory
         # and a CUDA stream per slot on a GPU) hands the batcher the buffers to stack into.
@@ -176,57 +133,41 @@ class InferenceService:
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
             executor=self._infer_pool,
-            observer=ObserverGroup(metrics.for_model(self.name), self.statistics),
+            observer=BatchObservers(metrics.for_model(self.name), self.statistics),
             max_concurrent_batches=slots,
             buffers=model.engine.input_buffers(slots, settings.max_batch_size),
             spans=batch_spans,
         )
-        self.state = Lifecycle.STARTING
-        self.failure: str | None = None  # why the service failed after start-up (state FAILED)
+        self.lifecycle = Lifecycle(f"model '{self.name}'")
         self.inflight = 0
-        self._drain_deadline: float | None = None  # monotonic; set by the first drain()
-        self._state_listeners: list[Callable[[Lifecycle], None]] = []
         self._warmup_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @property
     def ready(self) -> bool:
         return self.state.ready
 
-    def add_state_listener(self, listener: Callable[[Lifecycle], None]) -> None:
-        """Call ``listener(state)`` (on the event loop) at every lifecycle change, e.g. to mirror readiness
-        in a gRPC health service."""
-        self._state_listeners.append(listener)
+    @property
+    def failure(self) -> str | None:
+        """Why the model failed after start-up (state ``failed``)."""
+        return self.lifecycle.failure
 
-    def remove_state_listener(self, listener: Callable[[Lifecycle], None]) -> None:
-        if listener in self._state_listeners:
-            self._state_listeners.remove(listener)
-
-    def _set_state(self, state: Lifecycle) -> None:
-        self.state = state
-        log.info("model '%s' state: %s", self.name, state.value)
-        for listener in list(self._state_listeners):
-            try:
-                listener(state)
-            except Exception:  # a front-end's hook must not break the lifecycle
-                log.exception("state listener failed")
-
-    def enter_lame_duck(self) -> bool:
-        """SIGTERM's first step: readiness 503 while requests are still admitted. True if the service was
-        ready (load balancers may still send traffic, so the caller waits before draining); False if it
-        never was (warming, failed) or is already leaving, and there is nothing to wait for."""
-        if self.state is not Lifecycle.READY:
-            return False
-        self._set_state(Lifecycle.LAME_DUCK)
-        return True
+    @property
+    def busy(self) -> bool:
+        """Requests admitted and not yet answered, or images queued or in a running batch."""
+        return bool(self.inflight) or not self.batcher.idle
 
     async def start(self) -> None:
         self.batcher.start()
         if self.settings.warmup:
-            self._set_state(Lifecycle.WARMING)
+            self.lifecycle.set(State.WARMING)
             self._warmup_task = asyncio.get_running_loop().create_task(self._warm_up(), name="effnet-warmup")
         else:
-            self._set_state(Lifecycle.READY)
+            self.lifecycle.set(State.READY)
 
     async def warmed_up(self) -> None:
         """Return once the warm-up (if any) has ended: the state is then ready or failed."""
@@ -246,33 +187,23 @@ class InferenceService:
             raise
         except Exception as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self.failure = f"warm-up failed: {type(exc).__name__}: {detail}"
-            log.error(self.failure)
-            self._set_state(Lifecycle.FAILED)
+            failure = f"warm-up failed: {type(exc).__name__}: {detail}"
+            log.error(failure)
+            self.lifecycle.fail(failure)
             return
-        if self.state is Lifecycle.WARMING:
+        if self.state is State.WARMING:
             log.info("warm-up done in %.2f s", time.perf_counter() - started)
-            self._set_state(Lifecycle.READY)
+            self.lifecycle.set(State.READY)
 
     async def drain(self, timeout: float) -> bool:
-        """Stop admitting work and wait (up to ``timeout``) until every admitted request is answered.
-
-        The first call fixes the drain's deadline; later calls (``close()``) wait at most until then.
-        """
-        if self.state not in (Lifecycle.DRAINING, Lifecycle.STOPPED):
-            self._set_state(Lifecycle.DRAINING)
-        if self._drain_deadline is None:
-            self._drain_deadline = time.monotonic() + timeout
-        deadline = min(self._drain_deadline, time.monotonic() + timeout)
-        while self.inflight or not self.batcher.idle:
-            if time.monotonic() >= deadline:
-                log.warning("drain timed out with %d request(s) in flight", self.inflight)
-                return False
-            await asyncio.sleep(0.01)
-        return True
+        """Stop admitting work and wait (up to ``timeout``) until every admitted request is answered."""
+        drained = await self.lifecycle.drain(timeout, lambda: self.busy)
+        if not drained:
+            log.warning("drain of model '%s' timed out with %d request(s) in flight", self.name, self.inflight)
+        return drained
 
     async def close(self) -> None:
-        await self.drain(self.settings.shutdown_drain_s)
+        await self.drain(self.server.shutdown_drain_s)
         if self._warmup_task is not None and not self._warmup_task.done():
             # The pass running in the inference thread cannot be interrupted; wait for it.
             self._warmup_task.cancel()
@@ -284,14 +215,14 @@ class InferenceService:
         if self._owns_decode_pool:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._infer_pool.shutdown, wait=True)
-        self._set_state(Lifecycle.STOPPED)
+        self.lifecycle.set(State.STOPPED)
 
     # -- requests -----------------------------------------------------------------------------------------
     @property
     def max_images_per_request(self) -> int:
         """The most images one request may hold: the setting, and never more than the whole queue (a
         request that could never be admitted is a 413, not a 503)."""
-        return min(self.settings.max_images_per_request, self.settings.max_queue)
+        return min(self.server.max_images_per_request, self.settings.max_queue)
 
     def check_image_count(self, count: int | None) -> None:
         """``TooManyImages`` for a request of ``count`` images (None: more than the limit, found while
@@ -320,22 +251,31 @@ class InferenceService:
         and the span of each batch that serves it links to it.
         """
         trace = record.trace if record is not None else None
-        with self.admit():
-            started = time.perf_counter()
-            request = await read() if callable(read) else read
-            count = request.count
+        deadline: float | None = None
+        try:
+            with self.admit():
+                started = time.perf_counter()
+                request = await read() if callable(read) else read
+                count = request.count
+                if record is not None:
+                    record.images = count
+                    record.annotate(effnet_model=self.name, effnet_images=count)
+                if count < 1:
+                    raise BadRequest("the request holds no image")
+                self.check_image_count(count)
+                timeout = self.server.request_timeout_s
+                if request.timeout_s is not None:
+                    timeout = min(timeout, max(0.0, request.timeout_s))
+                deadline = time.monotonic() + timeout
+                with self.budget.take(count):
+                    return await self._run(request, deadline, cancel_when, trace, started)
+        except asyncio.CancelledError:
+            # The transport cancelled the request (gRPC does, when its caller leaves or its deadline
+            # passes): its images were withdrawn on the way out; the record says which it was.
             if record is not None:
-                record.images = count
-                record.annotate(effnet_model=self.name, effnet_images=count)
-            if count < 1:
-                raise BadRequest("the request holds no image")
-            self.check_image_count(count)
-            timeout = self.settings.request_timeout_s
-            if request.timeout_s is not None:
-                timeout = min(timeout, max(0.0, request.timeout_s))
-            deadline = time.monotonic() + timeout
-            with self.budget.take(count):
-                return await self._run(request, deadline, cancel_when, trace, started)
+                late = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+                record.fail(RequestTimeout("request not answered in time") if late else ClientGone())
+            raise
 
     async def _run(self, request: InferenceRequest, deadline: float,
                    cancel_when: Callable[[], Awaitable[object]] | None,
@@ -417,14 +357,14 @@ class InferenceService:
         size = self.preprocessor.input_size
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or len(batch) == 0:
             raise BadRequest(f"expected a batch of shape [N, 3, {size}, {size}] with N >= 1, got {list(batch.shape)}")
-        images = as_engine_input(batch)
+        images = check_pixels(batch)
         with self.batcher.reserve(len(images)) as room:
             return await room.run(list(images), timeout=deadline - time.monotonic(), cancel_when=cancel_when,
                                   trace=trace)
 
 
-def as_engine_input(batch: np.ndarray) -> np.ndarray:
-    """A preprocessed batch as an engine takes it: uint8 pixels as they are, any float as float32 (already
+def check_pixels(batch: np.ndarray) -> np.ndarray:
+    """A request's preprocessed batch as an engine takes it: uint8 pixels as they are, any float as float32 (already
     normalised); ``BadRequest`` for NaN or infinite values (before and after the cast to float32) or any
     other dtype."""
     if batch.dtype == np.uint8:

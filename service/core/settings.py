@@ -1,9 +1,18 @@
-"""Service configuration: every knob is an ``EFFNET_*`` environment variable.
+"""Configuration: every knob is an ``EFFNET_*`` environment variable, in one of two types.
 
-The README's settings table is generated from the ``Field`` descriptions below (``make docs``; a test
-fails when they differ), so each description is written for an operator, in Markdown. A default that
-depends on the machine is shown as its ``shown_default``. Defaults are chosen for a small CPU machine;
-see the README for the measurements behind the batching defaults.
+- ``ServerSettings``: the whole server (limits of a request, auth, shutdown, ports, the model repository,
+  the decode threads every model shares). Read once, at start.
+- ``ModelSettings``: one served model (which network and checkpoint, its preprocessing, engine, device and
+  batching). From the environment for a single model, or from a repository's ``model.toml`` over the
+  environment's values (``service.core.repository``). ``resolved()`` decides what depends on the machine
+  (``auto`` device and dtype, threads, GPU batching defaults); ``load_model`` calls it once and the
+  loaded model carries the result, so nothing downstream resolves again.
+- ``ModelSpec``: what a server loads for one model: its name, where it was described, its settings.
+
+The README's settings tables are generated from the ``Field`` descriptions below (``make docs``,
+``scripts/settings_table.py``; a test fails when they differ), so each description is written for an
+operator, in Markdown. A default that depends on the machine is shown as its ``shown_default``.
+Defaults are chosen for a small CPU machine; see the README for the measurements behind them.
 """
 
 from __future__ import annotations
@@ -11,7 +20,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
@@ -47,8 +57,15 @@ def gpu_expected(device: str) -> bool:
     return torch.cuda.is_available()
 
 
-class Settings(BaseSettings):
-    """All service settings, read from ``EFFNET_<NAME>`` environment variables."""
+# A model's identity: which network, checkpoint, labels and preprocessing. With a model repository each
+# model's own model.toml says them (``EFFNET_*`` may not: they describe one model); the other model
+# settings come from ``EFFNET_*`` unless the model.toml sets them.
+IDENTITY_FIELDS = ("model", "weights", "labels", "weights_format", "input_size", "resize_size", "crop_fraction",
+                   "interpolation", "mean", "std", "int8_model", "calibration_dir")
+
+
+class ModelSettings(BaseSettings):
+    """One served model's settings, read from ``EFFNET_<NAME>`` (or a model.toml over them)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
     _resolved: bool = PrivateAttr(default=False)
@@ -77,138 +94,6 @@ class Settings(BaseSettings):
 
         ),
         json_schema_extra={"shown_default": "the package's, for lite0-lite2"},
-    )
-    device: str = Field(
-        "auto",
-        description=(
-
-            "`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`. An absent GPU is a "
-            "start-up error."
-
-        ),
-    )
-    dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
-        "auto",
-        description=(
-
-            "Compute dtype: `auto` (`float32` on CPU, `bfloat16` on a GPU), `float32`, `float16` or "
-            "`bfloat16` (the latter two with the torch engine; `bfloat16` also on CPU with "
-            "`EFFNET_BACKEND=openvino` where the CPU has bf16, else a start-up error), or `int8`: a "
-            "statically quantised model on CPU with onnxruntime (or openvino), about twice the images"
-            ' per core (see "Int8 on CPU").'
-
-        ),
-    )
-    calibration_dir: str | None = Field(
-        None,
-        description=(
-
-            "With `EFFNET_DTYPE=int8`: a folder of at least 32 representative photos to quantise on "
-            "at start-up (read with the service's own preprocessing; unreadable files are skipped "
-            "with a warning; too few good ones is a start-up error). Every fifth photo is held out "
-            "and `/info` reports top-1 agreement with float32 on them."
-
-        ),
-    )
-    cache_dir: str = Field(
-        default_factory=lambda: os.path.join(tempfile.gettempdir(), "effnet-cache"),
-        description=(
-
-            "Where the int8 model quantised at start-up is cached, keyed by variant, weights SHA-256,"
-            " calibration set and library versions, so a restart does not quantise again; a corrupt "
-            "entry is rebuilt, never trusted. Unwritable: served uncached, with a warning."
-
-        ),
-        json_schema_extra={"shown_default": "`/tmp/effnet-cache`"},
-    )
-    int8_model: str | None = Field(
-        None,
-        description=(
-
-            "With `EFFNET_DTYPE=int8`: serve this file (made by `python -m model.quantize`) instead "
-            "of quantising at start-up; checked against the variant's input and outputs."
-
-        ),
-    )
-    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
-        "auto",
-        description=(
-
-            "Inference engine: `torch` (eager, any device and dtype), `onnxruntime` (float32; CPU, or"
-            " CUDA with onnxruntime-gpu), `openvino` (float32, CPU; `pip install '.[openvino]'`) or "
-            "`auto`: onnxruntime for float32 on CPU when installed, else torch."
-
-        ),
-    )
-    max_batch_size: int = Field(
-        8,
-        ge=1,
-        le=1024,
-        description=(
-
-            "Largest batch the dynamic batcher forms."
-
-        ),
-        json_schema_extra={"shown_default": f"`8` on CPU, `{GPU_DEFAULTS['max_batch_size']:g}` on a GPU"},
-    )
-    max_batch_delay_ms: float = Field(
-        5.0,
-        ge=0,
-        le=10_000,
-        description=(
-
-            "How long a batch may wait for more images after its first one arrived."
-
-        ),
-        json_schema_extra={"shown_default": f"`5` on CPU, `{GPU_DEFAULTS['max_batch_delay_ms']:g}` on a GPU"},
-    )
-    max_queue: int = Field(
-        64,
-        ge=1,
-        description=(
-
-            "Images admitted but not yet in a running batch (decoding or queued). A request that does"
-            " not fit gets 503 with `Retry-After` at once. Must be >= `EFFNET_MAX_BATCH_SIZE`."
-
-        ),
-        json_schema_extra={"shown_default": f"`64` on CPU, `{GPU_DEFAULTS['max_queue']:g}` on a GPU"},
-    )
-    request_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        description=(
-
-            "Deadline of one request from the end of its upload to its answer; past it the answer is "
-            "504 and its queued images are dropped."
-
-        ),
-    )
-    max_body_bytes: int = Field(
-        20 * 1024 * 1024,
-        ge=1024,
-        description=(
-
-            "Largest request body, enforced while reading it (413)."
-
-        ),
-    )
-    max_image_pixels: int = Field(
-        64_000_000,
-        ge=1,
-        description=(
-
-            "Largest image (width x height), checked from its header before decoding (413)."
-
-        ),
-    )
-    max_images_per_request: int = Field(
-        32,
-        ge=1,
-        description=(
-
-            "Most images in one request, and never more than `EFFNET_MAX_QUEUE` (413)."
-
-        ),
     )
     labels: str | None = Field(
         None,
@@ -272,6 +157,68 @@ class Settings(BaseSettings):
         ),
         json_schema_extra={"shown_default": "the source's"},
     )
+    device: str = Field(
+        "auto",
+        description=(
+
+            "`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`. An absent GPU is a "
+            "start-up error."
+
+        ),
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
+        "auto",
+        description=(
+
+            "Compute dtype: `auto` (`float32` on CPU, `bfloat16` on a GPU), `float32`, `float16` or "
+            "`bfloat16` (the latter two with the torch engine; `bfloat16` also on CPU with "
+            "`EFFNET_BACKEND=openvino` where the CPU has bf16, else a start-up error), or `int8`: a "
+            "statically quantised model on CPU with onnxruntime (or openvino), about twice the images"
+            ' per core (see "Int8 on CPU").'
+
+        ),
+    )
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description=(
+
+            "Inference engine: `torch` (eager, any device and dtype), `onnxruntime` (float32; CPU, or"
+            " CUDA with onnxruntime-gpu), `openvino` (float32, CPU; `pip install '.[openvino]'`) or "
+            "`auto`: onnxruntime for float32 on CPU when installed, else torch."
+
+        ),
+    )
+    calibration_dir: str | None = Field(
+        None,
+        description=(
+
+            "With `EFFNET_DTYPE=int8`: a folder of at least 32 representative photos to quantise on "
+            "at start-up (read with the service's own preprocessing; unreadable files are skipped "
+            "with a warning; too few good ones is a start-up error). Every fifth photo is held out "
+            "and `/info` reports top-1 agreement with float32 on them."
+
+        ),
+    )
+    int8_model: str | None = Field(
+        None,
+        description=(
+
+            "With `EFFNET_DTYPE=int8`: serve this file (made by `python -m model.quantize`) instead "
+            "of quantising at start-up; checked against the variant's input and outputs."
+
+        ),
+    )
+    cache_dir: str = Field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "effnet-cache"),
+        description=(
+
+            "Where the int8 model quantised at start-up is cached, keyed by variant, weights SHA-256,"
+            " calibration set and library versions, so a restart does not quantise again; a corrupt "
+            "entry is rebuilt, never trusted. Unwritable: served uncached, with a warning."
+
+        ),
+        json_schema_extra={"shown_default": "`/tmp/effnet-cache`"},
+    )
     num_threads: int | None = Field(
         None,
         ge=1,
@@ -282,18 +229,38 @@ class Settings(BaseSettings):
         ),
         json_schema_extra={"shown_default": "CPUs available"},
     )
-    decode_threads: int | None = Field(
-        None,
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description=(
+
+            "Largest batch the dynamic batcher forms."
+
+        ),
+        json_schema_extra={"shown_default": f"`8` on CPU, `{GPU_DEFAULTS['max_batch_size']:g}` on a GPU"},
+    )
+    max_batch_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        description=(
+
+            "How long a batch may wait for more images after its first one arrived."
+
+        ),
+        json_schema_extra={"shown_default": f"`5` on CPU, `{GPU_DEFAULTS['max_batch_delay_ms']:g}` on a GPU"},
+    )
+    max_queue: int = Field(
+        64,
         ge=1,
         description=(
 
-            "Threads decoding and preprocessing images; on CPU they compete with inference for the "
-            "same cores."
+            "Images admitted but not yet in a running batch (decoding or queued). A request that does"
+            " not fit gets 503 with `Retry-After` at once. Must be >= `EFFNET_MAX_BATCH_SIZE`."
 
         ),
-        json_schema_extra={"shown_default": (
-            "half the CPUs (at least 1) on CPU (all CPUs with `EFFNET_DTYPE=int8`); all CPUs but one on a GPU host"
-        )},
+        json_schema_extra={"shown_default": f"`64` on CPU, `{GPU_DEFAULTS['max_queue']:g}` on a GPU"},
     )
     max_concurrent_batches: int | None = Field(
         None,
@@ -317,6 +284,182 @@ class Settings(BaseSettings):
             "replayed."
 
         ),
+    )
+    warmup: bool = Field(
+        True,
+        description=(
+
+            "Warm-up passes (batch 1 and `EFFNET_MAX_BATCH_SIZE`) before reporting ready."
+
+        ),
+    )
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("weights", "labels", "calibration_dir", "int8_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return _none_if_blank(value)
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_numbers(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            numbers = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise ValueError("must be three comma-separated numbers") from None
+        if len(numbers) != 3:
+            raise ValueError("must be three comma-separated numbers")
+        return value
+
+    @model_validator(mode="after")
+    def _check_resize(self) -> ModelSettings:
+        if self.resize_size is not None and self.crop_fraction is not None:
+            raise ValueError("set resize_size or crop_fraction, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> ModelSettings:
+        # Only between values given explicitly: a default may still change with the device (resolved()).
+        given = self.model_fields_set
+        if {"max_queue", "max_batch_size"} <= given or self._resolved:
+            _check_queue_fits(self.max_queue, self.max_batch_size)
+        return self
+
+    @property
+    def is_resolved(self) -> bool:
+        return self._resolved
+
+    def resolved(self, cuda_available: bool | None = None) -> ModelSettings:
+        """These settings with everything that depends on the machine decided: the device (``auto`` ->
+        cuda or cpu), the dtype (``auto`` -> bfloat16 on a GPU, float32 on CPU), the inference threads,
+        the batches in flight and, on a GPU, the batching settings not given explicitly (GPU_DEFAULTS; an
+        explicit smaller queue caps the batch size). Validation never imports torch; this does, when the
+        device is ``auto`` and ``cuda_available`` is not given. ``load_model`` calls it once; idempotent."""
+        if self._resolved:
+            return self
+        device = self.device
+        if device == "auto":
+            if cuda_available is None:
+                import torch
+
+                cuda_available = torch.cuda.is_available()
+            device = "cuda" if cuda_available else "cpu"
+        gpu = device.startswith("cuda")
+        update: dict[str, object] = {"device": device}
+        given = self.model_fields_set
+        if gpu:
+            if "max_batch_delay_ms" not in given:
+                update["max_batch_delay_ms"] = GPU_DEFAULTS["max_batch_delay_ms"]
+            if "max_queue" not in given:
+                update["max_queue"] = int(GPU_DEFAULTS["max_queue"])
+            if "max_batch_size" not in given:
+                size = int(GPU_DEFAULTS["max_batch_size"])
+                update["max_batch_size"] = min(size, self.max_queue) if "max_queue" in given else size
+        resolved = self.model_copy(update=update)
+        object.__setattr__(resolved, "_resolved", True)
+        resolved = resolved.model_copy(update={
+            "dtype": resolved.effective_dtype,
+            "num_threads": resolved.effective_num_threads,
+            "max_concurrent_batches": resolved.effective_max_concurrent_batches,
+        })
+        object.__setattr__(resolved, "_resolved", True)
+        _check_queue_fits(resolved.max_queue, resolved.max_batch_size)
+        return resolved
+
+    def describe_resolved(self) -> str:
+        """One log line of what ``resolved()`` decided."""
+        return (f"device {self.device}, dtype {self.effective_dtype}, batch up to {self.max_batch_size} "
+                f"({self.max_batch_delay_ms:g} ms, queue {self.max_queue}, "
+                f"{self.effective_max_concurrent_batches} in flight), {self.effective_num_threads} inference threads")
+
+    @property
+    def effective_num_threads(self) -> int:
+        return self.num_threads or available_cpus()
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the model will run on a GPU (device cuda..., or auto with a GPU visible; resolved
+        settings answer without asking torch)."""
+        return gpu_expected(self.device)
+
+    @property
+    def effective_max_concurrent_batches(self) -> int:
+        return self.max_concurrent_batches or (2 if self.on_gpu else 1)
+
+    @property
+    def effective_dtype(self) -> str:
+        """The dtype ``auto`` stands for: bfloat16 on a GPU, float32 on CPU; any other value as set."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.on_gpu else "float32"
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights is not None and self.weights.strip().lower() == "random"
+
+
+class ServerSettings(BaseSettings):
+    """The whole server's settings, read from ``EFFNET_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+
+            "Deadline of one request from the end of its upload to its answer; past it the answer is "
+            "504 and its queued images are dropped."
+
+        ),
+    )
+    max_body_bytes: int = Field(
+        20 * 1024 * 1024,
+        ge=1024,
+        description=(
+
+            "Largest request body, enforced while reading it (413)."
+
+        ),
+    )
+    max_image_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description=(
+
+            "Largest image (width x height), checked from its header before decoding (413)."
+
+        ),
+    )
+    max_images_per_request: int = Field(
+        32,
+        ge=1,
+        description=(
+
+            "Most images in one request, and never more than `EFFNET_MAX_QUEUE` (413)."
+
+        ),
+    )
+    decode_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+
+            "Threads decoding and preprocessing images; on CPU they compete with inference for the "
+            "same cores."
+
+        ),
+        json_schema_extra={"shown_default": (
+            "half the CPUs (at least 1) on CPU (all CPUs with `EFFNET_DTYPE=int8`); all CPUs but one on a GPU host"
+        )},
     )
     api_key: SecretStr | None = Field(
         None,
@@ -384,14 +527,6 @@ class Settings(BaseSettings):
 
         ),
     )
-    warmup: bool = Field(
-        True,
-        description=(
-
-            "Warm-up passes (batch 1 and `EFFNET_MAX_BATCH_SIZE`) before reporting ready."
-
-        ),
-    )
     model_repository: str | None = Field(
         None,
         description=(
@@ -440,132 +575,51 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        value = value.strip().lower()
-        if not _DEVICE_RE.match(value):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return value
-
-    @field_validator("weights", "labels", "api_key", "calibration_dir", "int8_model", "model_repository",
-                     "models", "default_model", mode="before")
+    @field_validator("api_key", "model_repository", "models", "default_model", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip():
-            return None
-        return value
-
-    @field_validator("mean", "std")
-    @classmethod
-    def _three_numbers(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        try:
-            numbers = [float(v) for v in value.split(",")]
-        except ValueError:
-            raise ValueError("must be three comma-separated numbers") from None
-        if len(numbers) != 3:
-            raise ValueError("must be three comma-separated numbers")
-        return value
-
-    @model_validator(mode="after")
-    def _check_resize(self) -> Settings:
-        if self.resize_size is not None and self.crop_fraction is not None:
-            raise ValueError("set resize_size or crop_fraction, not both")
-        return self
-
-    @model_validator(mode="after")
-    def _check_queue(self) -> Settings:
-        # Only between values given explicitly: a default may still change with the device (resolved()).
-        given = self.model_fields_set
-        if {"max_queue", "max_batch_size"} <= given or self._resolved:
-            _check_queue_fits(self.max_queue, self.max_batch_size)
-        return self
-
-    def resolved(self, cuda_available: bool | None = None) -> Settings:
-        """These settings with everything that depends on the machine decided, once, at load: the device
-        (``auto`` -> cuda or cpu), the dtype (``auto`` -> bfloat16 on a GPU, float32 on CPU), the threads,
-        the batches in flight and, on a GPU, the batching settings not given explicitly (GPU_DEFAULTS; an
-        explicit smaller queue caps the batch size). Validation never imports torch; this does, when the
-        device is ``auto`` or cuda and ``cuda_available`` is not given. Idempotent."""
-        if self._resolved:
-            return self
-        device = self.device
-        if device == "auto":
-            if cuda_available is None:
-                import torch
-
-                cuda_available = torch.cuda.is_available()
-            device = "cuda" if cuda_available else "cpu"
-        gpu = device.startswith("cuda")
-        update: dict[str, object] = {"device": device}
-        given = self.model_fields_set
-        if gpu:
-            if "max_batch_delay_ms" not in given:
-                update["max_batch_delay_ms"] = GPU_DEFAULTS["max_batch_delay_ms"]
-            if "max_queue" not in given:
-                update["max_queue"] = int(GPU_DEFAULTS["max_queue"])
-            if "max_batch_size" not in given:
-                size = int(GPU_DEFAULTS["max_batch_size"])
-                update["max_batch_size"] = min(size, self.max_queue) if "max_queue" in given else size
-        resolved = self.model_copy(update=update)
-        object.__setattr__(resolved, "_resolved", True)
-        resolved = resolved.model_copy(update={
-            "dtype": resolved.effective_dtype,
-            "num_threads": resolved.effective_num_threads,
-            "decode_threads": resolved.effective_decode_threads,
-            "max_concurrent_batches": resolved.effective_max_concurrent_batches,
-        })
-        object.__setattr__(resolved, "_resolved", True)
-        _check_queue_fits(resolved.max_queue, resolved.max_batch_size)
-        return resolved
-
-    def describe_resolved(self) -> str:
-        """One log line of what ``resolved()`` decided."""
-        return (f"device {self.device}, dtype {self.effective_dtype}, batch up to {self.max_batch_size} "
-                f"({self.max_batch_delay_ms:g} ms, queue {self.max_queue}, "
-                f"{self.effective_max_concurrent_batches} in flight), threads {self.effective_num_threads} "
-                f"inference / {self.effective_decode_threads} decode")
+        return _none_if_blank(value)
 
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
-    @property
-    def effective_num_threads(self) -> int:
-        return self.num_threads or available_cpus()
-
-    @property
-    def on_gpu(self) -> bool:
-        """Whether the model will run on a GPU (device cuda..., or auto with a GPU visible; resolved
-        settings answer without asking torch)."""
-        return gpu_expected(self.device)
-
-    @property
-    def effective_decode_threads(self) -> int:
+    def decode_threads_for(self, models: Iterable[ModelSettings]) -> int:
+        """The decode threads every model shares: the setting, else by what the (resolved) models need:
+        all CPUs but one on a GPU host (decoding feeds the GPU), all CPUs with int8 (inference costs a
+        third of float32's, so decoding is the larger share: measured on 2 CPUs, 2 decode threads served
+        268 images/s against 193 with 1, float32 179 either way), else half the CPUs."""
         if self.decode_threads:
             return self.decode_threads
-        if self.dtype == "int8":
-            # int8 inference costs a third of float32's, so decoding becomes the larger share: measured on
-            # 2 CPUs, 2 decode threads served 268 images/s against 193 with 1 (float32: 179 either way).
-            return available_cpus()
-        return max(1, available_cpus() - 1) if self.on_gpu else max(1, available_cpus() // 2)
+        models = list(models)
+        cpus = available_cpus()
+        if any(m.on_gpu for m in models):
+            return max(1, cpus - 1)
+        if any(m.effective_dtype == "int8" for m in models):
+            return cpus
+        return max(1, cpus // 2)
 
-    @property
-    def effective_max_concurrent_batches(self) -> int:
-        return self.max_concurrent_batches or (2 if self.on_gpu else 1)
 
-    @property
-    def effective_dtype(self) -> str:
-        """The dtype ``auto`` stands for: bfloat16 on a GPU, float32 on CPU; any other value as set."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if self.on_gpu else "float32"
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a server loads for one model, the single description every door and the loader share: the
+    name requests call it (None: the variant's), where it was described (``EFFNET_*`` or a model.toml's
+    path, for messages) and its settings."""
 
-    @property
-    def random_weights(self) -> bool:
-        return self.weights is not None and self.weights.strip().lower() == "random"
+    name: str | None
+    source: str
+    settings: ModelSettings
+
+    @classmethod
+    def from_environment(cls, **overrides: object) -> ModelSpec:
+        """The single model of ``EFFNET_MODEL`` / ``EFFNET_WEIGHTS`` (with ``overrides``)."""
+        return cls(None, "EFFNET_* settings", ModelSettings(**overrides))
+
+
+def _none_if_blank(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
 
 
 def _check_queue_fits(max_queue: int, max_batch_size: int) -> None:
@@ -587,30 +641,8 @@ def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
     """``EFFNET_*`` variables in the environment that no setting reads: a typo (``EFFNET_MODLE``) or a
     setting of another release would otherwise be ignored without a word."""
     environ = os.environ if environ is None else environ
-    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    known = {f"{ENV_PREFIX}{name}".upper() for kind in SETTINGS_TYPES for name in kind.model_fields}
     return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
-def _shown_default(name: str) -> str:
-    field = Settings.model_fields[name]
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    if "shown_default" in extra:
-        return str(extra["shown_default"])
-    value = field.default
-    if value is None:
-        return "unset"
-    if value == "":
-        return "empty"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return f"`{value}`"
-
-
-def settings_table() -> str:
-    """The README's configuration table, one row per setting, from the fields' descriptions."""
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {_shown_default(name)} | {field.description} |")
-    return "\n".join(rows)
+SETTINGS_TYPES: tuple[type[BaseSettings], ...] = (ServerSettings, ModelSettings)

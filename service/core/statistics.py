@@ -132,7 +132,7 @@ class ModelStatistics(BatchObserver):
             )
 
 
-class ObserverGroup(BatchObserver):
+class BatchObservers(BatchObserver):
     """Several batch observers (the metrics, the statistics) behind the batcher's one."""
 
     def __init__(self, *observers: BatchObserver) -> None:
@@ -159,4 +159,4 @@ class ObserverGroup(BatchObserver):
             observer.batch_timed(size, input_s, infer_s, output_s)
 
 
-__all__ = ["BatchStatistics", "Duration", "ModelStatistics", "ObserverGroup", "StatisticsSnapshot"]
+__all__ = ["BatchStatistics", "Duration", "ModelStatistics", "BatchObservers", "StatisticsSnapshot"]

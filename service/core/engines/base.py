@@ -128,7 +128,7 @@ def as_engine_batch(batch: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-class FloatTwin:
+class FloatInputGraph:
     """The float32-input twin of a uint8-input ONNX engine, built on first use (``build(onnx_float)``)
     from the same export (``model.export.float_input_graph``): the memory and start-up time of a second
     compiled model are paid only by a server that is sent float tensors. Thread-safe."""

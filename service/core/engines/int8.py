@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.core.engines.base import Engine, FloatTwin, as_engine_batch
+from service.core.engines.base import Engine, FloatInputGraph, as_engine_batch
 from service.core.engines.openvino_engine import SlotRequests
 from service.core.errors import StartupError
 
@@ -66,7 +66,7 @@ class Int8Engine(Engine):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             self._run = self._run_onnxruntime
-            self._float = FloatTwin(model, lambda graph: _session_runner(
+            self._float = FloatInputGraph(model, lambda graph: _session_runner(
                 ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])))
         elif backend == "openvino":
             import openvino as ov
@@ -81,7 +81,7 @@ class Int8Engine(Engine):
             self._run = self._requests.infer
             config = {"INFERENCE_NUM_THREADS": num_threads, "INFERENCE_PRECISION_HINT": "f32",
                       "PERFORMANCE_HINT": "LATENCY"}
-            self._float = FloatTwin(model, lambda graph: SlotRequests(
+            self._float = FloatInputGraph(model, lambda graph: SlotRequests(
                 core.compile_model(core.read_model(graph), "CPU", config)).infer)
         else:
             raise StartupError(f"EFFNET_DTYPE=int8 runs with onnxruntime or openvino, not {backend}")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from model.export import export_onnx_bytes
-from service.core.engines.base import Engine, FloatTwin, as_engine_batch
+from service.core.engines.base import Engine, FloatInputGraph, as_engine_batch
 from service.core.errors import StartupError
 
 
@@ -45,7 +45,7 @@ class OnnxRuntimeEngine(Engine):
         self.session = ort.InferenceSession(onnx_bytes, options, providers=providers)
         # Float tensors (already normalised) run in a second session of the same export without its
         # normalisation, made when the first one comes.
-        self._float = FloatTwin(onnx_bytes, lambda graph: self._runner(
+        self._float = FloatInputGraph(onnx_bytes, lambda graph: self._runner(
             ort.InferenceSession(graph, options, providers=providers)))
         self.device = str(device)
         self.dtype = "float32"

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from model.export import export_onnx_bytes
-from service.core.engines.base import Engine, FloatTwin, as_engine_batch
+from service.core.engines.base import Engine, FloatInputGraph, as_engine_batch
 from service.core.errors import StartupError
 
 
@@ -63,7 +63,7 @@ class OpenVinoEngine(Engine):
         self._requests = SlotRequests(core.compile_model(core.read_model(onnx_bytes), "CPU", config))
         # Float tensors (already normalised): the same export without its normalisation, compiled when
         # the first one comes.
-        self._float = FloatTwin(onnx_bytes, lambda graph: SlotRequests(
+        self._float = FloatInputGraph(onnx_bytes, lambda graph: SlotRequests(
             core.compile_model(core.read_model(graph), "CPU", config)).infer)
         self.device = str(device)
         self.dtype = "bfloat16" if bfloat16 else "float32"
