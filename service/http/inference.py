@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.exceptions import RequestValidationError
 
-from service.core.outputs import embedding, require_classifier, top_classes
-from service.core.runtime import InferenceRequest, InferenceService, Outputs
-from service.http.asgi import access_record, disconnect_watcher
-from service.http.deps import ServiceDep, require_api_key
+from service.asgi import access_record, disconnect_watcher, require_api_key
+from service.core.outputs import check_top_k, embedding, top_classes
+from service.core.runtime import InferenceRequest, Outputs, ServedModel
+from service.http.deps import ModelDep
 from service.http.schemas import (
     ClassScore,
     ErrorResponse,
@@ -41,27 +40,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def run_inference(request: Request, service: InferenceService) -> tuple[list[str | None], list[Outputs]]:
+async def run_inference(request: Request, model: ServedModel) -> tuple[list[str | None], list[Outputs]]:
     """The upload through the core's request entry; (file names, per-image outputs) in order."""
     names: list[str | None] = []
 
     async def read() -> InferenceRequest:
-        blobs = await read_images(request, service)
+        blobs = await read_images(request, model)
         names.extend(name for name, _ in blobs)
         return InferenceRequest(images=blobs)
 
-    outputs = await service.serve(read, cancel_when=disconnect_watcher(request), record=access_record(request))
+    outputs = await model.serve(read, cancel_when=disconnect_watcher(request), record=access_record(request))
     return names, outputs
-
-
-def _check_top_k(k: int, num_classes: int) -> None:
-    # The bound depends on the served model, so it is checked here rather than declared on the Query;
-    # the answer is the same 422 a declared bound would give.
-    if k > num_classes:
-        raise RequestValidationError([{
-            "type": "less_than_equal", "loc": ("query", "top_k"),
-            "msg": f"Input should be less than or equal to {num_classes}", "input": k,
-        }])
 
 
 def inference_router(*, require_auth: bool = False) -> APIRouter:
@@ -79,14 +68,13 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
     )
     async def predict(
         request: Request,
-        service: ServiceDep,
+        model: ModelDep,
         top_k: Annotated[int, Query(ge=1, description="Classes to return per image (at most the model's).")] = 5,
         logits: Annotated[bool, Query(description="Also return all raw logits.")] = False,
     ) -> Any:
-        require_classifier(service.model)
-        _check_top_k(top_k, service.model.num_classes)
-        names, outputs = await run_inference(request, service)
-        labels = service.model.labels
+        check_top_k(model.model, top_k)
+        names, outputs = await run_inference(request, model)
+        labels = model.model.labels
         results = []
         for name, (_, raw) in zip(names, outputs, strict=True):
             scores = [ClassScore(index=c.index, label=c.label, score=c.score) for c in top_classes(raw, labels, top_k)]
@@ -94,7 +82,7 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
                 results.append(PredictResult(filename=name, top_k=scores, logits=raw.tolist()))
             else:
                 results.append(PredictResult(filename=name, top_k=scores))
-        return PredictResponse(model=service.name, results=results)
+        return PredictResponse(model=model.name, results=results)
 
     @router.post(
         "/features",
@@ -105,16 +93,14 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
     )
     async def features(
         request: Request,
-        service: ServiceDep,
+        model: ModelDep,
         normalize: Annotated[bool, Query(description="L2-normalise each embedding.")] = False,
     ) -> Any:
-        names, outputs = await run_inference(request, service)
+        names, outputs = await run_inference(request, model)
         results = [
             FeaturesResult(filename=name, embedding=embedding(pooled, normalize=normalize).tolist())
             for name, (pooled, _) in zip(names, outputs, strict=True)
         ]
-        return FeaturesResponse(
-            model=service.name, dim=service.model.num_features, results=results
-        )
+        return FeaturesResponse(model=model.name, dim=model.model.num_features, results=results)
 
     return router

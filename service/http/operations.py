@@ -7,16 +7,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from service.asgi import ModelsDep, loaded_models
 from service.core.about import library_versions
 from service.core.errors import NotReady, ServiceUnavailable
 from service.core.imaging import describe, describe_formats
 from service.core.loading import variant_config_dict
-from service.core.registry import ModelRegistry
-from service.core.runtime import InferenceService
-from service.http.deps import ModelsDep
+from service.core.runtime import ServedModel
 from service.http.schemas import ErrorResponse, HealthResponse, InfoResponse, ModelSummary, ReadyResponse
 
 router = APIRouter(tags=["operations"])
+
+# Probes and scrapes: the server traces no request to these (a span every few seconds says nothing).
+PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 @router.get(
@@ -26,7 +28,7 @@ router = APIRouter(tags=["operations"])
     summary="Liveness: the process answers (503 only after a fatal failure)",
 )
 async def healthz(request: Request) -> HealthResponse:
-    models: ModelRegistry | None = getattr(request.app.state, "models", None)
+    models = loaded_models(request)
     if models is not None and not models.state.live:
         raise ServiceUnavailable("service failed after start-up; see the server log")
     return HealthResponse(status="ok")
@@ -39,7 +41,7 @@ async def healthz(request: Request) -> HealthResponse:
     summary="Readiness: 200 once warmed up, 503 while loading or draining",
 )
 async def readyz(request: Request) -> Any:
-    models: ModelRegistry | None = getattr(request.app.state, "models", None)
+    models = loaded_models(request)
     if models is None:
         raise NotReady("model is loading")
     if not models.state.ready:
@@ -62,14 +64,15 @@ async def info(
     )] = None,
 ) -> InfoResponse:
     # Unlike /predict, /info never needs a model named: it is how a client learns the names.
-    service = models.get(name) if name or models.default_name else models.services[models.names[0]]
-    model = service.model
+    served = models.get(name, or_first=True)
+    model = served.model
     engine = model.engine
-    settings = service.settings  # the model's own (batching may differ per model)
+    settings = served.settings  # the model's own (batching may differ per model)
+    server = served.server
     return InfoResponse(
-        model=service.name,
+        model=served.name,
         variant=model.variant.name,
-        state=service.state.value,
+        state=served.state.value,
         num_classes=model.num_classes,
         num_features=model.num_features,
         parameters=model.num_parameters,
@@ -88,35 +91,35 @@ async def info(
             "max_batch_size": settings.max_batch_size,
             "max_batch_delay_ms": settings.max_batch_delay_ms,
             "max_queue": settings.max_queue,
-            "request_timeout_s": settings.request_timeout_s,
+            "request_timeout_s": server.request_timeout_s,
         },  # type: ignore[arg-type]
         limits={
-            "max_body_bytes": settings.max_body_bytes,
-            "max_image_pixels": settings.max_image_pixels,
-            "max_images_per_request": settings.max_images_per_request,
+            "max_body_bytes": server.max_body_bytes,
+            "max_image_pixels": server.max_image_pixels,
+            "max_images_per_request": server.max_images_per_request,
         },  # type: ignore[arg-type]
-        threads={"torch": settings.effective_num_threads, "decode": settings.effective_decode_threads},
-        auth_required=settings.api_key is not None,
+        threads={"torch": settings.effective_num_threads, "decode": models.decode_threads},
+        auth_required=server.api_key is not None,
         versions=library_versions(),
         precision=engine.dtype,
         quantization=model.quantization.as_dict() if model.quantization else None,  # type: ignore[arg-type]
-        weights_bytes=weights_bytes(service),
-        models=[_summary(models.services[name], name == models.default_name) for name in models.names],
+        weights_bytes=weights_bytes(served),
+        models=[_summary(models.models[name], name == models.default_name) for name in models.names],
     )
 
 
 _BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
-def weights_bytes(service: InferenceService) -> int:
-    return service.model.num_parameters * _BYTES_PER_PARAMETER.get(str(service.model.engine.dtype), 4)
+def weights_bytes(served: ServedModel) -> int:
+    return served.model.num_parameters * _BYTES_PER_PARAMETER.get(str(served.model.engine.dtype), 4)
 
 
-def _summary(service: InferenceService, default: bool) -> ModelSummary:
-    model, engine = service.model, service.model.engine
+def _summary(served: ServedModel, default: bool) -> ModelSummary:
+    model, engine = served.model, served.model.engine
     return ModelSummary(
-        name=service.name, variant=model.variant.name, state=service.state.value, default=default,
-        num_classes=model.num_classes, parameters=model.num_parameters, weights_bytes=weights_bytes(service),
+        name=served.name, variant=model.variant.name, state=served.state.value, default=default,
+        num_classes=model.num_classes, parameters=model.num_parameters, weights_bytes=weights_bytes(served),
         device=str(engine.device), dtype=str(engine.dtype), backend=engine.backend, weights_file=model.weights_file,
     )
 

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from service.core.errors import BadRequest, ClientGone, ServiceError, UnsupportedMediaType
 from service.core.imaging import ACCEPTED_MEDIA_TYPES, formats_text
-from service.core.runtime import InferenceService
+from service.core.runtime import ServedModel
 
 # Raw-body content types accepted besides multipart (the core's list). Other image/* types (svg+xml, jxl,
 # ...) are 415. The declared type only admits the body: the decoder goes by the content.
@@ -42,13 +42,13 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
 }
 
 
-async def read_images(request: Request, service: InferenceService) -> list[tuple[str | None, bytes]]:
+async def read_images(request: Request, model: ServedModel) -> list[tuple[str | None, bytes]]:
     """The uploaded images as (filename, bytes). A client that hangs up mid-upload raises ``ClientGone``
     (answered 499 ``client_gone``, like one that leaves while queued), not a 500 or a 400."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     # The parser stops at the core's image limit instead of reading every part of an oversized request.
-    cap = service.max_images_per_request
+    cap = model.max_images_per_request
     if media == "multipart/form-data":
         parser = MultiPartParser(
             request.headers, request.stream(), max_files=cap, max_fields=16, max_part_size=64 * 1024
@@ -61,7 +61,7 @@ async def read_images(request: Request, service: InferenceService) -> list[tuple
             raise ClientGone() from None
         except MultiPartException as exc:
             if exc.message.startswith("Too many files"):
-                service.check_image_count(None)
+                model.check_image_count(None)
             raise BadRequest(f"invalid multipart body: {exc.message}") from None
         except Exception as exc:  # python-multipart errors on malformed bodies
             raise BadRequest(f"invalid multipart body ({type(exc).__name__})") from None

@@ -1,14 +1,16 @@
 """The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``) plus ``grpc.health.v1``.
 
-A ``grpc.aio`` server on the HTTP server's event loop, driving the same models (``ModelRegistry``): the same
-decoding pool, batcher, queue bound, deadlines, limits, API key and metrics as every other door.
+A ``grpc.aio`` server on the HTTP server's event loop (the server assembly, ``service.server``, starts and
+stops it), driving the same models (``ModelRegistry``): the same decoding pool, batcher, queue bound,
+deadlines, limits, API key and metrics as every other door.
 
 - Deadlines: a call's gRPC deadline shortens the server's own (``EFFNET_REQUEST_TIMEOUT_S``); when it
-  passes, or the client cancels, the call's images leave the queue.
+  passes, or the client cancels, gRPC cancels the call and its images leave the queue; the core records
+  which of the two it was (``RequestTimeout``, ``ClientGone``), mapped here like every other error.
 - Limits: the largest message is ``EFFNET_MAX_BODY_BYTES`` (gRPC answers RESOURCE_EXHAUSTED beyond it);
   more than ``EFFNET_MAX_IMAGES_PER_REQUEST`` images is RESOURCE_EXHAUSTED too.
-- API key: ``authorization: Bearer <key>`` metadata on ModelInfer and the repository methods (metadata
-  and health stay open).
+- API key: ``authorization: Bearer <key>`` metadata on the methods of ``KEYED_METHODS`` (ModelInfer and the
+  repository methods; metadata and health stay open), checked once for all of them before the handler.
 - The model repository extension (Triton's RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload):
   the same registry calls and parameter checks as ``/v2/repository`` over REST. The server has one
   repository, so a request that names another (``repository_name``) is refused, as Triton refuses it.
@@ -38,9 +40,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.core.about import service_version
 from service.core.access import AccessRecord, request_id
 from service.core.auth import check_bearer
-from service.core.errors import BadRequest, ServiceError
+from service.core.errors import BadRequest, ClientGone, ServiceError
+from service.core.lifecycle import State
 from service.core.registry import ModelRegistry
-from service.core.runtime import InferenceRequest, Lifecycle
+from service.core.runtime import InferenceRequest, ServedModel
+from service.core.settings import ServerSettings
 from service.v2 import tensors
 from service.v2.pb import grpc_predict_v2_pb2 as pb
 from service.v2.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -53,15 +57,21 @@ from service.v2.protocol import (
     ModelControl,
     OutputTensor,
     RequestedOutput,
-    V2Model,
+    core_request,
+    every_statistics,
+    lookup,
+    metadata,
+    output_tensors,
+    properties,
     request_timeout_s,
 )
 
 log = logging.getLogger("service.v2.grpc")
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-# How close to its deadline a cancelled call counts as timed out rather than abandoned (see _observe).
-DEADLINE_SLACK_S = 0.05
+HEALTH_SERVICE = "grpc.health.v1.Health"
+# The methods that need the API key (when one is set): declared once, checked before the handler runs.
+KEYED_METHODS = frozenset({"ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
 
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -140,7 +150,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
 
 
 def encode_response(
-    model: V2Model, request: pb.ModelInferRequest, outputs: list[OutputTensor]
+    model: ServedModel, request: pb.ModelInferRequest, outputs: list[OutputTensor]
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
     for output in outputs:
@@ -162,33 +172,37 @@ def _client(context: grpc.aio.ServicerContext) -> str | None:
     return host.strip("[]") or None
 
 
+def _record(method: str, context: grpc.aio.ServicerContext, metadata: dict[str, str]) -> AccessRecord:
+    """The access record of a call: the full method name is its path and its metrics label."""
+    return AccessRecord("gRPC", method, request_id(metadata.get("x-request-id")), client=_client(context),
+                        endpoint=method)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelRegistry) -> None:
-        self.service = models  # the server's lifecycle (ServerLive, ServerReady)
+    def __init__(self, models: ModelRegistry, server: ServerSettings) -> None:
         self.models = models
+        self.server = server
         self.metrics = models.metrics
 
-    def _model(self, name: str, version: str) -> V2Model:
-        """The served model called ``name`` (``ModelNotFound`` -> NOT_FOUND for any other name or version)."""
-        model = V2Model(self.models.get(name))
-        model.check(name, version)
-        return model
-
-    # -- every call: metrics, access log, error mapping ---------------------------------------------------
+    # -- every call: auth, metrics, access log, error mapping -------------------------------------------
     async def _observe(
         self,
-        method: str,
+        rpc: str,
         context: grpc.aio.ServicerContext,
-        handler: Callable[[AccessRecord, dict[str, str]], Awaitable[Any]],
+        handler: Callable[[AccessRecord], Awaitable[Any]],
     ) -> Any:
+        method = f"/{SERVICE_NAME}/{rpc}"
         metadata = _metadata(context)
-        record = AccessRecord("gRPC", method, request_id(metadata.get("x-request-id")), client=_client(context))
-        record.start_trace(metadata)  # W3C traceparent/tracestate metadata: the caller's trace (tracing on)
+        record = _record(method, context, metadata)
+        record.start_trace(method.lstrip("/"), "server",
+                           {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": rpc}, carrier=metadata)
         trailers: list[tuple[str, str]] = [("x-request-id", record.request_id)]
         if record.trace is not None:
             trailers.append(("traceresponse", record.trace.traceresponse()))
         try:
-            result = await handler(record, metadata)
+            if rpc in KEYED_METHODS:
+                check_bearer(self.server, metadata.get("authorization"))
+            result = await handler(record)
         except ServiceError as exc:
             record.fail(exc)
             retry_after = exc.headers.get("Retry-After")
@@ -197,13 +211,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             record.finish(self.metrics)
             await context.abort(grpc_status(exc), exc.message, trailing_metadata=tuple(trailers))
         except asyncio.CancelledError:
-            # The client cancelled, or its deadline passed: the call's images were withdrawn on the way out.
-            # The client's own deadline timer fires before ours by the one-way delay and reaches us as a
-            # plain cancellation, so one that arrives within DEADLINE_SLACK_S of the deadline is a timeout.
-            remaining = context.time_remaining()
-            timed_out = remaining is not None and remaining <= DEADLINE_SLACK_S
-            record.status = 504 if timed_out else 499
-            record.reject_reason = record.error_code = "timeout" if timed_out else "client_gone"
+            # gRPC cancelled the call (its caller left, or its deadline passed): the core noted which on
+            # the record when the call was in its hands; before that, the caller left.
+            if not record.error_code:
+                record.fail(ClientGone())
             record.finish(self.metrics)
             raise
         except Exception as exc:
@@ -217,37 +228,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- the protocol's methods -------------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ServerLiveResponse:
-            return pb.ServerLiveResponse(live=self.service.state.live)
+        async def handle(record: AccessRecord) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=self.models.state.live)
 
-        return await self._observe(f"/{SERVICE_NAME}/ServerLive", context, handle)
+        return await self._observe("ServerLive", context, handle)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ServerReadyResponse:
-            return pb.ServerReadyResponse(ready=self.service.state.ready)
+        async def handle(record: AccessRecord) -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self.models.state.ready)
 
-        return await self._observe(f"/{SERVICE_NAME}/ServerReady", context, handle)
+        return await self._observe("ServerReady", context, handle)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelReadyResponse:
-            return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
+        async def handle(record: AccessRecord) -> pb.ModelReadyResponse:
+            return pb.ModelReadyResponse(ready=lookup(self.models, request.name, request.version).ready)
 
-        return await self._observe(f"/{SERVICE_NAME}/ModelReady", context, handle)
+        return await self._observe("ModelReady", context, handle)
 
     async def ServerMetadata(  # noqa: N802
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ServerMetadataResponse:
+        async def handle(record: AccessRecord) -> pb.ServerMetadataResponse:
             return pb.ServerMetadataResponse(name=SERVER_NAME, version=service_version(), extensions=EXTENSIONS)
 
-        return await self._observe(f"/{SERVICE_NAME}/ServerMetadata", context, handle)
+        return await self._observe("ServerMetadata", context, handle)
 
     async def ModelMetadata(  # noqa: N802
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelMetadataResponse:
-            model = self._model(request.name, request.version)
-            meta = model.metadata()
+        async def handle(record: AccessRecord) -> pb.ModelMetadataResponse:
+            model = lookup(self.models, request.name, request.version)
+            meta = metadata(model)
             response = pb.ModelMetadataResponse(
                 name=meta["name"], versions=meta["versions"], platform=meta["platform"]
             )
@@ -255,44 +266,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.inputs.add(**entry)
             for entry in meta["outputs"]:
                 response.outputs.add(**entry)
-            response.properties.update(model.properties())
+            response.properties.update(properties(model))
             return response
 
-        return await self._observe(f"/{SERVICE_NAME}/ModelMetadata", context, handle)
+        return await self._observe("ModelMetadata", context, handle)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelInferResponse:
-            model = self._model(request.model_name, request.model_version)
-            service = model.service
-            check_bearer(service.settings, metadata.get("authorization"))
+        async def handle(record: AccessRecord) -> pb.ModelInferResponse:
+            model = lookup(self.models, request.model_name, request.model_version)
             requested: list[RequestedOutput] = []
 
             async def read() -> InferenceRequest:
                 inputs = decode_inputs(request)
                 outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs] or None
                 timeout_s = request_timeout_s(_parameters(request.parameters), context.time_remaining())
-                inference, wanted = model.request(inputs, outputs, timeout_s=timeout_s)
+                inference, wanted = core_request(model, inputs, outputs, timeout_s=timeout_s)
                 requested.extend(wanted)
                 return inference
 
             # No disconnect watcher: gRPC cancels this task itself when the client leaves.
-            results = await service.serve(read, record=record)
-            return encode_response(model, request, model.outputs(results, requested))
+            results = await model.serve(read, record=record)
+            return encode_response(model, request, output_tensors(model, results, requested))
 
-        return await self._observe(f"/{SERVICE_NAME}/ModelInfer", context, handle)
+        return await self._observe("ModelInfer", context, handle)
 
 
     async def ModelStatistics(  # noqa: N802
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.ModelStatisticsResponse:
-            if request.name:
-                chosen = [self._model(request.name, request.version)]
-            else:  # empty name: every model
-                chosen = [V2Model(self.models.services[name]) for name in self.models.names]
+        async def handle(record: AccessRecord) -> pb.ModelStatisticsResponse:
             response = pb.ModelStatisticsResponse()
-            for model in chosen:
-                stats = model.statistics()
+            # An empty name: every model.
+            for stats in every_statistics(self.models, request.name, request.version):
                 entry = response.model_stats.add(
                     name=stats["name"], version=stats["version"], last_inference=stats["last_inference"],
                     inference_count=stats["inference_count"], execution_count=stats["execution_count"],
@@ -304,12 +309,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                              for k, v in batch.items()})
             return response
 
-        return await self._observe(f"/{SERVICE_NAME}/ModelStatistics", context, handle)
+        return await self._observe("ModelStatistics", context, handle)
 
     # -- the model repository extension (Triton's): index, load (or reload), unload -------------------------
-    def _check_control(self, request: Any, metadata: dict[str, str]) -> None:
-        """What every repository call checks first: the API key, then the repository's name."""
-        check_bearer(self.models.settings, metadata.get("authorization"))
+    @staticmethod
+    def _check_repository(request: Any) -> None:
+        """What every repository call checks first (after the API key): the repository's name."""
         if request.repository_name:
             # Not ignored: a caller that names a repository means that one, and this server has only its own
             # (EFFNET_MODEL_REPOSITORY). Triton refuses any name too.
@@ -319,24 +324,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(  # noqa: N802
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> pb.RepositoryIndexResponse:
-            self._check_control(request, metadata)
+        async def handle(record: AccessRecord) -> pb.RepositoryIndexResponse:
+            self._check_repository(request)
             response = pb.RepositoryIndexResponse()
             for entry in ModelControl.index(self.models, request.ready):
                 response.models.add(**entry)
             return response
 
-        return await self._observe(f"/{SERVICE_NAME}/RepositoryIndex", context, handle)
+        return await self._observe("RepositoryIndex", context, handle)
 
     async def _repository_call(self, action: str, request: Any, context: grpc.aio.ServicerContext,
                                answer: Any) -> Any:
-        async def handle(record: AccessRecord, metadata: dict[str, str]) -> Any:
-            self._check_control(request, metadata)
+        async def handle(record: AccessRecord) -> Any:
+            self._check_repository(request)
             # A deadline that passes mid-load cancels this call, not the load (the registry shields it).
             await ModelControl.apply(self.models, action, request.model_name, _parameters(request.parameters))
             return answer
 
-        return await self._observe(f"/{SERVICE_NAME}/RepositoryModel{action.capitalize()}", context, handle)
+        return await self._observe(f"RepositoryModel{action.capitalize()}", context, handle)
 
     async def RepositoryModelLoad(  # noqa: N802
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
@@ -355,11 +360,11 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     READINESS_NAMES = ("", "readiness", SERVICE_NAME)
 
     def __init__(self, models: ModelRegistry) -> None:
-        self.service = models
+        self.models = models
         self.metrics = models.metrics
 
-    def _status(self, name: str, state: Lifecycle | None = None) -> int | None:
-        state = state or self.service.state
+    def _status(self, name: str, state: State | None = None) -> int | None:
+        state = state or self.models.state
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         if name in self.READINESS_NAMES:
@@ -369,8 +374,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         return None
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        incoming = _metadata(context).get("x-request-id")
-        record = AccessRecord("gRPC", "/grpc.health.v1.Health/Check", request_id(incoming), client=_client(context))
+        record = _record(f"/{HEALTH_SERVICE}/Check", context, _metadata(context))
         status = self._status(request.service)
         if status is None:
             record.finish(self.metrics, 404)
@@ -382,10 +386,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         """The current status, then one message per change, driven by the service's lifecycle listener."""
-        changes: asyncio.Queue[Lifecycle] = asyncio.Queue()
-        self.service.add_state_listener(changes.put_nowait)
+        changes: asyncio.Queue[State] = asyncio.Queue()
+        self.models.lifecycle.add_listener(changes.put_nowait)
         try:
-            state = self.service.state
+            state = self.models.state
             last = None
             while True:
                 status = self._status(request.service, state)
@@ -396,7 +400,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                     last = status
                 state = await changes.get()
         finally:
-            self.service.remove_state_listener(changes.put_nowait)
+            self.models.lifecycle.remove_listener(changes.put_nowait)
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -428,10 +432,9 @@ def port_problem(host: str, port: int) -> str | None:
 class GrpcServer:
     """The gRPC front-end: ``await start()`` binds and serves, ``await stop(grace)`` finishes calls in flight."""
 
-    def __init__(self, service: ModelRegistry, address: str) -> None:
-        self.service = service
+    def __init__(self, models: ModelRegistry, server: ServerSettings, address: str) -> None:
         self.address = address
-        max_message = service.settings.max_body_bytes
+        max_message = server.max_body_bytes
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_message),
@@ -440,8 +443,8 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), self.server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models, server), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(models), self.server)
         self.port: int | None = None
 
     async def start(self) -> None:

@@ -1,8 +1,9 @@
-"""The Open Inference Protocol's model, independent of REST or gRPC: metadata, and one inference request
-in (already decoded from its transport) and its output tensors out.
+"""The Open Inference Protocol over a served model, independent of REST or gRPC: metadata, statistics, and
+one inference request in (already decoded from its transport) and its output tensors out. Functions of a
+``ServedModel`` (the core's), not a model type of their own.
 
-The served variant is the protocol's one model (name: the variant's, e.g. ``efficientnet-lite0``; version
-``1``). It takes exactly one of two inputs:
+Each served model is a protocol model of the same name (one model: the variant's, e.g.
+``efficientnet-lite0``), version ``1``. It takes exactly one of two inputs:
 
 - ``image``: BYTES, shape ``[N]`` (``[N, 1]`` too): each element one encoded image file. These go through
   the service's decoding pool, exactly like an upload to ``/predict``.
@@ -25,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from service.core.errors import BadRequest, ModelNotFound
-from service.core.outputs import require_classifier, softmax
+from service.core.errors import BadRequest, InvalidParameter, ModelNotFound
+from service.core.outputs import check_top_k, require_classifier, softmax
 from service.core.registry import ModelRegistry
-from service.core.runtime import InferenceRequest, InferenceService, Outputs
+from service.core.runtime import InferenceRequest, Outputs, ServedModel
 
 MODEL_VERSION = "1"
 SERVER_NAME = "effnet-serve"
@@ -126,178 +127,196 @@ def request_timeout_s(parameters: dict[str, Any], remaining_s: float | None = No
     return min(timeouts, default=None)
 
 
-class V2Model:
-    """The served variant as the protocol's model: name checks, metadata, inference."""
+def lookup(models: ModelRegistry, name: str, version: str | None = None) -> ServedModel:
+    """The served model called ``name`` (``ModelNotFound``, 404, for any other name or version: the
+    protocol always names its model, so an empty name is not the default model)."""
+    if not name:
+        raise ModelNotFound(f"no model named; this server serves: {', '.join(models.names) or 'none'}")
+    model = models.get(name)
+    if version not in (None, "", MODEL_VERSION):
+        raise ModelNotFound(f"unknown version '{version}' of model '{name}'; it has version {MODEL_VERSION}")
+    return model
 
-    def __init__(self, service: InferenceService) -> None:
-        self.service = service
-        model = service.model
-        self.name: str = service.name
-        self.size = service.preprocessor.input_size
-        self.num_classes = model.num_classes
-        self.num_features = model.num_features
-        self.labels = model.labels
 
-    # -- names and metadata ------------------------------------------------------------------------------
-    def check(self, name: str, version: str | None) -> None:
-        if name != self.name:
-            raise ModelNotFound(f"unknown model '{name}'; this is '{self.name}'")
-        if version not in (None, "", MODEL_VERSION):
-            raise ModelNotFound(f"unknown version '{version}' of model '{name}'; it has version {MODEL_VERSION}")
+def input_size(model: ServedModel) -> int:
+    return model.preprocessor.input_size
 
-    @property
-    def ready(self) -> bool:
-        return self.service.ready
 
-    def metadata(self) -> dict[str, Any]:
-        s = self.size
-        return {
-            "name": self.name,
-            "versions": [MODEL_VERSION],
-            "platform": f"effnet-serve_{self.service.model.engine.backend}",
-            "inputs": [
-                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-                {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]},
-            ],
-            "outputs": [
-                {"name": name, "datatype": "FP32", "shape": [-1, self._width(name)]} for name in self._outputs()
-            ],
-        }
+def output_names(model: ServedModel) -> tuple[str, ...]:
+    """The outputs this model has: a checkpoint without a classifier has features only."""
+    return OUTPUTS if model.model.has_classifier else ("features",)
 
-    def properties(self) -> dict[str, str]:
-        """Facts a client may want beyond the tensors (gRPC ``properties``)."""
-        return {
-            "input_dtypes": "image: BYTES; input: FP32 or UINT8",
-            "num_classes": str(self.num_classes),
-            "num_features": str(self.num_features),
-        }
 
-    def statistics(self) -> dict[str, Any]:
-        """The statistics extension's entry for this model (Triton's JSON shape; the gRPC message has the
-        same fields): counts, and durations as {count, ns}."""
-        snap = self.service.statistics.snapshot()
+def _width(model: ServedModel, name: str) -> int:
+    return model.model.num_features if name == "features" else model.model.num_classes
 
-        def duration(d: Any) -> dict[str, int]:
-            return {"count": d.count, "ns": d.ns}
 
-        return {
-            "name": self.name,
-            "version": MODEL_VERSION,
-            "last_inference": snap.last_inference_ms,
-            "inference_count": snap.inference_count,
-            "execution_count": snap.execution_count,
-            "inference_stats": {
-                "success": duration(snap.success),
-                "fail": duration(snap.fail),
-                "queue": duration(snap.queue),
-                "compute_input": duration(snap.compute_input),
-                "compute_infer": duration(snap.compute_infer),
-                "compute_output": duration(snap.compute_output),
-                "cache_hit": {"count": 0, "ns": 0},
-                "cache_miss": {"count": 0, "ns": 0},
-            },
-            "batch_stats": [
-                {
-                    "batch_size": b.batch_size,
-                    "compute_input": duration(b.compute_input),
-                    "compute_infer": duration(b.compute_infer),
-                    "compute_output": duration(b.compute_output),
-                }
-                for b in snap.batches
-            ],
-        }
+def metadata(model: ServedModel) -> dict[str, Any]:
+    s = input_size(model)
+    return {
+        "name": model.name,
+        "versions": [MODEL_VERSION],
+        "platform": f"effnet-serve_{model.model.engine.backend}",
+        "inputs": [
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]},
+        ],
+        "outputs": [
+            {"name": name, "datatype": "FP32", "shape": [-1, _width(model, name)]} for name in output_names(model)
+        ],
+    }
 
-    # -- inference -------------------------------------------------------------------------------------------
-    def _outputs(self) -> tuple[str, ...]:
-        """The outputs this model has: a checkpoint without a classifier has features only."""
-        return OUTPUTS if self.service.model.has_classifier else ("features",)
 
-    def _width(self, name: str) -> int:
-        return self.num_features if name == "features" else self.num_classes
+def properties(model: ServedModel) -> dict[str, str]:
+    """Facts a client may want beyond the tensors (gRPC ``properties``)."""
+    return {
+        "input_dtypes": "image: BYTES; input: FP32 or UINT8",
+        "num_classes": str(model.model.num_classes),
+        "num_features": str(model.model.num_features),
+    }
 
-    def _check_outputs(self, outputs: Sequence[RequestedOutput] | None) -> list[RequestedOutput]:
-        if not outputs:
-            return [RequestedOutput(name) for name in self._outputs()]
-        if any(o.name in ("logits", "probabilities") for o in outputs):
-            require_classifier(self.service.model)
-        seen: set[str] = set()
-        for output in outputs:
-            if output.name not in OUTPUTS:
-                raise BadRequest(f"unknown output '{output.name}'; the model has {', '.join(OUTPUTS)}")
-            if output.name in seen:
-                raise BadRequest(f"output '{output.name}' requested twice")
-            seen.add(output.name)
-            k = output.classification
-            width = self.num_features if output.name == "features" else self.num_classes
-            if k > width:
-                raise BadRequest(f"output '{output.name}': classification {k} exceeds its {width} values")
-        return list(outputs)
 
-    def request(
-        self,
-        inputs: Sequence[InputTensor],
-        outputs: Sequence[RequestedOutput] | None,
-        *,
-        timeout_s: float | None = None,
-    ) -> tuple[InferenceRequest, list[RequestedOutput]]:
-        """The core's request for these tensors (encoded images or pixels), and the outputs to answer."""
-        requested = self._check_outputs(outputs)
-        names = [t.name for t in inputs]
-        if len(inputs) != 1 or names[0] not in (IMAGE_INPUT, TENSOR_INPUT):
-            unknown = [n for n in names if n not in (IMAGE_INPUT, TENSOR_INPUT)]
-            detail = f"unknown input '{unknown[0]}'; " if unknown else ""
-            raise BadRequest(
-                f"{detail}the model takes exactly one input: '{IMAGE_INPUT}' (BYTES, encoded images) or "
-                f"'{TENSOR_INPUT}' (FP32 or UINT8 [N, 3, {self.size}, {self.size}]); got {names or 'none'}"
-            )
-        tensor = inputs[0]
-        if tensor.name == IMAGE_INPUT:
-            return InferenceRequest(images=self._image_blobs(tensor), timeout_s=timeout_s), requested
-        return InferenceRequest(pixels=self._pixel_batch(tensor), timeout_s=timeout_s), requested
+def statistics(model: ServedModel) -> dict[str, Any]:
+    """The statistics extension's entry for a model (Triton's JSON shape; the gRPC message has the same
+    fields): counts, and durations as {count, ns}."""
+    snap = model.statistics.snapshot()
 
-    def outputs(self, results: Sequence[Outputs], requested: Sequence[RequestedOutput]) -> list[OutputTensor]:
-        """The requested output tensors from the core's per-image (features, logits)."""
-        features = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
-        logits = np.stack([r[1] for r in results]).astype(np.float32, copy=False)
-        values = {"logits": logits, "features": features}
-        if any(o.name == "probabilities" for o in requested):
-            values["probabilities"] = softmax(logits).astype(np.float32)
-        return [self._output(o, values[o.name]) for o in requested]
+    def duration(d: Any) -> dict[str, int]:
+        return {"count": d.count, "ns": d.ns}
 
-    def _image_blobs(self, tensor: InputTensor) -> list[tuple[str | None, bytes]]:
-        if tensor.datatype != "BYTES":
-            raise BadRequest(f"input '{IMAGE_INPUT}' must be BYTES (encoded image files), not {tensor.datatype}")
-        shape = tensor.shape
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
-            raise BadRequest(f"input '{IMAGE_INPUT}' must have shape [N] or [N, 1] with N >= 1, not {shape}")
-        elements = list(tensor.data)
-        blobs: list[tuple[str | None, bytes]] = []
-        for e in elements:
-            if not isinstance(e, bytes):  # pragma: no cover - the transports decode to bytes
-                raise BadRequest(f"input '{IMAGE_INPUT}': elements must be bytes")
-            blobs.append((None, e))
-        return blobs
+    return {
+        "name": model.name,
+        "version": MODEL_VERSION,
+        "last_inference": snap.last_inference_ms,
+        "inference_count": snap.inference_count,
+        "execution_count": snap.execution_count,
+        "inference_stats": {
+            "success": duration(snap.success),
+            "fail": duration(snap.fail),
+            "queue": duration(snap.queue),
+            "compute_input": duration(snap.compute_input),
+            "compute_infer": duration(snap.compute_infer),
+            "compute_output": duration(snap.compute_output),
+            "cache_hit": {"count": 0, "ns": 0},
+            "cache_miss": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [
+            {
+                "batch_size": b.batch_size,
+                "compute_input": duration(b.compute_input),
+                "compute_infer": duration(b.compute_infer),
+                "compute_output": duration(b.compute_output),
+            }
+            for b in snap.batches
+        ],
+    }
 
-    def _pixel_batch(self, tensor: InputTensor) -> np.ndarray:
-        if tensor.datatype not in ("FP32", "UINT8"):
-            raise BadRequest(f"input '{TENSOR_INPUT}' must be FP32 or UINT8, not {tensor.datatype}")
-        s = self.size
-        shape = tensor.shape
-        if len(shape) != 4 or shape[1:] != [3, s, s] or shape[0] < 1:
-            raise BadRequest(f"input '{TENSOR_INPUT}' must have shape [N, 3, {s}, {s}] with N >= 1, not {shape}")
-        assert isinstance(tensor.data, np.ndarray)
-        return tensor.data
 
-    def _output(self, requested: RequestedOutput, values: np.ndarray) -> OutputTensor:
-        k = requested.classification
+def every_statistics(models: ModelRegistry, name: str | None = None,
+                     version: str | None = None) -> list[dict[str, Any]]:
+    """The statistics of the model called ``name``, or of every served model (no name)."""
+    chosen = [lookup(models, name, version)] if name else [models.get(n) for n in models.names]
+    return [statistics(model) for model in chosen]
+
+
+# -- inference -------------------------------------------------------------------------------------------------
+def check_outputs(model: ServedModel, outputs: Sequence[RequestedOutput] | None) -> list[RequestedOutput]:
+    if not outputs:
+        return [RequestedOutput(name) for name in output_names(model)]
+    if any(o.name in ("logits", "probabilities") for o in outputs):
+        require_classifier(model.model)
+    seen: set[str] = set()
+    for output in outputs:
+        if output.name not in OUTPUTS:
+            raise BadRequest(f"unknown output '{output.name}'; the model has {', '.join(OUTPUTS)}")
+        if output.name in seen:
+            raise BadRequest(f"output '{output.name}' requested twice")
+        seen.add(output.name)
+        k = output.classification
         if not k:
-            return OutputTensor(requested.name, "FP32", list(values.shape), values, requested)
-        labels = self.labels if requested.name != "features" else None
-        rows: list[bytes] = []
-        for row in values:
-            best = np.argsort(-row, kind="stable")[:k]
-            for index in best:
-                # Triton's format: the value as C's "%f", the class index, the label when there is one.
-                text = f"{float(row[index]):f}:{int(index)}" + (f":{labels[index]}" if labels else "")
-                rows.append(text.encode("utf-8"))
-        return OutputTensor(requested.name, "BYTES", [len(values), k], rows, requested)
+            continue
+        if output.name == "features":
+            if k > model.model.num_features:
+                raise BadRequest(f"output 'features': classification {k} exceeds its {model.model.num_features} "
+                                 "values")
+        else:
+            try:
+                check_top_k(model.model, k, parameter=f"output '{output.name}' classification")
+            except InvalidParameter as exc:  # the protocol answers every invalid request 400
+                raise BadRequest(exc.message) from None
+    return list(outputs)
+
+
+def core_request(
+    model: ServedModel,
+    inputs: Sequence[InputTensor],
+    outputs: Sequence[RequestedOutput] | None,
+    *,
+    timeout_s: float | None = None,
+) -> tuple[InferenceRequest, list[RequestedOutput]]:
+    """The core's request for these tensors (encoded images or pixels), and the outputs to answer."""
+    requested = check_outputs(model, outputs)
+    names = [t.name for t in inputs]
+    size = input_size(model)
+    if len(inputs) != 1 or names[0] not in (IMAGE_INPUT, TENSOR_INPUT):
+        unknown = [n for n in names if n not in (IMAGE_INPUT, TENSOR_INPUT)]
+        detail = f"unknown input '{unknown[0]}'; " if unknown else ""
+        raise BadRequest(
+            f"{detail}the model takes exactly one input: '{IMAGE_INPUT}' (BYTES, encoded images) or "
+            f"'{TENSOR_INPUT}' (FP32 or UINT8 [N, 3, {size}, {size}]); got {names or 'none'}"
+        )
+    tensor = inputs[0]
+    if tensor.name == IMAGE_INPUT:
+        return InferenceRequest(images=_image_blobs(tensor), timeout_s=timeout_s), requested
+    return InferenceRequest(pixels=_pixel_batch(tensor, size), timeout_s=timeout_s), requested
+
+
+def output_tensors(model: ServedModel, results: Sequence[Outputs],
+                   requested: Sequence[RequestedOutput]) -> list[OutputTensor]:
+    """The requested output tensors from the core's per-image (features, logits)."""
+    features = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
+    logits = np.stack([r[1] for r in results]).astype(np.float32, copy=False)
+    values = {"logits": logits, "features": features}
+    if any(o.name == "probabilities" for o in requested):
+        values["probabilities"] = softmax(logits).astype(np.float32)
+    labels = model.model.labels
+    return [_output(o, values[o.name], labels) for o in requested]
+
+
+def _image_blobs(tensor: InputTensor) -> list[tuple[str | None, bytes]]:
+    if tensor.datatype != "BYTES":
+        raise BadRequest(f"input '{IMAGE_INPUT}' must be BYTES (encoded image files), not {tensor.datatype}")
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+        raise BadRequest(f"input '{IMAGE_INPUT}' must have shape [N] or [N, 1] with N >= 1, not {shape}")
+    blobs: list[tuple[str | None, bytes]] = []
+    for e in tensor.data:
+        if not isinstance(e, bytes):  # pragma: no cover - the transports decode to bytes
+            raise BadRequest(f"input '{IMAGE_INPUT}': elements must be bytes")
+        blobs.append((None, e))
+    return blobs
+
+
+def _pixel_batch(tensor: InputTensor, s: int) -> np.ndarray:
+    if tensor.datatype not in ("FP32", "UINT8"):
+        raise BadRequest(f"input '{TENSOR_INPUT}' must be FP32 or UINT8, not {tensor.datatype}")
+    shape = tensor.shape
+    if len(shape) != 4 or shape[1:] != [3, s, s] or shape[0] < 1:
+        raise BadRequest(f"input '{TENSOR_INPUT}' must have shape [N, 3, {s}, {s}] with N >= 1, not {shape}")
+    assert isinstance(tensor.data, np.ndarray)
+    return tensor.data
+
+
+def _output(requested: RequestedOutput, values: np.ndarray, labels: Sequence[str]) -> OutputTensor:
+    k = requested.classification
+    if not k:
+        return OutputTensor(requested.name, "FP32", list(values.shape), values, requested)
+    names = labels if requested.name != "features" else None
+    rows: list[bytes] = []
+    for row in values:
+        best = np.argsort(-row, kind="stable")[:k]
+        for index in best:
+            # Triton's format: the value as C's "%f", the class index, the label when there is one.
+            text = f"{float(row[index]):f}:{int(index)}" + (f":{names[index]}" if names else "")
+            rows.append(text.encode("utf-8"))
+    return OutputTensor(requested.name, "BYTES", [len(values), k], rows, requested)

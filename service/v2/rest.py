@@ -7,9 +7,10 @@ order. An output comes back binary when it asks for ``binary_data: true`` or the
 with ``Inference-Header-Content-Length``. In JSON, ``image`` elements are base64 text (image files are not
 UTF-8 strings).
 
-Every error is the protocol's ``{"error": "<message>"}`` with the status of the service's error (400,
-401, 404, 413, 503 with Retry-After, 504, ...). Body limit, request id, metrics and drain are the HTTP
-front-end's, shared with ``/predict``.
+Every error is the protocol's ``{"error": "<message>"}`` (``ENVELOPE``, which the server applies under
+``/v2``) with the status of the service's error (400, 401, 404, 413, 503 with Retry-After, 504, ...). The
+API key is a dependency of the routes that need it. Body limit, request id, metrics and drain are the
+server's, shared with the native API.
 """
 
 from __future__ import annotations
@@ -20,25 +21,16 @@ import json
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from service.asgi import ErrorEnvelope, ModelsDep, access_record, disconnect_watcher, loaded_models, require_api_key
 from service.core.about import service_version
-from service.core.auth import check_bearer
-from service.core.errors import (
-    BadRequest,
-    BodyTooLarge,
-    ClientGone,
-    NotReady,
-    ServiceError,
-    UnsupportedMediaType,
-)
-from service.core.registry import ModelRegistry
-from service.core.runtime import InferenceRequest
-from service.http.asgi import access_record, disconnect_watcher
+from service.core.errors import BadRequest, BodyTooLarge, ClientGone, UnsupportedMediaType
+from service.core.runtime import InferenceRequest, ServedModel
 from service.v2 import tensors
 from service.v2.protocol import (
     EXTENSIONS,
@@ -50,33 +42,34 @@ from service.v2.protocol import (
     ModelControl,
     OutputTensor,
     RequestedOutput,
-    V2Model,
+    core_request,
+    every_statistics,
+    lookup,
+    metadata,
+    output_tensors,
     request_timeout_s,
 )
 
 log = logging.getLogger("service.v2.rest")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+PREFIX = "/v2"
+# Probes: the server traces no request to these.
+PROBE_PATHS = (f"{PREFIX}/health/live", f"{PREFIX}/health/ready")
 
 
-def v2_error(request: Request, exc: ServiceError) -> JSONResponse:
-    """The protocol's error body for a service error, noted in the request's access record."""
-    access_record(request).fail(exc)
-    return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
+def error_body(code: str, message: str, request_id: str | None, **extra: Any) -> dict[str, Any]:
+    """The protocol's error body: its clients read "error" as a string."""
+    return {"error": message}
 
 
-def _models(request: Request) -> ModelRegistry:
-    models = getattr(request.app.state, "models", None)
-    if models is None:
-        raise NotReady("model is not loaded yet")
-    return models
+# Any error under /v2 (a service error, an unknown route, 405, 415, a validation error, a fault).
+ENVELOPE = ErrorEnvelope(PREFIX, error_body)
 
 
-def _model(request: Request, name: str, version: str | None) -> V2Model:
-    """The served model called ``name`` (``ModelNotFound``, 404, for any other name or version)."""
-    model = V2Model(_models(request).get(name))
-    model.check(name, version)
-    return model
+def get_model(models: ModelsDep, model_name: str, model_version: str | None = None) -> ServedModel:
+    """The served model the path names (404 for any other name or version)."""
+    return lookup(models, model_name, model_version)
 
 
 # -- request decoding ---------------------------------------------------------------------------------------
@@ -205,9 +198,7 @@ def _binary_wanted(output: OutputTensor, request_parameters: dict[str, Any]) -> 
     return bool(request_parameters.get("binary_data_output", False))
 
 
-def encode_response(
-    model: V2Model, request_json: dict[str, Any], outputs: list[OutputTensor]
-) -> Response:
+def encode_response(model: ServedModel, request_json: dict[str, Any], outputs: list[OutputTensor]) -> Response:
     request_parameters = _parameters(request_json.get("parameters"), "request")
     body: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
     if "id" in request_json:
@@ -235,10 +226,16 @@ def encode_response(
 
 
 # -- routes -------------------------------------------------------------------------------------------------
+ModelOfPath = Annotated[ServedModel, Depends(get_model)]
+
+
 def v2_router() -> APIRouter:
+    """The protocol's routes. Inference and the repository calls need the API key (when one is set);
+    health, metadata and statistics stay open."""
     # Not in /openapi.json: the protocol's contract is its own specification (open_inference_rest.yaml),
     # and the FastAPI document describes this service's native API.
-    router = APIRouter(prefix="/v2", include_in_schema=False)
+    router = APIRouter(prefix=PREFIX, include_in_schema=False)
+    keyed = [Depends(require_api_key)]
 
     @router.get("", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
@@ -246,72 +243,48 @@ def v2_router() -> APIRouter:
 
     @router.get("/health/live", summary="Server live (200; 503 only after a fatal failure)")
     async def live(request: Request) -> Any:
-        service = getattr(request.app.state, "models", None)
-        live = service is None or service.state.live
-        return JSONResponse({"live": live}, 200 if live else 503)
+        models = loaded_models(request)
+        is_live = models is None or models.state.live
+        return JSONResponse({"live": is_live}, 200 if is_live else 503)
 
     @router.get("/health/ready", summary="Server ready (200 once warmed up; 503 while loading or draining)")
     async def ready(request: Request) -> Any:
-        service = getattr(request.app.state, "models", None)
-        is_ready = service is not None and service.state.ready
+        models = loaded_models(request)
+        is_ready = models is not None and models.state.ready
         return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
 
-    async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Any:
-        try:
-            model = _model(request, model_name, model_version)
-        except ServiceError as exc:
-            return v2_error(request, exc)
-        return model.metadata()
+    async def model_metadata(model: ModelOfPath) -> Any:
+        return metadata(model)
 
-    async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Any:
-        try:
-            model = _model(request, model_name, model_version)
-        except ServiceError as exc:
-            return v2_error(request, exc)
+    async def model_ready(model: ModelOfPath) -> Any:
         return JSONResponse({"name": model.name, "ready": model.ready}, 200 if model.ready else 503)
 
-    async def model_infer(request: Request, model_name: str, model_version: str | None = None) -> Any:
-        try:
-            model = _model(request, model_name, model_version)
-            service = model.service
-            check_bearer(service.settings, request.headers.get("authorization"))
-            parsed: dict[str, Any] = {}
+    async def model_infer(request: Request, model: ModelOfPath) -> Any:
+        parsed: dict[str, Any] = {}
+        limit = model.server.max_body_bytes
 
-            async def read() -> InferenceRequest:
-                try:
-                    raw = await request.body()
-                except ClientDisconnect:
-                    raise ClientGone() from None
-                body = _decompress(raw, request.headers.get("content-encoding"), service.settings.max_body_bytes)
-                request_json, inputs, outputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-                timeout_s = request_timeout_s(_parameters(request_json.get("parameters"), "request"))
-                inference, requested = model.request(inputs, outputs, timeout_s=timeout_s)
-                parsed.update(json=request_json, requested=requested)
-                return inference
+        async def read() -> InferenceRequest:
+            try:
+                raw = await request.body()
+            except ClientDisconnect:
+                raise ClientGone() from None
+            body = _decompress(raw, request.headers.get("content-encoding"), limit)
+            request_json, inputs, outputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+            timeout_s = request_timeout_s(_parameters(request_json.get("parameters"), "request"))
+            inference, requested = core_request(model, inputs, outputs, timeout_s=timeout_s)
+            parsed.update(json=request_json, requested=requested)
+            return inference
 
-            results = await service.serve(
-                read, cancel_when=disconnect_watcher(request), record=access_record(request)
-            )
-            return encode_response(model, parsed["json"], model.outputs(results, parsed["requested"]))
-        except ServiceError as exc:
-            return v2_error(request, exc)
+        results = await model.serve(read, cancel_when=disconnect_watcher(request), record=access_record(request))
+        return encode_response(model, parsed["json"], output_tensors(model, results, parsed["requested"]))
 
-    async def model_statistics(request: Request, model_name: str | None = None,
+    async def model_statistics(models: ModelsDep, model_name: str | None = None,
                                model_version: str | None = None) -> Any:
         """The statistics extension: every model's (``/v2/models/stats``) or one model's."""
-        try:
-            if model_name is not None:
-                chosen = [_model(request, model_name, model_version)]
-            else:
-                models = _models(request)
-                chosen = [V2Model(models.services[name]) for name in models.names]
-        except ServiceError as exc:
-            return v2_error(request, exc)
-        return {"model_stats": [model.statistics() for model in chosen]}
+        return {"model_stats": every_statistics(models, model_name, model_version)}
 
     # -- the model repository extension (Triton's): index, load (or reload), unload ------------------------
     async def _control_body(request: Request) -> dict[str, Any]:
-        check_bearer(_models(request).settings, request.headers.get("authorization"))
         raw = await request.body()
         if not raw.strip():
             return {}
@@ -320,29 +293,23 @@ def v2_router() -> APIRouter:
             raise BadRequest("the request body must be a JSON object")
         return body
 
-    async def repository_index(request: Request) -> Any:
-        try:
-            body = await _control_body(request)
-            return ModelControl.index(_models(request), body.get("ready"))
-        except ServiceError as exc:
-            return v2_error(request, exc)
+    async def repository_index(request: Request, models: ModelsDep) -> Any:
+        body = await _control_body(request)
+        return ModelControl.index(models, body.get("ready"))
 
-    def repository_call(action: str) -> Callable[[Request, str], Awaitable[Any]]:
-        async def call(request: Request, model_name: str) -> Any:
-            try:
-                body = await _control_body(request)
-                await ModelControl.apply(_models(request), action, model_name,
-                                         _parameters(body.get("parameters"), "request"))
-            except ServiceError as exc:
-                return v2_error(request, exc)
+    def repository_call(action: str) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Request, models: ModelsDep, model_name: str) -> Any:
+            body = await _control_body(request)
+            await ModelControl.apply(models, action, model_name, _parameters(body.get("parameters"), "request"))
             return Response(status_code=200)
 
         return call
 
-    router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index")
+    router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index",
+                         dependencies=keyed)
     for action in ModelControl.ACTIONS:
         router.add_api_route(f"/repository/models/{{model_name}}/{action}", repository_call(action),
-                             methods=["POST"], summary=f"{action.capitalize()} a model")
+                             methods=["POST"], summary=f"{action.capitalize()} a model", dependencies=keyed)
 
     # Before /models/{model_name}, which "stats" would otherwise match as a model's name.
     router.add_api_route("/models/stats", model_statistics, methods=["GET"], summary="Statistics of every model")
@@ -351,5 +318,6 @@ def v2_router() -> APIRouter:
         router.add_api_route(path + "/stats", model_statistics, methods=["GET"], summary="Model statistics")
         router.add_api_route(path, model_metadata, methods=["GET"], summary="Model metadata")
         router.add_api_route(path + "/ready", model_ready, methods=["GET"], summary="Model ready")
-        router.add_api_route(path + "/infer", model_infer, methods=["POST"], summary="Inference")
+        router.add_api_route(path + "/infer", model_infer, methods=["POST"], summary="Inference",
+                             dependencies=keyed)
     return router

@@ -1,4 +1,5 @@
-"""``efficientnet-serve`` / ``python -m service``: run the HTTP front-end with uvicorn, one worker.
+"""``efficientnet-serve`` / ``python -m service``: run the server (the app of ``service.server.app``, its
+doors and models) with uvicorn, one process.
 
 The model is loaded before the port opens, so a start that cannot succeed logs one line and exits 1 (an
 invalid setting exits 2).
@@ -31,13 +32,12 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from service.core import tracing
-from service.core.errors import StartupError
+from service.core.errors import ConfigurationError, StartupError
+from service.core.lifecycle import State
 from service.core.logconfig import configure_logging
-from service.core.registry import ModelRegistry, load_startup_models
-from service.core.runtime import Lifecycle
-from service.core.settings import Settings, settings_problems, unknown_settings
-from service.http.app import create_app
+from service.core.registry import ModelRegistry, load_startup
+from service.core.settings import ModelSettings, ServerSettings, settings_problems, unknown_settings
+from service.server.app import create_app
 
 log = logging.getLogger("service")
 
@@ -53,7 +53,7 @@ class DrainingServer(uvicorn.Server):
     uvicorn re-raises a captured SIGTERM once it has shut down, which would end the process "killed by
     SIGTERM" (143) instead of 0; this class handles the signals itself and does not.
 
-    Where the shutdown stands is the service's ``Lifecycle`` (lame duck, draining, stopped), not a state
+    Where the shutdown stands is the server's lifecycle (lame duck, draining, stopped), not a state
     of this class; it only counts the signals, since a second one arrives before the event loop has
     acted on the first.
     """
@@ -95,7 +95,7 @@ class DrainingServer(uvicorn.Server):
         service = self.service
         if self.signals == 1:
             self._loop.call_soon_threadsafe(self._begin_shutdown, f"received {name}")
-        elif service is not None and service.state is Lifecycle.DRAINING:
+        elif service is not None and service.state is State.DRAINING:
             log.info("received %s: drain skipped", name)
             self.should_exit = True
         else:  # lame duck, or the first signal not acted on yet: the lame duck is cut short
@@ -162,14 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in unknown_settings():
         log.warning("%s is set but no setting reads it (a typo, or a setting of another release?)", name)
     try:
-        settings = Settings().resolved()
+        settings = ServerSettings()
+        model_settings = ModelSettings()
     except ValidationError as exc:
         log.error("invalid configuration: %s", settings_problems(exc))
         return 2
-    except ValueError as exc:  # a combination only the machine decides (resolved())
-        log.error("invalid configuration: %s", exc)
-        return 2
-    log.info("settings resolved: %s", settings.describe_resolved())
     if settings.grpc_port:
         # A taken gRPC port fails the start in one line, before the model load, like a taken HTTP port.
         from service.v2.grpc_server import port_problem
@@ -178,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             log.error("startup failed: %s", problem)
             return 1
     try:
-        tracing.setup()  # OTEL_* asking for an exporter that is not installed fails here, in one line
-        models = load_startup_models(settings)
+        # Tracing first (OTEL_* asking for an exporter that is not installed fails here, in one line),
+        # then the models, resolving their settings.
+        startup = load_startup(settings, model_settings)
+    except ConfigurationError as exc:  # a combination only the machine decides (resolved())
+        log.error("%s", exc)
+        return 2
     except StartupError as exc:
         log.error("startup failed: %s", exc)
         return 1
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.v2.grpc_server import grpc_address as address
 
         grpc_address = address(args.host, settings.grpc_port)
-    app = create_app(settings, models=models, grpc_address=grpc_address)
+    app = create_app(settings, startup=startup, grpc_address=grpc_address)
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -21,14 +21,15 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.asgi import envelope_for
+from service.asgi import header as _header
 from service.core import tracing
-from service.core.access import AccessRecord, request_id
+from service.core.access import UNMATCHED, AccessRecord, request_id
 from service.core.errors import BodyTooLarge
 from service.core.metrics import Metrics
-from service.http.asgi import header as _header
-from service.http.errors import error_body, is_v2_path
+from service.server.routes import endpoint_label
 
-log = logging.getLogger("service.http.middleware")
+log = logging.getLogger("service.server.middleware")
 
 
 def _leaving(scope: Scope) -> bool:
@@ -39,17 +40,17 @@ def _leaving(scope: Scope) -> bool:
 
 
 async def send_json_error(
+    scope: Scope,
     send: Send,
     status: int,
     code: str,
     message: str,
     request_id: str | None,
     headers: dict[str, str] | None = None,
-    *,
-    v2: bool = False,
 ) -> None:
-    # ``v2``: the Open Inference Protocol's error shape, {"error": "<message>"}, for its /v2 routes.
-    content = {"error": message} if v2 else error_body(code, message, request_id)
+    """An error answered by the middleware itself, in the envelope of the door that owns the path."""
+    envelope = envelope_for(scope["app"].state.envelopes, scope.get("path", ""))
+    content = envelope.render(code, message, request_id)
     body = json.dumps(content, separators=(",", ":")).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     for key, value in (headers or {}).items():
@@ -59,23 +60,31 @@ async def send_json_error(
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    """``untraced``: paths whose requests get no span (probes and scrapes: a span every few seconds per
+    replica says nothing about requests)."""
+
+    def __init__(self, app: ASGIApp, untraced: frozenset[str] = frozenset()) -> None:
         self.app = app
-        self.metrics = metrics
+        self.untraced = untraced
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
+        method, path = scope.get("method", ""), scope.get("path", "")
+        # The request as it arrived, for its metrics label (routing rewrites the scope's path info).
+        arrived = {"type": "http", "method": method, "path": path, "root_path": scope.get("root_path", "")}
         record = AccessRecord(
-            scope.get("method", ""),
-            scope.get("path", ""),
+            method,
+            path,
             request_id(_header(scope, b"x-request-id")),
             client=client[0] if client else None,
+            status_attribute="http.response.status_code",
         )
-        if tracing.tracer() is not None:
-            record.start_trace({k: v for k in tracing.TRACE_HEADERS if (v := _header(scope, k.encode()))})
+        if tracing.tracer() is not None and path not in self.untraced:
+            record.start_trace(method, "server", {"http.request.method": method, "url.path": path},
+                               carrier={k: v for k in tracing.TRACE_HEADERS if (v := _header(scope, k.encode()))})
         rid = record.request_id
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = rid
@@ -106,16 +115,19 @@ class RequestContextMiddleware:
                 status = 500
                 record.error_code = "internal_error"
                 try:
-                    await send_json_error(
-                        send, 500, "internal_error", "internal server error", rid, {"x-request-id": rid},
-                        v2=is_v2_path(scope.get("path", "")),
-                    )
+                    await send_json_error(scope, send, 500, "internal_error", "internal server error", rid,
+                                          {"x-request-id": rid})
                 except Exception:  # pragma: no cover - client gone
                     pass
             status = status or 500
         finally:
-            # No response at all: the client left before one could be sent (nginx's 499).
-            record.finish(self.metrics, status or 499)
+            record.endpoint = endpoint_label(scope, arrived)
+            if record.endpoint != UNMATCHED:
+                record.rename(f"{method} {record.endpoint}", **{"http.route": record.endpoint})
+            # No response at all: the client left before one could be sent (nginx's 499). The metrics are
+            # the app's, made by its lifespan with the models.
+            metrics: Metrics | None = getattr(scope["app"].state, "metrics", None)
+            record.finish(metrics, status or 499)
 
 
 class BodyLimitMiddleware:
@@ -139,15 +151,8 @@ class BodyLimitMiddleware:
                 error = BodyTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
                 if isinstance(record := state.get("access"), AccessRecord):
                     record.fail(error)
-                await send_json_error(
-                    send,
-                    413,
-                    error.code,
-                    error.message,
-                    state.get("request_id"),
-                    {"connection": "close"},
-                    v2=is_v2_path(scope.get("path", "")),
-                )
+                await send_json_error(scope, send, 413, error.code, error.message, state.get("request_id"),
+                                      {"connection": "close"})
                 return
         received = 0
         body_done = False
