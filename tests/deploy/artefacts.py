@@ -214,9 +214,10 @@ def runtime_targets() -> list[Stage]:
     return [stages[-1], stage("gpu")]
 
 
-def settings_class():
+def settings_classes():
+    """The service's two settings types (server, model): every EFFNET_* variable is a field of one."""
     module = pytest.importorskip("service.core.settings")
-    return module.Settings
+    return module.ServerSettings, module.ModelSettings
 
 
 COMPOSE_REPLICAS = ("effnet-1", "effnet-2")

@@ -30,7 +30,7 @@ from tests.deploy.artefacts import (
     resolve_port,
     resolved_instruction,
     runtime_targets,
-    settings_class,
+    settings_classes,
 )
 
 
@@ -86,7 +86,7 @@ def test_container_port_service_and_image_agree():
     objects = base_objects()
     container = only_container(objects["Deployment"])
     # HTTP, and gRPC (the Open Inference Protocol) on the service's default EFFNET_GRPC_PORT.
-    grpc_port = settings_class().model_fields["grpc_port"].default
+    grpc_port = settings_classes()[0].model_fields["grpc_port"].default
     assert [p["containerPort"] for p in container["ports"]] == [PORT, grpc_port]
     service_ports = objects["Service"]["spec"]["ports"]
     assert [resolve_port(p["targetPort"], container) for p in service_ports] == [PORT, grpc_port]

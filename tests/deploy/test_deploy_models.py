@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.artefacts import APP_UID, BASE, K8S, REPO, only_container, render_all, settings_class
+from tests.deploy.artefacts import APP_UID, BASE, K8S, REPO, only_container, render_all, settings_classes
 
 OVERLAY = K8S / "overlays" / "model-repository"
 EXAMPLE = REPO / "deploy" / "models-example"
@@ -62,10 +62,11 @@ def mounts_by_volume(container: dict) -> dict[str, dict]:
 
 
 def make_settings(env: dict[str, str], monkeypatch):
-    """The service's Settings from exactly these variables (none of the test runner's EFFNET_*)."""
-    settings_cls = settings_class()
-    prefix = settings_cls.model_config.get("env_prefix", "")
-    known = {prefix + name.upper() for name in settings_cls.model_fields}
+    """The server's settings from exactly these variables (none of the test runner's EFFNET_*), which stay
+    set for the model settings read after (both types must accept them)."""
+    classes = settings_classes()
+    prefix = classes[0].model_config.get("env_prefix", "")
+    known = {prefix + name.upper() for kind in classes for name in kind.model_fields}
     unknown = sorted(k for k in env if k.startswith(prefix) and k not in known)
     assert not unknown, f"the service has no such setting: {unknown}"
     for name in [n for n in os.environ if n.startswith(prefix)]:
@@ -73,7 +74,8 @@ def make_settings(env: dict[str, str], monkeypatch):
     for name, value in env.items():
         if name.startswith(prefix) and value is not None:
             monkeypatch.setenv(name, str(value))
-    return settings_cls()
+    server, _model = (kind() for kind in classes)
+    return server
 
 
 def repository_module():
@@ -81,9 +83,11 @@ def repository_module():
 
 
 def check_repository(root: Path, settings, weights_root: Path | None = None) -> list[str]:
-    """What the server does at start with this repository and these settings, short of loading: the models
-    to load, each model.toml parsed and its settings resolved for a CPU; the default model among them."""
-    repository = repository_module().ModelRepository(root, settings)  # refuses single-model settings
+    """What the server does at start with this repository and these server settings (and the model
+    settings of the environment ``make_settings`` left), short of loading: the models to load, each
+    model.toml parsed and its settings resolved for a CPU; the default model among them."""
+    base = settings_classes()[1]()
+    repository = repository_module().ModelRepository(root, base)  # refuses single-model settings
     names = repository.startup_names(settings.models)
     if settings.default_model is not None:
         assert settings.default_model in names, (settings.default_model, names)
@@ -181,7 +185,7 @@ def test_startup_probe_allows_every_model_to_load(overlay):
 def test_overlay_example_fine_tuned_model_reads_from_the_weights_volume(overlay, tmp_path, monkeypatch):
     """models/birds.toml is the example to copy (not in the ConfigMap until added): it must parse, and
     name files on the read-only weights mount, where the pod can find them."""
-    settings = make_settings(overlay["settings"]["data"], monkeypatch)
+    make_settings(overlay["settings"]["data"], monkeypatch)  # the environment the model settings read
     container = only_container(overlay["Deployment"])
     claim_volume = next(v["name"] for v in overlay["Deployment"]["spec"]["template"]["spec"]["volumes"]
                         if "persistentVolumeClaim" in v)
@@ -193,7 +197,7 @@ def test_overlay_example_fine_tuned_model_reads_from_the_weights_volume(overlay,
     for path in unlisted:
         (tmp_path / path.stem).mkdir()
         shutil.copy(path, tmp_path / path.stem / "model.toml")
-        spec = repository_module().ModelRepository(tmp_path, settings).spec(path.stem).settings
+        spec = repository_module().ModelRepository(tmp_path, settings_classes()[1]()).spec(path.stem).settings
         assert spec.weights and Path(spec.weights).is_relative_to(weights_root), spec.weights
         assert spec.labels is None or Path(spec.labels).is_relative_to(weights_root), spec.labels
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deploy.artefacts import REPO, base_settings, compose_services, gpu_settings, load_yaml, settings_class
+from tests.deploy.artefacts import REPO, base_settings, compose_services, gpu_settings, load_yaml, settings_classes
 
 
 def settings_sources() -> dict[str, dict[str, str]]:
@@ -23,9 +23,9 @@ def settings_sources() -> dict[str, dict[str, str]]:
 @pytest.mark.parametrize("source", list(settings_sources()))
 def test_settings_are_known_and_valid(source, monkeypatch):
     """pydantic-settings ignores unknown EFFNET_* variables: a typo would silently do nothing."""
-    settings_cls = settings_class()
-    prefix = settings_cls.model_config.get("env_prefix", "")
-    known = {prefix + name.upper() for name in settings_cls.model_fields}
+    server_cls, model_cls = settings_classes()
+    prefix = server_cls.model_config.get("env_prefix", "")
+    known = {prefix + name.upper() for kind in (server_cls, model_cls) for name in kind.model_fields}
     # OTEL_* variables are the OpenTelemetry SDK's (tests/deploy/test_tracing_deploy.py checks them).
     values = {k: v for k, v in settings_sources()[source].items() if not k.startswith("OTEL_")}
     unknown = sorted(set(values) - known)
@@ -34,5 +34,6 @@ def test_settings_are_known_and_valid(source, monkeypatch):
         monkeypatch.delenv(name)
     for name, value in values.items():
         monkeypatch.setenv(name, str(value))
-    settings = settings_cls()  # raises on an invalid value
+    server_cls()  # raises on an invalid value
+    settings = model_cls()
     assert settings.max_queue >= settings.max_batch_size

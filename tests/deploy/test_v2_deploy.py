@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from service.core.settings import Settings
+from service.core.settings import ModelSettings, ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
-GRPC_PORT = Settings.model_fields["grpc_port"].default
+GRPC_PORT = ServerSettings.model_fields["grpc_port"].default
 KSERVE = REPO / "k8s" / "optional" / "kserve-inferenceservice.yaml"
 
 
@@ -64,8 +64,11 @@ def test_kserve_runtime_speaks_v2_on_the_service_ports():
     (container,) = spec["containers"]
     assert container["name"] == "kserve-container"  # the name KServe looks for
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert set(env) <= {f"EFFNET_{name.upper()}" for name in Settings.model_fields}, "unknown setting"
-    Settings(**{k.removeprefix("EFFNET_").lower(): v for k, v in env.items() if v is not None})
+    fields = {**ServerSettings.model_fields, **ModelSettings.model_fields}
+    assert set(env) <= {f"EFFNET_{name.upper()}" for name in fields}, "unknown setting"
+    values = {k.removeprefix("EFFNET_").lower(): v for k, v in env.items() if v is not None}
+    ServerSettings(**{k: v for k, v in values.items() if k in ServerSettings.model_fields})
+    ModelSettings(**{k: v for k, v in values.items() if k in ModelSettings.model_fields})
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http1": 8000, "h2c": int(env["EFFNET_GRPC_PORT"])}
     # The V2 model name in request paths is the served variant; the InferenceService carries that name.

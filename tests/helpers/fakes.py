@@ -67,21 +67,81 @@ class FakeEngine(Engine):
         return np.ones((n, self.num_features), dtype=np.float32), logits
 
 
-def app_with_engine(engine, *, labels: list[str] | None = None, **settings):
-    """The HTTP app, in-process, around a stand-in ``engine``: Lite0's config and labels, no weights."""
+# -- a coloured stand-in: which images share a batch, and which fail it, decided by colour ----------------
+SECRET = "engine exploded at /srv/secret/model.onnx"  # an engine error that must never reach a client
+
+
+def colours(batch: np.ndarray) -> list[str]:
+    """Each image of a batch as "red" (channel 0 brighter than channel 2) or "blue"."""
+    return ["red" if item[0].mean() > item[2].mean() else "blue" for item in batch]
+
+
+def gated_engine() -> FakeEngine:
+    """Holds its first batch until ``gate`` opens; raises (``SECRET``) for any batch holding a red image."""
+    return FakeEngine(hold=True, fail_if=lambda batch: "red" in colours(batch), error=SECRET)
+
+
+def _coloured(colour: tuple[int, int, int]) -> bytes:
+    from tests.helpers.images import solid_png
+
+    return solid_png(colour)
+
+
+RED, BLUE = _coloured((255, 0, 0)), _coloured((0, 0, 255))
+
+
+def split_settings(**values):
+    """Settings given as one set of keyword arguments (as the environment gives them), as the two types:
+    (ServerSettings, ModelSettings)."""
+    from service.core.settings import ModelSettings, ServerSettings
+
+    unknown = set(values) - set(ServerSettings.model_fields) - set(ModelSettings.model_fields)
+    assert not unknown, f"no such setting: {sorted(unknown)}"
+    server = ServerSettings(**{k: v for k, v in values.items() if k in ServerSettings.model_fields})
+    model = ModelSettings(**{k: v for k, v in values.items() if k in ModelSettings.model_fields})
+    return server, model
+
+
+def fake_model(engine, *, labels: list[str] | None = None, name: str | None = None,
+               variant: str = "efficientnet-lite0", num_parameters: int = 1, **settings):
+    """A ``LoadedModel`` around a stand-in ``engine``: the variant's config and ImageNet's labels (or
+    ``labels``), no weights; ``name``: its served name (default: the variant's); ``settings``: its
+    ``ModelSettings``."""
     from model import get_efficientnet_config, imagenet_classes
     from service.core.loading import LoadedModel
-    from service.core.settings import Settings
-    from service.http.app import create_app
+    from service.core.settings import ModelSettings, ModelSpec
 
-    model = LoadedModel(
+    config = get_efficientnet_config(variant)
+    return LoadedModel(
         engine=engine,
-        variant=get_efficientnet_config("efficientnet-lite0"),
+        variant=config,
         labels=labels if labels is not None else list(imagenet_classes()),
-        num_features=1280,
-        num_parameters=1,
+        num_features=getattr(engine, "num_features", 1280),
+        num_parameters=num_parameters,
         weights_source="random",
         weights_file=None,
         weights_sha256=None,
+        spec=ModelSpec(name, "a test's stand-in", ModelSettings(model=variant, **settings)),
     )
-    return create_app(Settings(**settings), model=model)
+
+
+def app_with_engine(engine, *, labels: list[str] | None = None, **settings):
+    """The HTTP app, in-process, around a stand-in ``engine``: Lite0's config and labels, no weights;
+    ``settings``: server and model settings together, as the environment would give them."""
+    from service.core.registry import Startup
+    from service.server.app import create_app
+
+    server, model_settings = split_settings(**settings)
+    values = model_settings.model_dump(include=model_settings.model_fields_set)
+    model = fake_model(engine, labels=labels, variant=values.pop("model", "efficientnet-lite0"), **values)
+    return create_app(server, startup=Startup(None, [model]))
+
+
+def app_from_settings(**settings):
+    """The HTTP app with the real model these settings (server and model together, as the environment
+    gives them) describe, loaded now as ``efficientnet-serve`` loads it before opening its port."""
+    from service.core.registry import load_startup
+    from service.server.app import create_app
+
+    server, model_settings = split_settings(**settings)
+    return create_app(server, startup=load_startup(server, model_settings))

@@ -29,6 +29,26 @@ def png_declaring(width: int, height: int, rows: int = 1) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def solid_png(colour: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
+    """A small one-colour PNG (the colour tells a test which image a batch held)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode(image, fmt: str, **save_args) -> bytes:
+    """A PIL image encoded as ``fmt`` (Pillow's format name) with ``save_args``."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
 def solid_jpeg(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (120, 80, 40)) -> bytes:
     """A small one-colour JPEG: a valid image for tests about everything but the pixels."""
     import io

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 
 from tests.helpers.components import missing_component
 from tests.helpers.server import REPO, free_port
+from tests.helpers.waiting import wait_until
 
 
 def prometheus_binary() -> str:
@@ -43,15 +43,8 @@ def config_for(target: str, workdir: Path) -> Path:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` every 0.5 s until it answers something truthy; that answer."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last answer: {last!r}")
+    """Poll ``predicate`` every 0.5 s (Prometheus' own pace) until it answers something truthy; that answer."""
+    return wait_until(predicate, what, timeout, every=0.5)
 
 
 @contextmanager

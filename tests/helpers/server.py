@@ -212,3 +212,39 @@ class ServiceProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class ThreadedServers:
+    """Apps built in this process (around stand-in engines the test holds), each served by uvicorn on a
+    free loopback port from a thread of its own: for tests that need a real socket (a client that hangs
+    up, a gRPC deadline) while reaching into the app. ``start(app)`` waits until it serves and its
+    models are ready and returns its URL; ``close()`` stops them all (``on_close`` runs first, e.g. to
+    open an engine's gate)."""
+
+    def __init__(self) -> None:
+        self._running: list[tuple[object, object]] = []
+        self.on_close: list = []
+
+    def start(self, app, port: int | None = None) -> str:
+        import threading
+
+        import uvicorn
+
+        from tests.helpers.waiting import wait_until
+
+        port = port or free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+        thread = threading.Thread(target=server.run, name="uvicorn-under-test", daemon=True)
+        thread.start()
+        self._running.append((server, thread))
+        wait_until(lambda: server.started and getattr(app.state, "models", None) is not None
+                   and app.state.models.ready, "the threaded server never became ready", timeout=30)
+        return f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        for action in self.on_close:
+            action()
+        for server, thread in self._running:
+            server.should_exit = True
+            thread.join(30)
+        self._running.clear()

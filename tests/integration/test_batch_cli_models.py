@@ -23,8 +23,6 @@ from tests.helpers.images import load_photos
 from tests.helpers.repository import B_LABELS, two_lite0_models
 from tests.helpers.server import REPO, ServiceProcess
 
-pytestmark = pytest.mark.slow
-
 PHOTOS = load_photos()
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:

@@ -21,8 +21,6 @@ from tests.helpers.heif import assert_same_top1, declaring, iphone_style_heic, t
 from tests.helpers.images import PHOTO_NAMES
 from tests.helpers.server import ServiceProcess, free_port
 
-pytestmark = pytest.mark.slow
-
 MODEL = "efficientnet-lite0"
 MEDIA = {"HEIC": "image/heic", "AVIF": "image/avif", "iPhone HEIC": "image/heif"}
 

@@ -21,12 +21,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from service.core.settings import Settings
-from service.http.app import create_app
+from tests.helpers.fakes import app_from_settings
 from tests.helpers.repository import save_fine_tuned_lite0, write_model
 from tests.helpers.server import ServiceProcess
-
-pytestmark = pytest.mark.slow
 
 BIRDS = [f"bird {i}" for i in range(10)]
 
@@ -62,7 +59,7 @@ def triton(server):
 
 def single_model_logits(photo: bytes, **settings) -> np.ndarray:
     """What a one-model service of these settings answers for ``photo`` (all logits)."""
-    app = create_app(Settings(backend="torch", warmup=False, grpc_port=0, **settings))
+    app = app_from_settings(backend="torch", warmup=False, grpc_port=0, **settings)
     with TestClient(app) as client:
         response = client.post("/predict?logits=true", files={"file": ("p.jpg", photo)})
         assert response.status_code == 200, response.text

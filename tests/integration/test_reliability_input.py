@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers.images import png_declaring
+from tests.helpers.images import encode, png_declaring
 from tests.helpers.server import rss_bytes
 
 MAX_BODY = 1_000_000  # small, so the limit tests are cheap
@@ -42,12 +42,6 @@ def service(start_service):
 def client(service):
     with httpx.Client(base_url=service.url, timeout=60.0) as c:
         yield c
-
-
-def encode(image: Image.Image, fmt: str, **save_args) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save_args)
-    return buffer.getvalue()
 
 
 def cosine(a: list[float], b: list[float]) -> float:

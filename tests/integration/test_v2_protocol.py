@@ -481,8 +481,10 @@ def test_request_ids_and_metrics_labels(server, http_client, grpc_client, photos
     http_client.infer(MODEL, [image_input(thttp, photos, ["coffee.jpg"])], headers={**BEARER}, model_version="1")
     assert metric(server, "effnet_requests_total", endpoint="/inference.GRPCInferenceService/ModelInfer",
                   code="200") >= 1
-    assert metric(server, "effnet_requests_total", endpoint="/v2/models/{model}/infer", code="200") >= 1
-    assert metric(server, "effnet_requests_total", endpoint="/v2/models/{model}", code="404") >= 1
+    # V2 routes count under their own templates, the versioned one (tritonclient's model_version) too.
+    versioned = "/v2/models/{model_name}/versions/{model_version}/infer"
+    assert metric(server, "effnet_requests_total", endpoint=versioned, code="200") >= 1
+    assert metric(server, "effnet_requests_total", endpoint="/v2/models/{model_name}", code="404") >= 1
     assert metric(server, "effnet_requests_total", endpoint="/inference.GRPCInferenceService/ModelInfer",
                   code="401") >= 1
     text = httpx.get(f"{server.url}/metrics").text

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.cli import local
 from service.cli.discover import discover, looks_like_image
 from service.cli.main import main
 from service.cli.progress import LineReporter
 from service.cli.results import Result
 from service.cli.sinks import JsonlSink, NpySink, ParquetSink, paths_file
+from service.core import registry
 from tests.helpers.images import DATA, load_photos
 from tests.helpers.server import REPO
 
@@ -33,18 +33,21 @@ pytestmark = pytest.mark.slow  # builds the real Lite0 network
 def lite0():
     """The real Lite0 model (packaged weights), loaded once; the command's loader hands it out."""
     from service.core.loading import load_model
-    from service.core.settings import Settings
+    from service.core.settings import ModelSettings
 
-    return load_model(Settings(model="efficientnet-lite0", num_threads=2))
+    return load_model(ModelSettings(model="efficientnet-lite0", num_threads=2, warmup=False))
 
 
 @pytest.fixture(autouse=True)
 def _shared_model(monkeypatch, lite0):
-    def load(settings):
-        assert settings.model == "efficientnet-lite0", "these tests use Lite0"
-        return lite0
+    """Every in-process run serves this one Lite0 (as the spec the run asks for would name it)."""
+    import dataclasses
 
-    monkeypatch.setattr(local, "load_model", load)
+    def load(spec):
+        assert spec.settings.model == "efficientnet-lite0", "these tests use Lite0"
+        return dataclasses.replace(lite0, spec=dataclasses.replace(lite0.spec, name=spec.name))
+
+    monkeypatch.setattr(registry, "load_model", load)
 
 
 def image_bytes(fmt: str, size=(40, 30), mode="RGB") -> bytes:
@@ -126,15 +129,16 @@ def test_folder_gives_one_row_per_image_with_the_labels_of_predict(folder, tmp_p
     in-process app with the same model; bad ones an error row with the service's code; exit status 1."""
     from fastapi.testclient import TestClient
 
-    from service.core.settings import Settings
-    from service.http.app import create_app
+    from service.core.registry import Startup
+    from service.core.settings import ServerSettings
+    from service.server.app import create_app
 
     out = tmp_path / "results.jsonl"
     code = main(["predict", str(folder), "--output", str(out), "--top-k", "3"])
     assert code == 1  # some images failed
     rows = relative(rows_of(out), folder)
     assert set(rows) == GOOD | BAD
-    with TestClient(create_app(Settings(num_threads=2, warmup=False), model=lite0)) as client:
+    with TestClient(create_app(ServerSettings(), startup=Startup(None, [lite0]))) as client:
         for name in GOOD:
             answer = client.post("/predict", params={"top_k": 3}, content=(folder / name).read_bytes(),
                                  headers={"Content-Type": "application/octet-stream"})
@@ -375,11 +379,13 @@ def repository(tmp_path, monkeypatch, lite0) -> tuple[Path, list]:
     (root / "b" / "labels.txt").write_text("".join(f"b-class {i}\n" for i in range(1000)))
     loads: list = []
 
-    def load(settings):
-        loads.append(settings)
-        return lite0
+    def load(spec):
+        import dataclasses
 
-    monkeypatch.setattr(local, "load_model", load)
+        loads.append(spec.settings)
+        return dataclasses.replace(lite0, spec=spec)
+
+    monkeypatch.setattr(registry, "load_model", load)
     monkeypatch.setenv("EFFNET_MODEL_REPOSITORY", str(root))
     return root, loads
 

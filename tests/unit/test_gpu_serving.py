@@ -19,10 +19,10 @@ from service.core.engines import TorchEngine
 from service.core.engines.base import Engine, batch_buckets, bucket_for, warm_up_on_threads
 from service.core.engines.torch_engine import CUDNN_BENCHMARK, IEEE_FLOAT32
 from service.core.imaging import Preprocessor
-from service.core.loading import LoadedModel
 from service.core.metrics import Metrics
-from service.core.runtime import InferenceService
-from service.core.settings import Settings, available_cpus
+from service.core.runtime import ServedModel
+from service.core.settings import ModelSettings, ServerSettings, available_cpus
+from tests.helpers.fakes import fake_model
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
@@ -42,44 +42,45 @@ def test_defaults_follow_the_device():
     """dtype auto is float32 on CPU and bfloat16 on a GPU; one batch in flight on CPU, two on a GPU;
     decode threads half the CPUs on CPU, all but one on a GPU host. Explicit values always win. The
     resolved settings carry the decided values themselves."""
-    cpu = Settings(device="cpu")
+    server = ServerSettings()
+    cpu = ModelSettings(device="cpu")
     assert cpu.dtype == "auto" and cpu.effective_dtype == "float32"
     assert cpu.effective_max_concurrent_batches == 1
-    assert cpu.effective_decode_threads == max(1, available_cpus() // 2)
-    gpu = Settings(device="cuda")  # settings do not check for the GPU; loading does
+    assert server.decode_threads_for([cpu]) == max(1, available_cpus() // 2)
+    gpu = ModelSettings(device="cuda")  # settings do not check for the GPU; loading does
     assert gpu.on_gpu and gpu.effective_dtype == "bfloat16"
     assert gpu.effective_max_concurrent_batches == 2
-    assert gpu.effective_decode_threads == max(1, available_cpus() - 1)
+    assert server.decode_threads_for([gpu]) == max(1, available_cpus() - 1)
+    assert server.decode_threads_for([cpu, gpu]) == max(1, available_cpus() - 1)  # one GPU model: a GPU host
     resolved = gpu.resolved()
-    assert (resolved.dtype, resolved.max_concurrent_batches, resolved.decode_threads) == (
-        "bfloat16", 2, max(1, available_cpus() - 1))
-    explicit = Settings(device="cuda", dtype="float32", max_concurrent_batches=3, decode_threads=5)
-    assert (explicit.effective_dtype, explicit.effective_max_concurrent_batches,
-            explicit.effective_decode_threads) == ("float32", 3, 5)
-    assert Settings(device="auto").on_gpu == CUDA
-    assert Settings(device="auto").resolved().device == ("cuda" if CUDA else "cpu")
-    assert Settings(device="auto").resolved(cuda_available=True).device == "cuda"
+    assert (resolved.dtype, resolved.max_concurrent_batches) == ("bfloat16", 2)
+    explicit = ModelSettings(device="cuda", dtype="float32", max_concurrent_batches=3)
+    assert (explicit.effective_dtype, explicit.effective_max_concurrent_batches) == ("float32", 3)
+    assert ServerSettings(decode_threads=5).decode_threads_for([gpu]) == 5
+    assert ModelSettings(device="auto").on_gpu == CUDA
+    assert ModelSettings(device="auto").resolved().device == ("cuda" if CUDA else "cpu")
+    assert ModelSettings(device="auto").resolved(cuda_available=True).device == "cuda"
     with pytest.raises(ValueError):
-        Settings(max_concurrent_batches=0)
+        ModelSettings(max_concurrent_batches=0)
 
 
 def test_batching_defaults_follow_the_device(monkeypatch):
     """On a GPU the batching settings not given take the GPU defaults (batch 128, 2 ms, queue 1024), also
     from the environment; explicit values win, and an explicit smaller queue caps the default batch. They
     are decided when the settings are resolved at load, not while validating (which imports no torch)."""
-    cpu = Settings(device="cpu").resolved()
+    cpu = ModelSettings(device="cpu").resolved()
     assert (cpu.max_batch_size, cpu.max_batch_delay_ms, cpu.max_queue) == (8, 5.0, 64)
-    gpu = Settings(device="cuda").resolved()
+    gpu = ModelSettings(device="cuda").resolved()
     assert (gpu.max_batch_size, gpu.max_batch_delay_ms, gpu.max_queue) == (128, 2.0, 1024)
-    assert Settings(device="cuda:0", max_batch_size=16).resolved().max_batch_size == 16
-    assert Settings(device="cuda", max_batch_size=256).resolved().max_queue == 1024  # valid only on a GPU
+    assert ModelSettings(device="cuda:0", max_batch_size=16).resolved().max_batch_size == 16
+    assert ModelSettings(device="cuda", max_batch_size=256).resolved().max_queue == 1024  # valid only on a GPU
     with pytest.raises(ValueError, match="max_queue"):
-        Settings(device="cpu", max_batch_size=256).resolved()
-    small = Settings(device="cuda", max_queue=32).resolved()
+        ModelSettings(device="cpu", max_batch_size=256).resolved()
+    small = ModelSettings(device="cuda", max_queue=32).resolved()
     assert (small.max_batch_size, small.max_queue) == (32, 32)
     monkeypatch.setenv("EFFNET_DEVICE", "cuda")
     monkeypatch.setenv("EFFNET_MAX_BATCH_DELAY_MS", "7")
-    from_env = Settings().resolved()
+    from_env = ModelSettings().resolved()
     assert (from_env.max_batch_size, from_env.max_batch_delay_ms) == (128, 7.0)
 
 
@@ -88,8 +89,9 @@ def test_validating_settings_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from service.core.settings import Settings; Settings(device='auto'); "
-            "Settings(device='cuda', max_batch_size=256); print('torch' in sys.modules)")
+    code = ("import sys; from service.core.settings import ModelSettings, ServerSettings; ServerSettings(); "
+            "ModelSettings(device='auto'); ModelSettings(device='cuda', max_batch_size=256); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -105,11 +107,6 @@ def pixels(lite0, photos) -> np.ndarray:
     return np.stack([pre(data) for data in photos.values()])
 
 
-def _loaded(engine, lite0) -> LoadedModel:
-    from model import imagenet_classes
-
-    return LoadedModel(engine=engine, variant=lite0.variant, labels=list(imagenet_classes()), num_features=1280,
-                       num_parameters=1, weights_source="package", weights_file=None, weights_sha256=None)
 
 
 def _rows_seen(engine: TorchEngine) -> list[tuple[str, int]]:
@@ -130,10 +127,10 @@ def test_torch_engine_serves_through_two_slots_with_its_own_buffers(lite0, photo
     served ran at a bucket's size."""
     engine = TorchEngine(lite0, torch.device("cpu"), torch.float32, image_size=224, pad_to_buckets=True)
     _, expected = engine.run(pixels)
-    settings = Settings(device="cpu", backend="torch", max_concurrent_batches=2, max_batch_size=4, max_queue=16,
-                        max_batch_delay_ms=20)
-    metrics = Metrics(settings.max_batch_size, process_metrics=False)
-    service = InferenceService(settings, _loaded(engine, lite0), metrics)
+    model = fake_model(engine, device="cpu", backend="torch", max_concurrent_batches=2, max_batch_size=4,
+                       max_queue=16, max_batch_delay_ms=20)
+    metrics = Metrics(model.settings.max_batch_size, process_metrics=False)
+    service = ServedModel(model, ServerSettings(), metrics)
     assert service.batcher.max_concurrent_batches == 2 and len(service.batcher._buffers) == 2
     assert all(b.dtype == np.uint8 and b.shape == (4, 3, 224, 224) for b in service.batcher._buffers)
     names = list(photos) * 3

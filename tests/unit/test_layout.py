@@ -1,5 +1,6 @@
 """The project's layering holds: no import cycle between its modules (imports inside functions included),
-the model package never imports the service, and the service's core imports no front-end."""
+the model package never imports the service, the service's core imports no front-end and names no route
+or front-end, no front-end imports another, and only the server assembly stands above the front-ends."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path, monkeypatch):
     graph = _graph()
     assert "model.config" in graph["model.efficientnet"]  # a relative import
-    assert "service.core.loading" in graph["service.http.app"]
+    assert "service.core.registry" in graph["service.server.app"]
     (tmp_path / "pkg").mkdir()
     source = tmp_path / "pkg" / "a.py"
     source.write_text("def f():\n    from .b import thing\n    import pkg.c\n")
@@ -98,6 +99,82 @@ def test_core_imports_no_front_end():
     assert {m: d for m, d in offenders.items() if d} == {}
 
 
+# The doors (front-ends), side by side; ``service.asgi`` lies below both HTTP doors, ``service.server`` above all.
+DOORS = ("service.http", "service.v2", "service.web", "service.cli")
+
+
+def _door(module: str) -> str | None:
+    return next((d for d in DOORS if module == d or module.startswith(d + ".")), None)
+
+
+def test_no_door_imports_another():
+    offenders = {m: sorted(t for t in d if _door(t) not in (None, _door(m)))
+                 for m, d in _graph().items() if _door(m)}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_only_the_server_assembly_imports_the_server_package():
+    offenders = sorted(m for m, d in _graph().items()
+                       if any(t.startswith("service.server") for t in d)
+                       and not m.startswith("service.server") and m != "service.__main__")
+    assert offenders == []
+
+
+def _strings(tree: ast.Module) -> list[str]:
+    """The string constants of a module, its docstrings left out (they may name anything)."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+# The names the doors go by (the access log's "method" of a gRPC call or a batch-command image). The core
+# may say "grpc" as the OTLP exporter's protocol: that names no door.
+FRONT_END_NAMES = {"gRPC", "CLI", "HTTP", "REST", "V2", "web"}
+
+
+def _route_prefixes() -> set[str]:
+    """The static beginning of every route the app serves ("/v2/models/" for "/v2/models/{model_name}"),
+    and the gRPC services' names."""
+    from service.server.app import create_app
+    from service.server.routes import served_routes
+    from service.v2.grpc_server import HEALTH_SERVICE, SERVICE_NAME
+
+    paths = {route.path for route in served_routes(create_app().routes)}
+    prefixes = {path.split("{", 1)[0] for path in paths if len(path) > 1}
+    return prefixes | {SERVICE_NAME, HEALTH_SERVICE}
+
+
+def _route_strings(prefix: str) -> dict[str, list[str]]:
+    routes = _route_prefixes()
+    found = {m: sorted({s for s in _strings(tree) if any(s.startswith(r) for r in routes)
+                        or s.strip() in FRONT_END_NAMES})
+             for m, tree in _sources(prefix).items()}
+    return {m: s for m, s in found.items() if s}
+
+
+def test_the_core_names_no_route_and_no_front_end():
+    """Route labels come from the door that owns the route, the access record's transport fields from its
+    caller: the core never compares a path or a protocol's name."""
+    assert _route_strings("service.core") == {}
+
+
+def test_the_route_check_sees_a_planted_route(tmp_path, monkeypatch):
+    (tmp_path / "service" / "core").mkdir(parents=True)
+    (tmp_path / "service" / "core" / "rogue.py").write_text(
+        '"""Docstrings may say /predict."""\n\ndef label(path, method):\n'
+        '    if method == "gRPC":\n        return "x"\n    return "/v2/models/x" if path else "/predict"\n'
+    )
+    routes = _route_prefixes()  # from the real app, before ROOT moves
+    monkeypatch.setattr(__import__(__name__, fromlist=["_route_prefixes"]), "_route_prefixes", lambda: routes)
+    monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
+    assert _route_strings("service.core") == {"service.core.rogue": ["/predict", "/v2/models/x", "gRPC"]}
+
+
 # -- one request path -----------------------------------------------------------------------------------------
 FRONT_ENDS = ("service.http", "service.v2", "service.cli", "service.web")
 
@@ -106,6 +183,7 @@ def _sources(prefix: str = "service") -> dict[str, ast.Module]:
     files = [p for p in (ROOT / "service").rglob("*.py") if "/pb/" not in p.as_posix()]
     return {m: tree for p in files
             if (m := _module_name(p)).startswith(prefix) and (tree := ast.parse(p.read_text(), filename=str(p)))}
+
 
 
 def _calls(tree: ast.Module) -> list[str]:
@@ -131,7 +209,7 @@ def _defined(name: str) -> list[str]:
 
 def test_request_rules_are_defined_once():
     """The disconnect watch, the request-id rule and the access-log line each live in one place."""
-    assert _defined("wait_for_disconnect") == ["service.http.asgi"]
+    assert _defined("wait_for_disconnect") == ["service.asgi"]
     assert _defined("_wait_for_disconnect") == []
     patterns = sorted(m for m, tree in _sources().items() for node in ast.walk(tree)
                       if isinstance(node, ast.Constant) and isinstance(node.value, str) and "{1,128}" in node.value)

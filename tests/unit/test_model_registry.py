@@ -10,15 +10,15 @@ import time
 import numpy as np
 import pytest
 
-from model import get_efficientnet_config, imagenet_classes
 from service.core.errors import ModelControlDisabled, ModelNotFound, QueueFull, StartupError
+from service.core.lifecycle import State
 from service.core.loading import LoadedModel
 from service.core.metrics import Metrics
-from service.core.registry import ModelRegistry, StartupModel
+from service.core.registry import ModelRegistry, Startup
 from service.core.repository import ModelRepository
-from service.core.runtime import InferenceRequest, Lifecycle
-from service.core.settings import Settings
-from tests.helpers.fakes import FakeEngine
+from service.core.runtime import InferenceRequest
+from service.core.settings import ModelSettings
+from tests.helpers.fakes import FakeEngine, fake_model, split_settings
 from tests.helpers.repository import write_model
 
 
@@ -27,7 +27,7 @@ def test_a_model_toml_sets_its_model_and_paths_are_relative_to_its_folder(tmp_pa
                    'mean = [0.5, 0.5, 0.5]\nmax_batch_size = 4\n')
     write_model(tmp_path, "lite0", 'variant = "efficientnet-lite0"\n')
     (tmp_path / "notes").mkdir()  # no model.toml: not a model
-    repository = ModelRepository(tmp_path, Settings(max_batch_delay_ms=7))
+    repository = ModelRepository(tmp_path, ModelSettings(max_batch_delay_ms=7))
     assert repository.names() == ["birds", "lite0"]
     spec = repository.spec("birds")
     s = spec.settings
@@ -48,37 +48,35 @@ def test_a_model_toml_sets_its_model_and_paths_are_relative_to_its_folder(tmp_pa
 def test_a_broken_model_toml_is_refused_naming_the_model_and_the_problem(tmp_path, text, problem):
     write_model(tmp_path, "birds", text)
     with pytest.raises(StartupError) as refused:
-        ModelRepository(tmp_path, Settings()).spec("birds")
+        ModelRepository(tmp_path, ModelSettings()).spec("birds")
     assert str(refused.value).startswith(f"model 'birds' ({tmp_path / 'birds' / 'model.toml'}): ")
     assert problem in str(refused.value)
 
 
 def test_single_model_settings_are_refused_beside_a_repository(tmp_path):
     with pytest.raises(StartupError, match="EFFNET_WEIGHTS.*cannot be combined with EFFNET_MODEL_REPOSITORY"):
-        ModelRepository(tmp_path, Settings(weights="w.pth"))
+        ModelRepository(tmp_path, ModelSettings(weights="w.pth"))
     with pytest.raises(StartupError, match="not a folder"):
-        ModelRepository(tmp_path / "absent", Settings())
+        ModelRepository(tmp_path / "absent", ModelSettings())
 
 
 def test_models_to_load_at_start(tmp_path):
     write_model(tmp_path, "a", 'variant = "efficientnet-lite0"\n')
     write_model(tmp_path, "b", 'variant = "efficientnet-lite0"\n')
-    repository = ModelRepository(tmp_path, Settings())
+    repository = ModelRepository(tmp_path, ModelSettings())
     assert repository.startup_names(None) == ["a", "b"]
     assert repository.startup_names("b") == ["b"]
     with pytest.raises(StartupError, match="EFFNET_MODELS names c, not in the repository"):
         repository.startup_names("b,c")
     assert "../a" not in repository and "a" in repository
     with pytest.raises(StartupError, match="holds no model"):
-        ModelRepository(tmp_path / "a", Settings()).startup_names(None)
+        ModelRepository(tmp_path / "a", ModelSettings()).startup_names(None)
 
 
 # -- the registry, around stand-in engines ----------------------------------------------------------------
-def loaded(engine: FakeEngine, classes: int = 1000) -> LoadedModel:
-    labels = list(imagenet_classes()) if classes == 1000 else [f"c{i}" for i in range(classes)]
-    return LoadedModel(engine=engine, variant=get_efficientnet_config("efficientnet-lite0"), labels=labels,
-                       num_features=1280, num_parameters=1, weights_source="random", weights_file=None,
-                       weights_sha256=None)
+def loaded(engine: FakeEngine, name: str | None = None, classes: int = 1000, **settings) -> LoadedModel:
+    labels = None if classes == 1000 else [f"c{i}" for i in range(classes)]
+    return fake_model(engine, labels=labels, name=name, warmup=False, **settings)
 
 
 def pixels(n: int = 1) -> InferenceRequest:
@@ -86,16 +84,17 @@ def pixels(n: int = 1) -> InferenceRequest:
 
 
 def registry(engines: dict[str, FakeEngine], **settings) -> ModelRegistry:
-    base = Settings(warmup=False, **settings)
-    return ModelRegistry(base, Metrics(8, process_metrics=False),
-                         [StartupModel(name, base, loaded(engine)) for name, engine in engines.items()])
+    server, model = split_settings(**settings)
+    values = model.model_dump(include=model.model_fields_set)
+    return ModelRegistry(server, Metrics(8, process_metrics=False),
+                         Startup(None, [loaded(engine, name, **values) for name, engine in engines.items()]))
 
 
 def test_choosing_a_model_by_name():
     async def main():
         models = registry({"a": FakeEngine(top_class=1), "b": FakeEngine(top_class=2)})
         await models.start()
-        assert models.state is Lifecycle.READY
+        assert models.state is State.READY
         (_, logits_a), = await models.get("a").serve(pixels())
         (_, logits_b), = await models.get("b").serve(pixels())
         assert (logits_a.argmax(), logits_b.argmax()) == (1, 2)
@@ -106,7 +105,7 @@ def test_choosing_a_model_by_name():
         with pytest.raises(ModelControlDisabled, match="EFFNET_MODEL_CONTROL is none"):
             await models.unload("a")
         await models.close()
-        assert models.state is Lifecycle.STOPPED
+        assert models.state is State.STOPPED
 
     asyncio.run(main())
 
@@ -132,27 +131,28 @@ def test_the_bound_across_models_refuses_at_once_with_503():
 def test_a_reload_answers_what_the_old_model_admitted_and_routes_new_requests_to_the_new(tmp_path, monkeypatch):
     write_model(tmp_path, "a", 'variant = "efficientnet-lite0"\n')
     old_engine, new_engine = FakeEngine(top_class=1, hold=True), FakeEngine(top_class=2)
-    monkeypatch.setattr("service.core.registry.load_model", lambda settings: loaded(new_engine))
+    monkeypatch.setattr("service.core.registry.load_model", lambda spec: loaded(new_engine, spec.name))
 
     async def main():
-        base = Settings(warmup=False, model_control="explicit", model_repository=str(tmp_path))
-        models = ModelRegistry(base, Metrics(8, process_metrics=False), [StartupModel("a", base, loaded(old_engine))])
-        models.use_repository(ModelRepository(tmp_path, Settings(warmup=False)))
+        server, _ = split_settings(model_control="explicit", model_repository=str(tmp_path))
+        repository = ModelRepository(tmp_path, ModelSettings(warmup=False))
+        models = ModelRegistry(server, Metrics(8, process_metrics=False),
+                               Startup(repository, [loaded(old_engine, "a")]))
         await models.start()
         old = models.get("a")
         admitted = asyncio.ensure_future(old.serve(pixels()))
         while not old_engine.batch_running.is_set():
             await asyncio.sleep(0.01)
         await models.load("a")  # returns once the new one serves; the old one still holds a request
-        assert models.get("a") is not old and models.state is Lifecycle.READY
+        assert models.get("a") is not old and models.state is State.READY
         (_, logits), = await models.get("a").serve(pixels())
         assert logits.argmax() == 2
-        assert old.state is Lifecycle.LAME_DUCK  # still answering what it admitted
+        assert old.state is State.LAME_DUCK  # still answering what it admitted
         old_engine.gate.set()
         (_, logits), = await admitted
         assert logits.argmax() == 1
         started = time.monotonic()
-        while old.state is not Lifecycle.STOPPED:
+        while old.state is not State.STOPPED:
             assert time.monotonic() - started < 10, "the old model was never freed"
             await asyncio.sleep(0.02)
         await models.unload("a")

@@ -14,7 +14,7 @@ import service.core.quantized as quantized_module
 from model import EfficientNet, default_weights_path
 from service.core.errors import StartupError
 from service.core.loading import load_model
-from service.core.settings import Settings
+from service.core.settings import ModelSettings
 from tests.helpers.calibration import make_calibration_dir
 
 pytestmark = pytest.mark.slow  # real networks quantised: not in `make test-fast`
@@ -41,8 +41,8 @@ def quantize_calls(monkeypatch):
     return calls
 
 
-def _int8(cache_dir: Path, calibration_dir: Path, **overrides) -> Settings:
-    return Settings(dtype="int8", calibration_dir=str(calibration_dir), cache_dir=str(cache_dir), num_threads=1,
+def _int8(cache_dir: Path, calibration_dir: Path, **overrides) -> ModelSettings:
+    return ModelSettings(dtype="int8", calibration_dir=str(calibration_dir), cache_dir=str(cache_dir), num_threads=1,
                     **overrides)
 
 
@@ -103,7 +103,7 @@ def test_int8_model_file_is_served_and_checked(tmp_path, calibration_dir):
     made = load_model(_int8(cache, calibration_dir))
     baked = tmp_path / "baked.int8.onnx"
     baked.write_bytes(Path(made.quantization.cache_file).read_bytes())
-    served = load_model(Settings(dtype="int8", int8_model=str(baked), num_threads=1))
+    served = load_model(ModelSettings(dtype="int8", int8_model=str(baked), num_threads=1))
     assert served.quantization.source == "file" and served.quantization.cache_hit is None
     assert served.quantization.calibration_count == 36
 
@@ -113,13 +113,13 @@ def test_int8_model_file_is_served_and_checked(tmp_path, calibration_dir):
     float_file = tmp_path / "float.onnx"
     float_file.write_bytes(export_onnx_bytes(EfficientNet.from_name(VARIANT), with_features=True))
     with pytest.raises(StartupError, match="takes float Nx3x224x224; this variant needs uint8 Nx3x224x224"):
-        load_model(Settings(dtype="int8", int8_model=str(float_file), num_threads=1))
+        load_model(ModelSettings(dtype="int8", int8_model=str(float_file), num_threads=1))
     # Another variant's input size is refused as well.
     with pytest.raises(StartupError, match="needs uint8 Nx3x240x240"):
-        load_model(Settings(dtype="int8", int8_model=str(baked), model="efficientnet-lite1", num_threads=1))
+        load_model(ModelSettings(dtype="int8", int8_model=str(baked), model="efficientnet-lite1", num_threads=1))
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     with pytest.raises(StartupError, match="not a readable ONNX model"):
-        load_model(Settings(dtype="int8", int8_model=str(tmp_path / "junk.onnx"), num_threads=1))
+        load_model(ModelSettings(dtype="int8", int8_model=str(tmp_path / "junk.onnx"), num_threads=1))
 
 
 @pytest.mark.parametrize("case", ["unset", "missing", "empty", "all bad", "torch backend"])
@@ -143,7 +143,7 @@ def test_unusable_int8_configuration_is_one_clear_startup_error(tmp_path, case):
     if case == "torch backend":
         settings["backend"] = "torch"
     with pytest.raises(StartupError) as raised:
-        load_model(Settings(**settings))
+        load_model(ModelSettings(**settings))
     message = str(raised.value)
     assert expected in message and "\n" not in message, message
 
@@ -163,7 +163,7 @@ def test_bfloat16_on_openvino_is_refused_where_the_cpu_lacks_it(monkeypatch):
 
     monkeypatch.setattr(ov_engine, "cpu_has_bf16", lambda core: False)
     with pytest.raises(StartupError, match="needs a CPU with bf16 support"):
-        load_model(Settings(dtype="bfloat16", backend="openvino", num_threads=1))
+        load_model(ModelSettings(dtype="bfloat16", backend="openvino", num_threads=1))
 
 
 def test_bfloat16_on_openvino_gives_float32_top1_on_the_real_photos(photos):
@@ -174,8 +174,8 @@ def test_bfloat16_on_openvino_gives_float32_top1_on_the_real_photos(photos):
 
     if not cpu_has_bf16(ov.Core()):
         pytest.skip("this CPU has no bf16; the refusal is tested above")
-    bf16 = load_model(Settings(dtype="bfloat16", backend="openvino", num_threads=1))
-    f32 = load_model(Settings(dtype="float32", backend="onnxruntime", num_threads=1))
+    bf16 = load_model(ModelSettings(dtype="bfloat16", backend="openvino", num_threads=1))
+    f32 = load_model(ModelSettings(dtype="float32", backend="onnxruntime", num_threads=1))
     assert bf16.engine.dtype == "bfloat16" and bf16.engine.backend == "openvino"
     pre = Preprocessor(f32.preprocess, max_pixels=10**8)
     batch = np.stack([pre(data) for data in photos.values()])
@@ -184,11 +184,14 @@ def test_bfloat16_on_openvino_gives_float32_top1_on_the_real_photos(photos):
 
 def test_int8_decodes_on_every_cpu_by_default():
     """int8 inference is cheap enough that decoding is the larger share: all CPUs decode unless told."""
-    from service.core.settings import available_cpus
+    from service.core.settings import ServerSettings, available_cpus
 
-    assert Settings(dtype="int8").effective_decode_threads == available_cpus()
-    assert Settings(dtype="int8", decode_threads=1).effective_decode_threads == 1
-    assert Settings(dtype="float32").effective_decode_threads == max(1, available_cpus() // 2)
+    server = ServerSettings()
+    assert server.decode_threads_for([ModelSettings(dtype="int8")]) == available_cpus()
+    assert ServerSettings(decode_threads=1).decode_threads_for([ModelSettings(dtype="int8")]) == 1
+    assert server.decode_threads_for([ModelSettings(dtype="float32")]) == max(1, available_cpus() // 2)
+    # One int8 model among float32 ones: the shared pool decodes on every CPU.
+    assert server.decode_threads_for([ModelSettings(dtype="float32"), ModelSettings(dtype="int8")]) == available_cpus()
 
 
 def test_cache_folder_writable_by_others_is_not_read(tmp_path, calibration_dir, quantize_calls):

@@ -12,6 +12,7 @@ import pytest
 from service.core import batching
 from service.core.batching import ClientGone, DynamicBatcher
 from service.core.errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
+from service.core.lifecycle import Lifecycle
 
 
 def item(value: float) -> np.ndarray:
@@ -167,10 +168,10 @@ def test_full_queue_is_refused_at_once_and_room_comes_back():
         held = batcher.reserve(2)
         with pytest.raises(QueueFull):
             batcher.reserve(1)
-        assert batcher.admitted == 2
+        assert batcher.depth == 2
         held.release()
         held.release()  # idempotent
-        assert batcher.admitted == 0
+        assert batcher.depth == 0
         with pytest.raises(QueueFull):
             batcher.reserve(3)  # can never fit
         batcher.reserve(1).release()
@@ -192,14 +193,14 @@ def test_timed_out_request_gets_504_and_frees_its_room_without_running():
         batcher.start()
         running = asyncio.ensure_future(submit(batcher, [1.0]))  # taken into a batch, blocked in the engine
         await asyncio.sleep(0.1)
-        assert batcher.admitted == 0
+        assert batcher.depth == 0
         waiting = asyncio.ensure_future(submit(batcher, [2.0], timeout=0.2))
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFull):
             batcher.reserve(1)
         with pytest.raises(RequestTimeout):
             await waiting
-        assert batcher.admitted == 0  # slot freed while the engine is still busy
+        assert batcher.depth == 0  # slot freed while the engine is still busy
         batcher.reserve(1).release()
         gate.set()
         await running
@@ -223,7 +224,7 @@ def test_cancelled_request_items_are_skipped():
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert batcher.admitted == 0
+        assert batcher.depth == 0
         gate.set()
         await running
         await submit(batcher, [3.0])
@@ -248,7 +249,7 @@ def test_client_gone_withdraws_items():
         gone.set_result(None)
         with pytest.raises(ClientGone):
             await waiting
-        assert batcher.admitted == 0
+        assert batcher.depth == 0
         gate.set()
         await running
         await batcher.close()
@@ -267,11 +268,13 @@ def test_close_refuses_new_work_and_fails_what_is_left():
         await asyncio.sleep(0.1)
         queued = asyncio.ensure_future(submit(batcher, [2.0]))
         await asyncio.sleep(0.05)
-        closing = asyncio.ensure_future(batcher.close(drain_timeout=0.2))
+        drained = await Lifecycle().drain(0.2, lambda: not batcher.idle)
+        assert drained is False  # the engine is still blocked: the drain times out
+        closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0.01)
         with pytest.raises(ShuttingDown):
             batcher.reserve(1)
-        await closing  # the engine is still blocked: the drain times out
+        await closing
         gate.set()
         return await asyncio.gather(running, queued, return_exceptions=True)
 
@@ -279,7 +282,8 @@ def test_close_refuses_new_work_and_fails_what_is_left():
     assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
 
 
-def test_close_drains_admitted_work_first():
+def test_the_drain_waits_for_admitted_work_before_close():
+    """The one drain (the lifecycle's) waits while the batcher is busy; close after it loses nothing."""
     engine = RecordingEngine()
 
     async def main():
@@ -287,7 +291,8 @@ def test_close_drains_admitted_work_first():
         batcher.start()
         pending = [asyncio.ensure_future(submit(batcher, [float(v)])) for v in range(3)]
         await asyncio.sleep(0.01)
-        await batcher.close(drain_timeout=5.0)
+        assert await Lifecycle().drain(5.0, lambda: not batcher.idle) is True
+        await batcher.close()
         return await asyncio.gather(*pending)
 
     outputs = run(main())
@@ -483,12 +488,13 @@ def test_timeout_and_drain_with_two_batches_in_flight():
         batcher.start()
         running = [asyncio.ensure_future(submit(batcher, [v])) for v in (1.0, 2.0)]
         await asyncio.sleep(0.1)
-        assert batcher.batches_in_flight == 2 and batcher.admitted == 0
+        assert batcher.batches_in_flight == 2 and batcher.depth == 0
         with pytest.raises(RequestTimeout):
             await submit(batcher, [3.0], timeout=0.2)
-        assert batcher.admitted == 0
+        assert batcher.depth == 0
         started = time.perf_counter()
-        await batcher.close(drain_timeout=0.3)
+        assert await Lifecycle().drain(0.3, lambda: not batcher.idle) is False
+        await batcher.close()
         waited = time.perf_counter() - started
         for gate in gates:
             gate.set()
@@ -515,7 +521,7 @@ def test_uint8_and_float_images_never_share_a_batch_and_keep_their_order():
     """Pixels (uint8) and normalised tensors (float32) queued together: a batch closes where the kind
     changes, so each batch is one dtype, the queue's order is kept, a float batch is stacked apart from the
     uint8 slot buffer, and each request gets its own rows; the statistics see every batch's phases."""
-    from service.core.statistics import ModelStatistics, ObserverGroup
+    from service.core.statistics import BatchObservers, ModelStatistics
 
     buffers = [np.zeros((8, 3, 2, 2), dtype=np.uint8)]
     engine = SlotEngine(buffers)
@@ -533,7 +539,7 @@ def test_uint8_and_float_images_never_share_a_batch_and_keep_their_order():
         gate = threading.Event()
         engine.gates[99.0] = gate
         batcher = DynamicBatcher(run_batch, max_batch_size=8, max_delay_s=0.0, max_queue=64, buffers=buffers,
-                                 observer=ObserverGroup(batching.BatchObserver(), statistics))
+                                 observer=BatchObservers(batching.BatchObserver(), statistics))
         batcher.start()
 
         async def send(arrays):

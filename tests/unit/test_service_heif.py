@@ -340,9 +340,9 @@ def test_the_page_offers_and_names_every_accepted_format():
 @pytest.fixture(scope="module")
 def lite0_model():
     from service.core.loading import load_model
-    from service.core.settings import Settings
+    from service.core.settings import ModelSettings
 
-    return load_model(Settings(model="efficientnet-lite0", num_threads=2))
+    return load_model(ModelSettings(model="efficientnet-lite0", num_threads=2))
 
 
 def _top5(model, preprocessor, blobs: list[bytes]) -> list[list[tuple[int, float]]]:
@@ -386,10 +386,13 @@ def test_a_12_megapixel_heic_and_avif_keep_the_top1_of_the_same_photo_as_jpeg(li
 
 @pytest.mark.slow
 def test_the_batch_command_reads_heic_and_avif_like_their_jpeg(tmp_path, monkeypatch, lite0_model, capsys):
-    from service.cli import local
-    from service.cli.main import main
+    import dataclasses
 
-    monkeypatch.setattr(local, "load_model", lambda settings: lite0_model)
+    from service.cli.main import main
+    from service.core import registry
+
+    # The run's own spec (warm-up off, as the command asks), on the shared network.
+    monkeypatch.setattr(registry, "load_model", lambda spec: dataclasses.replace(lite0_model, spec=spec))
     photos = tmp_path / "camera-roll"
     photos.mkdir()
     for name in PHOTO_NAMES:

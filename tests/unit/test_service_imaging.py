@@ -15,16 +15,10 @@ from PIL import Image
 from model import get_efficientnet_config
 from service.core.errors import ImageTooLarge, InvalidImage
 from service.core.imaging import Preprocessor, decode_image
-from tests.helpers.images import png_declaring
+from tests.helpers.images import encode, png_declaring
 
 LIMIT = 10_000_000
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
-
-
-def encode(image: Image.Image, fmt: str, **save_args) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save_args)
-    return buffer.getvalue()
 
 
 def decode(data: bytes, **kwargs) -> Image.Image:

@@ -9,7 +9,7 @@ import asyncio
 
 from fastapi.testclient import TestClient
 
-from service.core.runtime import Lifecycle
+from service.core.lifecycle import State
 from tests.helpers.fakes import FakeEngine, app_with_engine
 
 
@@ -21,13 +21,13 @@ def test_lame_duck_is_not_ready_but_still_serves_with_connection_close(jpeg):
     app = app_with_engine(FakeEngine(), warmup=False)
     with TestClient(app) as client:
         service = app.state.models
-        seen: list[Lifecycle] = []
-        service.add_state_listener(seen.append)
+        seen: list[State] = []
+        service.lifecycle.add_listener(seen.append)
         served = predict(client, jpeg)
         assert served.status_code == 200 and "connection" not in served.headers
 
         assert service.enter_lame_duck() is True
-        assert service.state is Lifecycle.LAME_DUCK and service.state.shutting_down
+        assert service.state is State.LAME_DUCK and service.state.shutting_down
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "shutting_down"
         assert ready.headers["connection"] == "close"
@@ -44,7 +44,7 @@ def test_lame_duck_is_not_ready_but_still_serves_with_connection_close(jpeg):
         refused = predict(client, jpeg)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
         assert refused.headers["connection"] == "close" and refused.headers["retry-after"]
-        assert seen == [Lifecycle.LAME_DUCK, Lifecycle.DRAINING]
+        assert seen == [State.LAME_DUCK, State.DRAINING]
 
 
 def test_a_service_that_never_was_ready_skips_the_lame_duck(jpeg):
@@ -52,9 +52,9 @@ def test_a_service_that_never_was_ready_skips_the_lame_duck(jpeg):
     app = app_with_engine(engine)
     with TestClient(app) as client:
         service = app.state.models
-        assert service.state is Lifecycle.WARMING
+        assert service.state is State.WARMING
         assert service.enter_lame_duck() is False
-        assert service.state is Lifecycle.WARMING
+        assert service.state is State.WARMING
         assert predict(client, jpeg).json()["error"]["code"] == "not_ready"
         engine.gate.set()
 
@@ -64,10 +64,10 @@ def test_a_failing_state_listener_does_not_break_the_lifecycle(jpeg):
     with TestClient(app) as client:
         service = app.state.models
 
-        def broken(state: Lifecycle) -> None:
+        def broken(state: State) -> None:
             raise RuntimeError("listener bug")
 
-        service.add_state_listener(broken)
+        service.lifecycle.add_listener(broken)
         assert service.enter_lame_duck() is True
-        assert service.state is Lifecycle.LAME_DUCK
+        assert service.state is State.LAME_DUCK
         assert predict(client, jpeg).status_code == 200

@@ -5,22 +5,23 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.core.metrics import batch_size_buckets, endpoint_label
-from service.core.settings import Settings
+from service.core.metrics import batch_size_buckets
+from service.core.settings import ModelSettings, ServerSettings
+from tests.helpers.fakes import split_settings
 
 
 def test_defaults(monkeypatch):
     for name in list(__import__("os").environ):
         if name.startswith("EFFNET_"):
             monkeypatch.delenv(name)
-    settings = Settings()
+    settings, server = ModelSettings(), ServerSettings()
     assert settings.model == "efficientnet-lite0"
     assert settings.weights is None and not settings.random_weights
     assert settings.device == "auto" and settings.dtype == "auto" and settings.backend == "auto"
     assert settings.max_queue >= settings.max_batch_size
-    assert settings.cors_origin_list == []
-    assert settings.api_key is None
-    assert settings.effective_num_threads >= 1 and settings.effective_decode_threads >= 1
+    assert server.cors_origin_list == []
+    assert server.api_key is None
+    assert settings.effective_num_threads >= 1 and server.decode_threads_for([settings]) >= 1
 
 
 def test_environment_is_read(monkeypatch):
@@ -33,13 +34,13 @@ def test_environment_is_read(monkeypatch):
     monkeypatch.setenv("EFFNET_API_KEY", "key-XYZZY")
     monkeypatch.setenv("EFFNET_LABELS", "")
     monkeypatch.setenv("EFFNET_WARMUP", "false")
-    settings = Settings()
+    settings, server = ModelSettings(), ServerSettings()
     assert settings.model == "efficientnet-b3" and settings.random_weights
     assert settings.device == "cuda:1"
     assert settings.max_batch_size == 16
-    assert settings.cors_origin_list == ["https://a.example", "https://b.example"]
-    assert settings.api_key is not None and settings.api_key.get_secret_value() == "key-XYZZY"
-    assert "XYZZY" not in repr(settings)
+    assert server.cors_origin_list == ["https://a.example", "https://b.example"]
+    assert server.api_key is not None and server.api_key.get_secret_value() == "key-XYZZY"
+    assert "XYZZY" not in repr(server)
     assert settings.labels is None and settings.warmup is False
 
 
@@ -56,32 +57,50 @@ def test_environment_is_read(monkeypatch):
 )
 def test_invalid_settings_are_refused(overrides):
     with pytest.raises(ValidationError):
-        Settings(**overrides)
+        split_settings(**overrides)
 
 
-def test_batch_size_buckets_and_endpoint_labels():
+def test_batch_size_buckets():
     assert batch_size_buckets(1) == (1.0,)
     assert batch_size_buckets(8) == (1.0, 2.0, 4.0, 8.0)
     assert batch_size_buckets(12) == (1.0, 2.0, 4.0, 8.0, 12.0)
-    assert endpoint_label("/predict") == "/predict"
-    assert endpoint_label("/predict/../../etc/passwd") == "other"
+
+
+def test_each_setting_belongs_to_one_type():
+    assert set(ServerSettings.model_fields).isdisjoint(ModelSettings.model_fields)
+
+
+def _readme_table_variables(text: str) -> list[str]:
+    from scripts.settings_table import END, START
+
+    block = text[text.index(START):text.index(END)]
+    return [line.split("`")[1] for line in block.splitlines() if line.startswith("| `EFFNET_")]
 
 
 def test_the_readme_settings_table_is_the_settings_own():
-    """README "Configuration" is generated from the fields' descriptions (make docs): a setting added,
-    renamed or re-described without regenerating it fails here."""
+    """README "Configuration" is generated from the fields' descriptions (make docs): every setting of both
+    types has exactly one row, and a setting added, renamed or re-described without regenerating the
+    table fails the check."""
     import subprocess
     import sys
     from pathlib import Path
+
+    from scripts import settings_table
 
     root = Path(__file__).resolve().parents[2]
     check = subprocess.run([sys.executable, "scripts/settings_table.py", "--check"], cwd=root,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    from service.core.settings import Settings, settings_table
-
-    table = settings_table()
-    assert all(f"`EFFNET_{name.upper()}`" in table for name in Settings.model_fields)
+    readme = (root / "README.md").read_text()
+    rows = _readme_table_variables(readme)
+    fields = [f"EFFNET_{name.upper()}" for kind in (ServerSettings, ModelSettings) for name in kind.model_fields]
+    assert sorted(rows) == sorted(fields) and len(set(rows)) == len(rows)
+    # The check sees a description edited by hand and a row removed.
+    edited = readme.replace("Largest request body, enforced while reading it", "Largest body", 1)
+    assert edited != readme and settings_table.render(edited) != edited
+    row = next(line for line in readme.splitlines() if line.startswith("| `EFFNET_MAX_QUEUE_TOTAL`"))
+    removed = readme.replace(row + "\n", "", 1)
+    assert settings_table.render(removed) != removed
 
 
 def test_an_effnet_variable_no_setting_reads_is_named():

@@ -8,7 +8,7 @@ import time
 
 from fastapi.testclient import TestClient
 
-from service.core.runtime import Lifecycle
+from service.core.lifecycle import State
 from tests.helpers.fakes import FakeEngine, app_with_engine
 
 SECRET_DETAIL = "secret-internal-detail-/srv/model.pth"
@@ -49,7 +49,7 @@ def test_failed_warm_up_is_fatal():
     with TestClient(app) as client:
         service = app.state.models
         deadline = time.monotonic() + 10
-        while service.state is not Lifecycle.FAILED:
+        while service.state is not State.FAILED:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert service.failure.startswith("warm-up failed: RuntimeError")

@@ -6,18 +6,16 @@ The same paths against a real OTLP receiver and real server processes: tests/int
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 import time
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from service.core import tracing
 from service.core.access import AccessRecord
 from tests.helpers.components import missing_component
-from tests.helpers.fakes import FakeEngine, app_with_engine
+from tests.helpers.fakes import FakeEngine, app_with_engine, fake_model
 
 try:
     from opentelemetry.sdk import trace as sdk_trace
@@ -41,13 +39,6 @@ def spans():
     yield exporter
     tracing.reset()
     provider.shutdown()
-
-
-@pytest.fixture(scope="module")
-def jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
 def wait_ready(client: TestClient) -> None:
@@ -230,15 +221,12 @@ def test_the_resource_names_the_service_unless_otel_service_name_does(monkeypatc
 
 
 def test_the_batch_command_runs_as_one_trace_with_a_span_per_image(spans, jpeg):
-    from model import get_efficientnet_config, imagenet_classes
     from service.cli.local import LocalRunner
-    from service.core.loading import LoadedModel
-    from service.core.settings import Settings
+    from service.core.registry import Startup
+    from service.core.settings import ModelSettings, ServerSettings
 
-    loaded = LoadedModel(engine=FakeEngine(), variant=get_efficientnet_config("efficientnet-lite0"),
-                         labels=list(imagenet_classes()), num_features=1280, num_parameters=1,
-                         weights_source="random", weights_file=None, weights_sha256=None)
-    runner = LocalRunner(Settings(warmup=False), "predict", model=loaded)
+    runner = LocalRunner(ServerSettings(), ModelSettings(warmup=False), "predict",
+                         startup=Startup(None, [fake_model(FakeEngine(), warmup=False)]))
 
     async def main() -> None:
         await runner.start()
@@ -263,7 +251,7 @@ def test_the_batch_command_runs_as_one_trace_with_a_span_per_image(spans, jpeg):
 
 def test_access_record_without_tracing_costs_no_span():
     record = AccessRecord("POST", "/predict")
-    record.start_trace({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+    record.start_trace("POST", "server", {}, carrier={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
     assert record.trace is None and record.trace_id is None
 
 

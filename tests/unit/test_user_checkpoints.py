@@ -27,8 +27,8 @@ from model.sources import (
 from model.weights import WeightsError
 from service.core.errors import StartupError
 from service.core.loading import load_model
-from service.core.settings import Settings
-from service.http.app import create_app
+from service.core.settings import ModelSettings
+from tests.helpers.fakes import app_from_settings
 from tests.helpers.foreign import (
     SIZE,
     photo_batch,
@@ -120,10 +120,10 @@ def test_headless_checkpoint_serves_features_only(tmp_path):
     assert logits.shape == (len(x), 0)
     assert_close_rel(features, expected, 1e-4)
 
-    settings = Settings(model="efficientnet-b0", weights=str(path), backend="onnxruntime", warmup=False,
-                        input_size=SIZE)
+    settings = dict(model="efficientnet-b0", weights=str(path), backend="onnxruntime", warmup=False,
+                    input_size=SIZE)
     jpeg = load_photos()["chelsea.jpg"]
-    with TestClient(create_app(settings)) as client:
+    with TestClient(app_from_settings(**settings)) as client:
         info = client.get("/info").json()
         assert info["num_classes"] == 0 and info["labels_source"] == "none"
         response = client.post("/features", content=jpeg, headers={"content-type": "image/jpeg"})
@@ -143,8 +143,8 @@ def test_other_input_size_on_every_engine(tmp_path, backend):
     ref = reference_model("torchvision", "efficientnet_b0", 10, size=80)
     path = tmp_path / "tv.pth"
     torch.save(ref.state_dict(), path)
-    settings = Settings(model="efficientnet_b0", weights=str(path), backend=backend, input_size=80,
-                        resize_size=96, num_threads=1)
+    settings = ModelSettings(model="efficientnet_b0", weights=str(path), backend=backend, input_size=80,
+                             resize_size=96, num_threads=1)
     loaded = load_model(settings)
     assert loaded.preprocess.input_size == 80 and loaded.preprocess.resize_size == 96
     # Photos, as served (the network's BatchNorm statistics come from photos: random pixels are no input
@@ -216,7 +216,7 @@ def test_real_lite0_weights_in_timm_form_agree_with_timms_pipeline(tmp_path, lit
     path = tmp_path / f"{arch}.pth.tar"
     torch.save({"state_dict": reference.state_dict(), "arch": arch, "epoch": 0}, path)
     # The service's own path: the settings, the loader, the service's preprocessing, the default engine.
-    loaded = load_model(Settings(model="efficientnet-lite0", weights=str(path), num_threads=2))
+    loaded = load_model(ModelSettings(model="efficientnet-lite0", weights=str(path), num_threads=2))
     assert loaded.source_format == ("timm_tf" if arch.startswith("tf_") else "timm")
     config = timm.data.resolve_data_config({}, model=reference)
     transform = timm.data.create_transform(**config)
@@ -242,8 +242,8 @@ def test_fine_tuned_head_answers_in_its_labels(tmp_path, lite0_state_dict):
     torch.save(state, weights)
     labels.write_text("\n".join(names) + "\n")
     full = EfficientNet.from_pretrained("efficientnet-lite0", default_weights_path("efficientnet-lite0")).eval()
-    settings = Settings(weights=str(weights), labels=str(labels), warmup=False)
-    with TestClient(create_app(settings)) as client:
+    settings = dict(weights=str(weights), labels=str(labels), warmup=False)
+    with TestClient(app_from_settings(**settings)) as client:
         info = client.get("/info").json()
         assert info["num_classes"] == 10 and info["labels_source"] == "file"
         meta = client.get("/v2/models/efficientnet-lite0").json()
@@ -302,7 +302,7 @@ def _b0_checkpoint(tmp_path, num_classes: int = 10) -> str:
 
 def _startup_error(**settings) -> str:
     with pytest.raises(StartupError) as info:
-        load_model(Settings(backend="torch", **settings))
+        load_model(ModelSettings(backend="torch", **settings))
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -311,7 +311,7 @@ def _startup_error(**settings) -> str:
 @pytest.mark.slow
 def test_efficientnet_pytorch_fine_tune_is_served_with_its_own_head(tmp_path, caplog):
     path = _b0_checkpoint(tmp_path, 10)
-    loaded = load_model(Settings(model="efficientnet-b0", weights=path, backend="torch"))
+    loaded = load_model(ModelSettings(model="efficientnet-b0", weights=path, backend="torch"))
     assert loaded.num_classes == 10 and loaded.labels == [f"class_{i}" for i in range(10)]
     assert loaded.labels_source == "generic" and "class_0 .. class_9" in caplog.text
     _, logits = loaded.engine.run(np.zeros((1, 3, 224, 224), dtype=np.uint8))

@@ -25,7 +25,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.core.errors import BadRequest
-from service.core.runtime import as_engine_input
+from service.core.runtime import check_pixels
 from service.v2 import tensors
 from service.v2.rest import HEADER_LENGTH, parse_infer_request
 from tests.helpers.fakes import ESPRESSO, FakeEngine, app_with_engine
@@ -102,18 +102,18 @@ def test_float_input_goes_to_the_engine_as_sent_and_nan_is_refused():
     """A float tensor is the network's input as sent (any finite values, float64 narrowed to float32);
     uint8 pixels stay uint8; NaN, infinity, a value beyond float32 and integer tensors are BadRequests."""
     off_grid = np.linspace(-5, 5, 3 * 4 * 4, dtype=np.float32).reshape(1, 3, 4, 4)
-    assert as_engine_input(off_grid) is off_grid
-    wide = as_engine_input(off_grid.astype(np.float64))
+    assert check_pixels(off_grid) is off_grid
+    wide = check_pixels(off_grid.astype(np.float64))
     assert wide.dtype == np.float32 and np.array_equal(wide, off_grid)
     pixels = np.zeros((1, 3, 4, 4), dtype=np.uint8)
-    assert as_engine_input(pixels) is pixels
+    assert check_pixels(pixels) is pixels
     for bad, match in ((np.nan, "NaN"), (np.inf, "NaN or infinite"), (1e300, "float32")):
         batch = np.zeros((1, 3, 4, 4), dtype=np.float64)
         batch[0, 1, 2, 3] = bad
         with pytest.raises(BadRequest, match=match):
-            as_engine_input(batch)
+            check_pixels(batch)
     with pytest.raises(BadRequest, match="int16"):
-        as_engine_input(np.zeros((1, 3, 4, 4), dtype=np.int16))
+        check_pixels(np.zeros((1, 3, 4, 4), dtype=np.int16))
 
 
 def test_json_nested_deeper_than_the_decoder_goes_is_a_400():

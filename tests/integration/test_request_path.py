@@ -1,7 +1,7 @@
 """One request path: the same bad requests through every door get the same answer.
 
 HTTP ``/predict``, V2 REST, V2 gRPC and the batch command (in-process) all hand their requests to the core's
-one entry (``InferenceService.serve``). A corrupt image, too many images, a missed deadline, a client that
+one entry (``ServedModel.serve``). A corrupt image, too many images, a missed deadline, a client that
 leaves and a full queue must therefore give, at every door, the same error code, the same status (gRPC:
 its mapping of it), the same ``effnet_rejected_total`` reason and the same access-log fields (status,
 error code, reject reason, which image). The server here is real (uvicorn and grpc.aio on loopback, in a
@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import struct
-import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,13 +25,13 @@ from dataclasses import dataclass
 import grpc
 import httpx
 import pytest
-import uvicorn
-from PIL import Image
 
 from service.v2.pb import grpc_predict_v2_pb2 as pb
 from service.v2.pb import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.helpers.fakes import FakeEngine
-from tests.helpers.server import free_port
+from tests.helpers.fakes import FakeEngine, fake_model, split_settings
+from tests.helpers.images import solid_png
+from tests.helpers.server import ThreadedServers, free_port
+from tests.helpers.waiting import wait_until
 
 MODEL = "efficientnet-lite0"
 CORRUPT = b"\x89PNG\r\n\x1a\n but not really"
@@ -43,13 +40,7 @@ GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOUR
               504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def png(colour: tuple[int, int, int]) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (32, 32), colour).save(out, format="PNG")
-    return out.getvalue()
-
-
-GOOD = png((0, 0, 255))
+GOOD = solid_png((0, 0, 255))
 
 
 class AccessLog(logging.Handler):
@@ -98,46 +89,22 @@ SETTINGS = dict(warmup=False, max_batch_size=1, max_batch_delay_ms=0, max_queue=
 @pytest.fixture()
 def server() -> Iterator[Callable[..., Server]]:
     """Factory: uvicorn + gRPC on loopback around a gated stand-in engine, with SETTINGS and overrides."""
-    running: list[tuple[uvicorn.Server, threading.Thread, FakeEngine]] = []
+    servers = ThreadedServers()
 
     def start(**overrides) -> Server:
-        from service.core.settings import Settings
-        from service.http.app import create_app
+        from service.core.registry import Startup
+        from service.server.app import create_app
 
         engine = FakeEngine()
-        grpc_port, port = free_port(), free_port()
-        app = create_app(Settings(**{**SETTINGS, **overrides}), model=_model_of(engine),
-                         grpc_address=f"127.0.0.1:{grpc_port}")
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-        thread = threading.Thread(target=server.run, name="uvicorn-under-test", daemon=True)
-        thread.start()
-        running.append((server, thread, engine))
-        _wait(lambda: server.started and getattr(app.state, "models", None) is not None
-              and app.state.models.ready, "the server never became ready")
-        return Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", engine, app)
+        servers.on_close.append(engine.gate.set)
+        grpc_port = free_port()
+        server_settings, model_settings = split_settings(**{**SETTINGS, **overrides})
+        model = fake_model(engine, **model_settings.model_dump(include=model_settings.model_fields_set))
+        app = create_app(server_settings, startup=Startup(None, [model]), grpc_address=f"127.0.0.1:{grpc_port}")
+        return Server(servers.start(app), f"127.0.0.1:{grpc_port}", engine, app)
 
     yield start
-    for srv, thread, engine in running:
-        engine.gate.set()
-        srv.should_exit = True
-        thread.join(30)
-
-
-def _model_of(engine: FakeEngine):
-    from model import get_efficientnet_config, imagenet_classes
-    from service.core.loading import LoadedModel
-
-    return LoadedModel(engine=engine, variant=get_efficientnet_config(MODEL), labels=list(imagenet_classes()),
-                       num_features=1280, num_parameters=1, weights_source="random", weights_file=None,
-                       weights_sha256=None)
-
-
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(what)
-        time.sleep(0.01)
+    servers.close()
 
 
 # -- the doors: each sends encoded images and answers (status, code or None) -----------------------------------
@@ -177,10 +144,12 @@ DOORS = {"http": (http_door, "/predict"), "v2-rest": (rest_door, "/infer"), "grp
 def _run_cli(images: list[bytes], *, hold: bool = False, **overrides) -> tuple[list, object, FakeEngine]:
     """The batch command's in-process runner on its own service (stand-in engine): one image a request."""
     from service.cli.local import LocalRunner
-    from service.core.settings import Settings
+    from service.core.registry import Startup
 
     engine = FakeEngine(hold=hold)
-    runner = LocalRunner(Settings(**{**SETTINGS, "warmup": False, **overrides}), "predict", model=_model_of(engine))
+    server_settings, model_settings = split_settings(**{**SETTINGS, "warmup": False, **overrides})
+    model = fake_model(engine, **model_settings.model_dump(include=model_settings.model_fields_set))
+    runner = LocalRunner(server_settings, model_settings, "predict", startup=Startup(None, [model]))
 
     async def go() -> list:
         await runner.start()
@@ -250,7 +219,7 @@ def test_a_missed_deadline_is_504_timeout_at_every_door(server, access_log, door
     assert _core_fields(access_log.last(path)) == {"status": 504, "error_code": "timeout",
                                                    "reject_reason": "timeout", "image_index": None}
     assert srv.rejected("timeout") == 1
-    assert srv.app.state.models.get().batcher.admitted == 0  # nothing of it left in the queue
+    assert srv.app.state.models.get().batcher.depth == 0  # nothing of it left in the queue
 
 
 def test_a_missed_deadline_in_the_batch_command_gives_the_same_record(access_log):
@@ -271,7 +240,7 @@ def _leave_http(srv: Server, path: str) -> None:
 def _leave_grpc(srv: Server) -> None:
     with grpc.insecure_channel(srv.grpc_target) as channel:
         call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(_grpc_request([GOOD]), timeout=30)
-        _wait(lambda: srv.app.state.models.get().batcher.admitted == 1, "the gRPC call never reached the queue")
+        wait_until(lambda: srv.app.state.models.get().batcher.depth == 1, "the gRPC call never reached the queue")
         call.cancel()
 
 
@@ -287,8 +256,8 @@ def test_a_client_that_leaves_is_499_client_gone_at_every_door(server, access_lo
             _leave_grpc(srv)
         else:
             _leave_http(srv, path)
-        _wait(lambda: srv.app.state.models.get().batcher.admitted == 0, "the abandoned image still holds its room")
-        _wait(lambda: any(path in (line["path"] or "") and line["status"] == 499 for line in access_log.lines),
+        wait_until(lambda: srv.app.state.models.get().batcher.depth == 0, "the abandoned image still holds its room")
+        wait_until(lambda: any(path in (line["path"] or "") and line["status"] == 499 for line in access_log.lines),
               "no access-log line for the request whose client left")
         srv.engine.gate.set()
         assert busy.result(30) == (200, None)
@@ -308,7 +277,7 @@ def test_a_full_queue_is_503_overloaded_at_every_door(server, access_log, door):
         running = pool.submit(http_door, srv, [GOOD])
         assert srv.engine.batch_running.wait(10)
         waiting = pool.submit(http_door, srv, [GOOD, GOOD])  # fills the queue of 2
-        _wait(lambda: srv.app.state.models.get().batcher.admitted == 2, "the queue never filled")
+        wait_until(lambda: srv.app.state.models.get().batcher.depth == 2, "the queue never filled")
         status, code = send(srv, [GOOD])
         srv.engine.gate.set()
         assert running.result(30)[0] == waiting.result(30)[0] == 200
