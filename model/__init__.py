@@ -4,6 +4,12 @@ Checkpoint-compatible with ``efficientnet_pytorch`` 0.7.1, exportable to ONNX, a
 concern: the service uses only what is exported here.
 """
 
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+# The configurations are plain data and import no torch; everything else is imported on first use, so a
+# process that only reads configurations and preprocesses images (the server's front-end workers) never
+# loads torch.
 from .config import (
     VARIANTS,
     BlockConfig,
@@ -14,21 +20,46 @@ from .config import (
     round_filters,
     round_repeats,
 )
-from .efficientnet import EfficientNet, MBConvBlock, guess_variant
-from .fuse import fold_batchnorm
-from .layers import (
-    Conv2dDynamicSamePadding,
-    Conv2dStaticSamePadding,
-    DropConnect,
-    MemoryEfficientSwish,
-    Swish,
-    calculate_output_image_size,
-    drop_connect,
-    get_activation,
-    get_same_padding_conv2d,
-)
-from .preprocess import Normalize, normalize, pillow_resample, preprocess_image, resize_and_crop, to_uint8_chw
-from .weights import WeightsError, default_weights_path, imagenet_classes, read_state_dict
+
+_LAZY = {
+    "EfficientNet": "efficientnet", "MBConvBlock": "efficientnet", "guess_variant": "efficientnet",
+    "fold_batchnorm": "fuse",
+    **{name: "layers" for name in ("Conv2dDynamicSamePadding", "Conv2dStaticSamePadding", "DropConnect",
+                                   "MemoryEfficientSwish", "Swish", "calculate_output_image_size",
+                                   "drop_connect", "get_activation", "get_same_padding_conv2d")},
+    **{name: "imageops" for name in ("normalize", "pillow_resample", "resize_and_crop", "to_uint8_chw")},
+    "Normalize": "preprocess", "preprocess_image": "preprocess",
+    **{name: "weights" for name in ("WeightsError", "default_weights_path", "imagenet_classes",
+                                    "read_state_dict")},
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # what the names above are, for type checkers and readers
+    from .efficientnet import EfficientNet, MBConvBlock, guess_variant
+    from .fuse import fold_batchnorm
+    from .imageops import normalize, pillow_resample, resize_and_crop, to_uint8_chw
+    from .layers import (
+        Conv2dDynamicSamePadding,
+        Conv2dStaticSamePadding,
+        DropConnect,
+        MemoryEfficientSwish,
+        Swish,
+        calculate_output_image_size,
+        drop_connect,
+        get_activation,
+        get_same_padding_conv2d,
+    )
+    from .preprocess import Normalize, preprocess_image
+    from .weights import WeightsError, default_weights_path, imagenet_classes, read_state_dict
 
 __all__ = [
     "VARIANTS",

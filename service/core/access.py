@@ -30,6 +30,16 @@ from service.core.errors import ServiceError
 access_log = logging.getLogger("service.access")
 log = logging.getLogger("service.core.access")
 
+# The front-end worker this process is (EFFNET_WORKERS > 1: 0 .. N-1), named in every access-log line; None
+# in a server of one process.
+worker: int | None = None
+
+
+def set_worker(number: int | None) -> None:
+    global worker
+    worker = number
+
+
 # A client's own request id (X-Request-ID header, x-request-id gRPC metadata) is echoed only when it looks
 # like one: bounded length, no spaces or control characters that could forge log lines or headers.
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -130,6 +140,7 @@ class AccessRecord:
             "images": self.images,
             "image_index": self.image_index,
             "trace_id": self.trace_id,
+            "worker": worker,
         }
 
     def finish(self, metrics: RequestObserver | None, status: int | None = None) -> None:

@@ -36,6 +36,25 @@ class ServiceError(Exception):
         self.args = (self.message,)
         return self
 
+    def to_wire(self) -> dict[str, object]:
+        """This error as plain data (the engine process answers a front-end worker with it)."""
+        return {"code": self.code, "status": self.status_code, "message": self.detail, "headers": self.headers,
+                "reject_reason": self.reject_reason, "image_index": self.image_index}
+
+    @staticmethod
+    def from_wire(data: dict[str, object]) -> ServiceError:
+        """The error ``to_wire`` described, as the class of its code (the same status, code, headers and
+        message, and which image it is about)."""
+        cls = _BY_CODE.get(str(data["code"]), ServiceError)
+        error = cls.__new__(cls)
+        ServiceError.__init__(error, str(data["message"]), headers=dict(data.get("headers") or {}))  # type: ignore[arg-type]
+        if cls is ServiceError:
+            error.status_code, error.code = int(data["status"]), str(data["code"])  # type: ignore[arg-type]
+            error.reject_reason = data.get("reject_reason")  # type: ignore[assignment]
+        if data.get("image_index") is not None:
+            error.about_image(int(data["image_index"]))  # type: ignore[arg-type]
+        return error
+
     @property
     def server_fault(self) -> bool:
         """A failure of the server itself, worth an error line in the log. Overload, not ready and
@@ -176,6 +195,16 @@ class InferenceFailed(ServiceError):
     code = "inference_failed"
 
 
+class EngineUnavailable(ServiceError):
+    """The engine process is not reachable (it died and is being restarted): every front-end worker answers
+    at once instead of letting requests wait for their deadline."""
+
+    status_code = 503
+    code = "engine_unavailable"
+    reject_reason = "engine_unavailable"
+    retry_after = 1
+
+
 class ClientGone(ServiceError):
     """The client disconnected (mid-upload or while its images waited); nobody will read the answer.
     Counted as 499 (nginx's "client closed request"), as the front-ends' metrics and access log show it."""
@@ -195,3 +224,13 @@ class StartupError(RuntimeError):
 class ConfigurationError(StartupError):
     """Settings that cannot work together on this machine (found when they are resolved): a usage error,
     which ``efficientnet-serve`` answers with exit status 2 like an invalid setting."""
+
+
+def _subclasses(cls: type[ServiceError]) -> list[type[ServiceError]]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
+
+
+# Each declared error by its code (the first declared wins: several may share a code).
+_BY_CODE: dict[str, type[ServiceError]] = {}
+for _cls in _subclasses(ServiceError)[1:]:
+    _BY_CODE.setdefault(_cls.code, _cls)

@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
-from model import pillow_resample, resize_and_crop, to_uint8_chw
+from model.imageops import pillow_resample, resize_and_crop, to_uint8_chw
 from service.core.errors import ImageTooLarge, InvalidImage
 
 
@@ -123,6 +123,8 @@ class PreprocessSpec(Protocol):
     def input_size(self) -> int: ...
     @property
     def resize_size(self) -> int: ...
+    @property
+    def crop_fraction(self) -> float: ...
     @property
     def interpolation(self) -> str: ...
     @property
@@ -311,7 +313,7 @@ def describe(spec: PreprocessSpec) -> dict[str, object]:
     return {
         "input_size": int(spec.input_size),
         "resize_size": int(spec.resize_size),
-        "crop_fraction": float(getattr(spec, "crop_fraction", spec.input_size / spec.resize_size)),
+        "crop_fraction": float(spec.crop_fraction),
         "interpolation": str(spec.interpolation),
         "mean": [float(v) for v in spec.mean],
         "std": [float(v) for v in spec.std],

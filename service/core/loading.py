@@ -16,7 +16,6 @@ import importlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ import torch
 from model import (
     EfficientNet,
     PreprocessConfig,
-    VariantConfig,
     WeightsError,
     default_weights_path,
     imagenet_classes,
@@ -37,61 +35,13 @@ from service.core.engines import Engine, build_engine
 from service.core.engines.int8 import Int8Engine
 from service.core.errors import ConfigurationError, StartupError
 from service.core.imaging import Preprocessor
-from service.core.quantized import Int8Info, int8_engine
+from service.core.models import Int8Info, LoadedModel, variant_config_dict
+from service.core.quantized import int8_engine
 from service.core.settings import ModelSettings, ModelSpec, ServerSettings
 
 log = logging.getLogger("service.core.loading")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model ready to serve: its engine, the facts /info reports, and the spec it was loaded from, with
-    its settings resolved (``settings``: what every later step reads; nothing resolves them again)."""
-
-    engine: Engine
-    variant: VariantConfig  # its preprocess is the one served (the source's, with the settings' overrides)
-    labels: list[str]  # empty: the checkpoint has no classifier (features only)
-    num_features: int
-    num_parameters: int
-    weights_source: str  # "package" | "file" | "random"
-    weights_file: str | None
-    weights_sha256: str | None
-    quantization: Int8Info | None = None  # how the int8 model was obtained (EFFNET_DTYPE=int8 only)
-    source_format: str = "efficientnet_pytorch"  # the checkpoint's library (model.sources.SOURCE_FORMATS)
-    weights_container: str | None = None  # the key the weights were under in the file, if any
-    labels_source: str = "imagenet"  # "imagenet" | "file" | "generic" | "none"
-    spec: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(None, "built in code", ModelSettings()))
-
-    @property
-    def name(self) -> str:
-        """What requests call it: the spec's name (a repository's folder), else the variant's."""
-        return self.spec.name or self.variant.name
-
-    @property
-    def settings(self) -> ModelSettings:
-        """The model's settings, resolved at load (a model built in code resolves its spec's on first use)."""
-        settings = self.spec.settings
-        return settings if settings.is_resolved else settings.resolved()
-
-    def describe(self) -> str:
-        """One line for the logs: variant, head, engine, device and dtype."""
-        engine = self.engine
-        head = f"{self.num_classes} classes" if self.has_classifier else "features only"
-        return f"{self.variant.name}, {head}, {engine.backend} on {engine.device} ({engine.dtype})"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def has_classifier(self) -> bool:
-        return bool(self.labels)
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        return self.variant.preprocess
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -123,6 +73,10 @@ _BACKEND_MODULES = {"onnxruntime": ("onnxruntime", "pip install onnx onnxruntime
 
 def resolve_backend(name: str, device: torch.device, dtype: str = "float32") -> str:
     """The engine to build: ``auto`` is onnxruntime for float32 on CPU when installed, else torch."""
+    if name == "null":
+        log.warning("EFFNET_BACKEND=null: answering zeros without computing (for measuring the front-ends; "
+                    "no answer is about an image)")
+        return name
     if dtype == "int8":
         return _resolve_int8_backend(name, device)
     if name == "openvino" and dtype == "bfloat16" and device.type == "cpu" and _installed("openvino"):
@@ -314,7 +268,7 @@ def load_model(spec: ModelSpec | ModelSettings) -> LoadedModel:
     size = variant.preprocess.input_size
     try:
         quantization = None
-        if settings.effective_dtype == "int8":
+        if settings.effective_dtype == "int8" and backend != "null":
             engine, quantization = _int8_engine(settings, backend, net, variant, weights_sha256)
         else:
             engine = build_engine(backend, net, device, dtype, num_threads=settings.effective_num_threads,
@@ -378,14 +332,6 @@ def _int8_engine(settings: ModelSettings, backend: str, net: EfficientNet, varia
         read=preprocessor,
         build=lambda model: Int8Engine(model, backend, settings.effective_num_threads, image_size=size),
     )
-
-
-def variant_config_dict(variant: Any) -> dict[str, Any]:
-    """The variant's global configuration as plain data (for /info)."""
-    config = getattr(variant, "global_config", None)
-    if config is None or not dataclasses.is_dataclass(config):
-        return {}
-    return {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
 
 
 __all__ = [

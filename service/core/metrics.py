@@ -43,6 +43,7 @@ REJECT_REASONS = (
     "unauthorized",
     "client_gone",
     "model_not_found",
+    "engine_unavailable",
 )
 
 
@@ -172,6 +173,10 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def render_for(self, accept: str | None) -> tuple[bytes, str]:
+        """``exposition``, as every process's metrics answer it (a front-end worker's ask the engine)."""
+        return self.exposition(accept)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The metrics and their content type for a scraper's Accept header: OpenMetrics (with exemplars)

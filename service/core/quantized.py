@@ -18,7 +18,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +33,9 @@ from model.quantize import (
     read_metadata,
 )
 from service.core.errors import StartupError
+from service.core.models import Int8Info
 
 log = logging.getLogger("service.core.quantized")
-
-
-@dataclass(frozen=True)
-class Int8Info:
-    """How the served int8 model was obtained (reported by /info)."""
-
-    source: str  # "file" (EFFNET_INT8_MODEL) or "calibrated" (EFFNET_CALIBRATION_DIR)
-    recipe: str | None
-    calibration_count: int | None
-    calibration_sha256: str | None
-    held_out_agreement: float | None
-    cache_hit: bool | None
-    cache_file: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def _versions() -> dict[str, str]:

@@ -20,7 +20,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,13 +33,21 @@ from service.core.errors import (
     StartupError,
 )
 from service.core.lifecycle import Lifecycle, State
-from service.core.loading import LoadedModel, load_model
 from service.core.metrics import Metrics
+from service.core.models import LoadedModel
 from service.core.repository import ModelRepository
 from service.core.runtime import QueueBudget, ServedModel
 from service.core.settings import ModelSettings, ModelSpec, ServerSettings
 
 log = logging.getLogger("service.core.registry")
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """``service.core.loading.load_model``, imported when a model is loaded: the registry module itself
+    imports no torch (a front-end worker mirrors the engine process's registry without it)."""
+    from service.core.loading import load_model as load
+
+    return load(spec)
 
 # After a reload or an unload, how long the old model still admits requests: those that were routed to it
 # just before the switch (a front-end looks the model up, then admits) are answered, not refused.
@@ -114,11 +122,16 @@ class ModelRegistry:
         # While running (phase ready) the server's state is its models' (warming, failed or ready).
         self.lifecycle = Lifecycle(derive=self._derive)
         self.lifecycle.add_listener(lambda state: self.metrics.ready.set(1 if state is State.READY else 0))
+        self._models_changed: list[Callable[[], None]] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[object]] = set()  # loads and retirements under way
         if server.default_model and server.default_model not in self.models:
             raise StartupError(f"EFFNET_DEFAULT_MODEL={server.default_model} is not among the models loaded "
                                f"({', '.join(self.models)})")
+
+    def on_models_changed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` when a model is loaded, reloaded or unloaded, or a model's state changes."""
+        self._models_changed.append(listener)
 
     def _build(self, loaded: LoadedModel, previous: ServedModel | None = None) -> ServedModel:
         return ServedModel(loaded, self.server, self.metrics, decode_pool=self._decode_pool,
@@ -155,7 +168,7 @@ class ModelRegistry:
             raise ModelNotFound(f"unknown model '{name}'; this server serves: {served}")
         return model
 
-    def index(self) -> list[dict[str, str]]:
+    async def index(self) -> list[dict[str, str]]:
         """The repository index (Triton's): every model the repository holds and every one served, with
         its state (READY, LOADING, UNAVAILABLE) and why it is not ready."""
         known = set(self.models)
@@ -237,7 +250,7 @@ class ModelRegistry:
                      time.perf_counter() - started, loaded.describe())
             if previous is not None:
                 self._retire(name, previous)
-            self.lifecycle.refresh()
+            self._model_changed()
             return model
 
     async def unload(self, name: str) -> None:
@@ -253,7 +266,7 @@ class ModelRegistry:
                 return
             self.metrics.remove_model(name)
             log.info("model '%s' unloaded", name)
-            self.lifecycle.refresh()
+            self._model_changed()
             task = self._retire(name, model)
             del model  # the retiring task holds the last reference, so the model is freed when it ends
             await asyncio.shield(task)
@@ -300,7 +313,7 @@ class ModelRegistry:
             return State.WARMING
         return State.READY
 
-    def _model_changed(self, _state: State) -> None:
+    def _model_changed(self, _state: State | None = None) -> None:
         # A start-up model that failed its warm-up fails the server (the process exits non-zero).
         if self.lifecycle.failure is None:
             for model in self._startup:
@@ -309,6 +322,8 @@ class ModelRegistry:
                     self.lifecycle.failure = f"model '{model.name}': {model.failure}" if multi else model.failure
                     break
         self.lifecycle.refresh()
+        for listener in list(self._models_changed):
+            listener()
 
     def _set_info(self, model: ServedModel) -> None:
         engine = model.model.engine

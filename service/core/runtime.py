@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.core import tracing
 from service.core.access import AccessRecord
-from service.core.batching import DynamicBatcher
+from service.core.batching import DynamicBatcher, Reservation
 from service.core.engines.base import warm_up_on_threads
 from service.core.errors import (
     BadRequest,
@@ -33,10 +33,10 @@ from service.core.errors import (
 )
 from service.core.imaging import Preprocessor
 from service.core.lifecycle import Lifecycle, State
-from service.core.loading import LoadedModel
 from service.core.metrics import Metrics
+from service.core.models import LoadedModel
 from service.core.settings import ServerSettings
-from service.core.statistics import BatchObservers, ModelStatistics
+from service.core.statistics import BatchObservers, ModelStatistics, StatisticsSnapshot
 
 log = logging.getLogger("service.core.runtime")
 
@@ -102,17 +102,10 @@ class ServedModel:
         statistics: ModelStatistics | None = None,
         budget: QueueBudget | None = None,
     ) -> None:
-        self.model = model
-        self.settings = settings = model.settings
-        self.server = server
-        self.name = model.name
+        self._setup(model, server, decode_pool)
+        settings = self.settings
         self.budget = budget or QueueBudget(None)
         self.metrics = metrics
-        self.preprocessor = Preprocessor(model.preprocess, max_pixels=server.max_image_pixels)
-        self._owns_decode_pool = decode_pool is None
-        self._decode_pool = decode_pool or ThreadPoolExecutor(
-            server.decode_threads_for([settings]), thread_name_prefix="effnet-decode"
-        )
         # One inference thread per batch in flight; an engine that keeps per-slot buffers (pinned memory
         # and a CUDA stream per slot on a GPU) hands the batcher the buffers to stack into.
         slots = settings.effective_max_concurrent_batches
@@ -138,9 +131,26 @@ class ServedModel:
             buffers=model.engine.input_buffers(slots, settings.max_batch_size),
             spans=batch_spans,
         )
+        self._warmup_task: asyncio.Task[None] | None = None
+
+    def _setup(self, model: LoadedModel, server: ServerSettings, decode_pool: ThreadPoolExecutor | None) -> None:
+        """What every served model has, wherever its engine runs (here, or in the engine process for a
+        front-end worker's ``RemoteModel``): its facts, settings, decoding and lifecycle."""
+        self.model = model
+        self.settings = model.settings
+        self.server = server
+        self.name = model.name
+        self.preprocessor = Preprocessor(model.preprocess, max_pixels=server.max_image_pixels)
+        self._owns_decode_pool = decode_pool is None
+        self._decode_pool = decode_pool or ThreadPoolExecutor(
+            server.decode_threads_for([self.settings]), thread_name_prefix="effnet-decode"
+        )
         self.lifecycle = Lifecycle(f"model '{self.name}'")
         self.inflight = 0
-        self._warmup_task: asyncio.Task[None] | None = None
+
+    async def statistics_snapshot(self) -> StatisticsSnapshot:
+        """The statistics extension's numbers for this model."""
+        return self.statistics.snapshot()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     @property
@@ -267,8 +277,7 @@ class ServedModel:
                 if request.timeout_s is not None:
                     timeout = min(timeout, max(0.0, request.timeout_s))
                 deadline = time.monotonic() + timeout
-                with self.budget.take(count):
-                    return await self._run(request, deadline, cancel_when, trace, started)
+                return await self._run(request, deadline, cancel_when, trace, started)
         except asyncio.CancelledError:
             # The transport cancelled the request (gRPC does, when its caller leaves or its deadline
             # passes): its images were withdrawn on the way out; the record says which it was.
@@ -296,6 +305,23 @@ class ServedModel:
             if watcher is not None:
                 watcher.cancel()
 
+    @asynccontextmanager
+    async def room(self, images: int) -> AsyncIterator[Reservation]:
+        """Room for ``images`` in this model's queue, taken before they are decoded: the server's queue
+        budget (across models), then the batcher's own bound; ``QueueFull`` (503) at once otherwise. Given
+        back on the way out for what was not queued."""
+        with self.budget.take(images), self.batcher.reserve(images) as reservation:
+            yield reservation
+
+    @asynccontextmanager
+    async def ticket(self, images: int) -> AsyncIterator[Reservation]:
+        """Admission and room for ``images`` already decoded elsewhere (a front-end worker process): what
+        ``serve`` does before decoding, for the engine process to run them through ``Reservation.run``."""
+        with self.admit():
+            self.check_image_count(images)
+            async with self.room(images) as reservation:
+                yield reservation
+
     @contextmanager
     def admit(self) -> Iterator[None]:
         """Admission of one inference request: refused unless ready (or lame duck); counted until answered."""
@@ -321,7 +347,7 @@ class ServedModel:
         the request's span (tracing on), under which each image's decoding gets a span.
         """
         loop = asyncio.get_running_loop()
-        with self.batcher.reserve(len(blobs)) as room:
+        async with self.room(len(blobs)) as room:
             decodes = [
                 loop.run_in_executor(self._decode_pool, _decode, self.preprocessor, i, name, data, trace)
                 for i, (name, data) in enumerate(blobs)
@@ -358,7 +384,7 @@ class ServedModel:
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or len(batch) == 0:
             raise BadRequest(f"expected a batch of shape [N, 3, {size}, {size}] with N >= 1, got {list(batch.shape)}")
         images = check_pixels(batch)
-        with self.batcher.reserve(len(images)) as room:
+        async with self.room(len(images)) as room:
             return await room.run(list(images), timeout=deadline - time.monotonic(), cancel_when=cancel_when,
                                   trace=trace)
 

@@ -178,13 +178,15 @@ class ModelSettings(BaseSettings):
 
         ),
     )
-    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "null"] = Field(
         "auto",
         description=(
 
             "Inference engine: `torch` (eager, any device and dtype), `onnxruntime` (float32; CPU, or"
-            " CUDA with onnxruntime-gpu), `openvino` (float32, CPU; `pip install '.[openvino]'`) or "
-            "`auto`: onnxruntime for float32 on CPU when installed, else torch."
+            " CUDA with onnxruntime-gpu), `openvino` (float32, CPU; `pip install '.[openvino]'`), "
+            "`auto`: onnxruntime for float32 on CPU when installed, else torch; or `null`: zeros at once "
+            "without computing, for measuring what the front-ends can feed (never chosen by `auto`; the "
+            "log and `/info` say so)."
 
         ),
     )
@@ -564,6 +566,17 @@ class ServerSettings(BaseSettings):
 
         ),
     )
+    workers: int | Literal["auto"] = Field(
+        1,
+        description=(
+
+            "Front-end processes: `1` serves everything in one process; `N` > 1 runs N processes that parse"
+            " every door (HTTP, V2 REST, gRPC, the page) and decode, feeding one engine process that owns "
+            "the models and batches across all of them (pixels cross in shared memory). `auto`: the CPUs "
+            'available less one for the engine process. See "Workers" for how to size it.'
+
+        ),
+    )
     model_control: Literal["none", "explicit"] = Field(
         "none",
         description=(
@@ -579,6 +592,20 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return _none_if_blank(value)
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: int | str) -> int | str:
+        if value != "auto" and (not isinstance(value, int) or value < 1 or value > 256):
+            raise ValueError("must be auto or a number of processes from 1 to 256")
+        return value
+
+    @property
+    def effective_workers(self) -> int:
+        """The front-end processes: ``auto`` is the CPUs available less one for the engine process."""
+        if self.workers == "auto":
+            return max(1, available_cpus() - 1)
+        return int(self.workers)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -15,10 +15,12 @@ read and parse included). A request of one image is therefore one inference, exa
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.core.batching import BatchObserver
 
@@ -64,6 +66,21 @@ class StatisticsSnapshot:
     compute_infer: Duration
     compute_output: Duration
     batches: list[BatchStatistics]
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain data (the engine process sends it to a front-end worker)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> StatisticsSnapshot:
+        durations = {key: Duration(**data[key]) for key in _DURATIONS}
+        batches = [BatchStatistics(b["batch_size"], *(Duration(**b[key]) for key in _DURATIONS[-3:]))
+                   for b in data["batches"]]
+        return cls(data["last_inference_ms"], data["inference_count"], data["execution_count"], batches=batches,
+                   **durations)
+
+
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 class ModelStatistics(BatchObserver):

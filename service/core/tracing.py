@@ -282,6 +282,30 @@ def start_request(name: str, kind: str, attributes: Mapping[str, Any], carrier: 
     return RequestTrace(tracer, span)
 
 
+def trace_context(trace: RequestTrace | None) -> list[Any] | None:
+    """A request's span context as plain data (trace id, span id, flags), to carry it to another process
+    of the server (the engine process); None while tracing is off or for no request."""
+    if trace is None:
+        return None
+    sc = trace.span_context
+    return [format(sc.trace_id, "032x"), format(sc.span_id, "016x"), int(sc.trace_flags)]
+
+
+def remote_trace(context: Any) -> RequestTrace | None:
+    """A request traced in another process of the server (``trace_context``), as this process's handle on
+    it: its stages here (the queue wait) become children of the request's span, and the batch span links
+    to it. None while tracing is off here, or when the request carried no context."""
+    tracer = _tracer
+    if tracer is None or not context:
+        return None
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    trace_id, span_id, flags = context
+    span = NonRecordingSpan(SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
+                                        trace_flags=TraceFlags(int(flags))))
+    return RequestTrace(tracer, span)
+
+
 def start_span(name: str, attributes: Mapping[str, Any] | None = None) -> Span | None:
     """A root span of this process (the batch command's whole run), or None while tracing is off."""
     tracer = _tracer
@@ -388,12 +412,14 @@ __all__ = [
     "extract",
     "flush",
     "install",
+    "remote_trace",
     "reset",
     "setup",
     "shutdown",
     "start_client",
     "start_request",
     "start_span",
+    "trace_context",
     "tracer",
     "wanted",
 ]

@@ -9,12 +9,16 @@ warm-up steps. The batch-size buckets and the number of warm-up rounds are defin
 
 from __future__ import annotations
 
+import sys
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the contract itself needs no torch (a front-end worker imports it without)
+    import torch
 
 # Passes per batch size before serving: the first pays for allocation and kernel selection, the next ones
 # let caches and allocators settle.
@@ -122,7 +126,8 @@ def warm_up_on_threads(engine: Engine, executor: Executor, threads: int, max_bat
 def as_engine_batch(batch: np.ndarray | torch.Tensor) -> np.ndarray:
     """A contiguous NCHW numpy batch: uint8 pixels, or a float32 normalised tensor; ``TypeError`` for any
     other dtype (never a silent cast)."""
-    x = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+    torch = sys.modules.get("torch")  # a tensor can only come from a process that imported torch
+    x = batch.numpy() if torch is not None and isinstance(batch, torch.Tensor) else np.asarray(batch)
     if x.dtype not in (np.uint8, np.float32) or x.ndim != 4:
         raise TypeError(f"expected a uint8 or float32 NCHW batch, got {x.dtype} with shape {x.shape}")
     return np.ascontiguousarray(x)
