@@ -11,7 +11,7 @@ from service.asgi import ModelsDep, loaded_models
 from service.core.about import library_versions
 from service.core.errors import NotReady, ServiceUnavailable
 from service.core.imaging import describe, describe_formats
-from service.core.loading import variant_config_dict
+from service.core.models import variant_config_dict
 from service.core.runtime import ServedModel
 from service.http.schemas import ErrorResponse, HealthResponse, InfoResponse, ModelSummary, ReadyResponse
 
@@ -137,5 +137,5 @@ def _summary(served: ServedModel, default: bool) -> ModelSummary:
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
+    body, content_type = await request.app.state.metrics.render_for(request.headers.get("accept"))
     return Response(body, media_type=content_type)

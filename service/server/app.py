@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,8 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.core import tracing
 from service.core.about import service_version
 from service.core.metrics import Metrics
-from service.core.registry import ModelRegistry, Startup, load_startup
-from service.core.settings import ServerSettings
+from service.core.settings import ServerSettings, available_cpus
 from service.http import errors as native_errors
 from service.http import inference, operations
 from service.http.docs import install_docs
@@ -31,7 +31,19 @@ from service.server.middleware import BodyLimitMiddleware, RequestContextMiddlew
 from service.v2 import rest as v2_rest
 from service.web import web_router
 
+if TYPE_CHECKING:
+    from service.core.engine_client import EngineAddress
+    from service.core.registry import Startup
+
 log = logging.getLogger("service.server.app")
+
+
+def worker_decode_threads(server: ServerSettings) -> int:
+    """Decode threads of one front-end worker: EFFNET_DECODE_THREADS, else the host's CPUs shared among
+    the workers (at least one each): the workers together decode on every CPU, as one process would."""
+    if server.decode_threads:
+        return server.decode_threads
+    return max(1, available_cpus() // server.effective_workers)
 
 
 def create_app(
@@ -39,26 +51,37 @@ def create_app(
     *,
     startup: Startup | None = None,
     grpc_address: str | None = None,
+    engine: EngineAddress | None = None,
 ) -> FastAPI:
     """Build the app. ``startup``: the models already loaded (``load_startup``, as ``efficientnet-serve``
     does so that a bad start fails before the port opens); None: the lifespan loads them from the
     environment. ``grpc_address`` (host:port): also serve the Open Inference Protocol over gRPC there, on
-    the same models (``efficientnet-serve`` passes it unless EFFNET_GRPC_PORT is 0)."""
+    the same models (``efficientnet-serve`` passes it unless EFFNET_GRPC_PORT is 0). ``engine``: this is a
+    front-end worker of a server of several processes: its models are the engine process's there
+    (``RemoteRegistry``), and this process loads none (and imports no torch)."""
     server = server or ServerSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = startup if startup is not None else await asyncio.to_thread(load_startup, server)
-        metrics = Metrics(max(m.settings.max_batch_size for m in loaded.models))
-        registry = ModelRegistry(server, metrics, loaded)
-        app.state.metrics = metrics
+        if engine is not None:
+            from service.core.engine_client import RemoteRegistry
+
+            registry = RemoteRegistry(server, engine, decode_threads=worker_decode_threads(server))
+            app.state.metrics = registry.metrics
+        else:
+            from service.core.registry import ModelRegistry, load_startup
+
+            loaded = startup if startup is not None else await asyncio.to_thread(load_startup, server)
+            metrics = Metrics(max(m.settings.max_batch_size for m in loaded.models))
+            registry = ModelRegistry(server, metrics, loaded)
+            app.state.metrics = metrics
         app.state.models = registry
         await registry.start()
         grpc_server = None
         if grpc_address:
             from service.v2.grpc_server import GrpcServer
 
-            grpc_server = GrpcServer(registry, server, grpc_address)
+            grpc_server = GrpcServer(registry, server, grpc_address, shared=engine is not None)
             try:
                 await grpc_server.start()
             except BaseException:
@@ -68,6 +91,8 @@ def create_app(
             model = registry.models[name].model
             log.info("serving %s as '%s' on %s (%s, %s weights)", model.variant.name, name,
                      model.engine.device, model.engine.dtype, model.weights_source)
+        if engine is not None:
+            log.info("worker %d serving (models in the engine process)", engine.worker)
         try:
             yield
         finally:

@@ -297,7 +297,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def handle(record: AccessRecord) -> pb.ModelStatisticsResponse:
             response = pb.ModelStatisticsResponse()
             # An empty name: every model.
-            for stats in every_statistics(self.models, request.name, request.version):
+            for stats in await every_statistics(self.models, request.name, request.version):
                 entry = response.model_stats.add(
                     name=stats["name"], version=stats["version"], last_inference=stats["last_inference"],
                     inference_count=stats["inference_count"], execution_count=stats["execution_count"],
@@ -327,7 +327,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def handle(record: AccessRecord) -> pb.RepositoryIndexResponse:
             self._check_repository(request)
             response = pb.RepositoryIndexResponse()
-            for entry in ModelControl.index(self.models, request.ready):
+            for entry in await ModelControl.index(self.models, request.ready):
                 response.models.add(**entry)
             return response
 
@@ -432,15 +432,18 @@ def port_problem(host: str, port: int) -> str | None:
 class GrpcServer:
     """The gRPC front-end: ``await start()`` binds and serves, ``await stop(grace)`` finishes calls in flight."""
 
-    def __init__(self, models: ModelRegistry, server: ServerSettings, address: str) -> None:
+    def __init__(self, models: ModelRegistry, server: ServerSettings, address: str, *, shared: bool = False) -> None:
+        """``shared``: several front-end workers of one server listen on the port (``SO_REUSEPORT``; the
+        kernel spreads the connections); the server checked before starting them that no other process
+        holds it. Otherwise the port is this process's alone: a second server could not bind it and
+        silently share its traffic."""
         self.address = address
         max_message = server.max_body_bytes
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", -1),
-                # Without this, a second server could bind the same port and silently share its traffic.
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if shared else 0),
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models, server), self.server)

@@ -51,11 +51,11 @@ class ModelControl:
     ACTIONS = ("load", "unload")
 
     @staticmethod
-    def index(models: ModelRegistry, ready: Any) -> list[dict[str, str]]:
+    async def index(models: ModelRegistry, ready: Any) -> list[dict[str, str]]:
         """The repository index; ``ready`` (the request's flag, a boolean, default false): ready models only."""
         if ready is not None and not isinstance(ready, bool):
             raise BadRequest("'ready' must be true or false")
-        return [entry for entry in models.index() if not ready or entry["state"] == "READY"]
+        return [entry for entry in await models.index() if not ready or entry["state"] == "READY"]
 
     @staticmethod
     async def apply(models: ModelRegistry, action: str, name: str, parameters: dict[str, Any]) -> None:
@@ -176,10 +176,10 @@ def properties(model: ServedModel) -> dict[str, str]:
     }
 
 
-def statistics(model: ServedModel) -> dict[str, Any]:
+async def statistics(model: ServedModel) -> dict[str, Any]:
     """The statistics extension's entry for a model (Triton's JSON shape; the gRPC message has the same
     fields): counts, and durations as {count, ns}."""
-    snap = model.statistics.snapshot()
+    snap = await model.statistics_snapshot()
 
     def duration(d: Any) -> dict[str, int]:
         return {"count": d.count, "ns": d.ns}
@@ -212,11 +212,11 @@ def statistics(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def every_statistics(models: ModelRegistry, name: str | None = None,
-                     version: str | None = None) -> list[dict[str, Any]]:
+async def every_statistics(models: ModelRegistry, name: str | None = None,
+                           version: str | None = None) -> list[dict[str, Any]]:
     """The statistics of the model called ``name``, or of every served model (no name)."""
     chosen = [lookup(models, name, version)] if name else [models.get(n) for n in models.names]
-    return [statistics(model) for model in chosen]
+    return [await statistics(model) for model in chosen]
 
 
 # -- inference -------------------------------------------------------------------------------------------------

@@ -281,7 +281,7 @@ def v2_router() -> APIRouter:
     async def model_statistics(models: ModelsDep, model_name: str | None = None,
                                model_version: str | None = None) -> Any:
         """The statistics extension: every model's (``/v2/models/stats``) or one model's."""
-        return {"model_stats": every_statistics(models, model_name, model_version)}
+        return {"model_stats": await every_statistics(models, model_name, model_version)}
 
     # -- the model repository extension (Triton's): index, load (or reload), unload ------------------------
     async def _control_body(request: Request) -> dict[str, Any]:
@@ -295,7 +295,7 @@ def v2_router() -> APIRouter:
 
     async def repository_index(request: Request, models: ModelsDep) -> Any:
         body = await _control_body(request)
-        return ModelControl.index(models, body.get("ready"))
+        return await ModelControl.index(models, body.get("ready"))
 
     def repository_call(action: str) -> Callable[..., Awaitable[Any]]:
         async def call(request: Request, models: ModelsDep, model_name: str) -> Any:
