@@ -120,6 +120,11 @@ class OtlpReceiver:
             self.exports += 1
             self._changed.notify_all()
 
+    def clear(self) -> None:
+        """Forget the spans received so far."""
+        with self._changed:
+            self.spans.clear()
+
     def start(self) -> OtlpReceiver:
         self._thread.start()
         return self

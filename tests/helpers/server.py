@@ -248,3 +248,29 @@ class ThreadedServers:
             server.should_exit = True
             thread.join(30)
         self._running.clear()
+
+
+def children(pid: int) -> dict[str, int]:
+    """The child processes of ``pid`` by name (``/proc/<child>/comm``: ``effnet-engine``,
+    ``effnet-worker-0``, ...), from /proc."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            found[comm] = int(entry.name)
+    return found
+
+
+def shm_entries() -> set[str]:
+    """What /dev/shm holds now (the server's pixels never appear there: they are anonymous memfds)."""
+    try:
+        return {p.name for p in Path("/dev/shm").iterdir()}
+    except FileNotFoundError:  # pragma: no cover
+        return set()

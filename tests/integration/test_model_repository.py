@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tritonclient.http as thttp
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers.fakes import app_from_settings
+from tests.helpers.metrics import metric as scrape
 from tests.helpers.repository import save_fine_tuned_lite0, write_model
 from tests.helpers.server import ServiceProcess
 
@@ -74,9 +74,7 @@ def logits(server, model: str | None, photo: bytes) -> np.ndarray:
 
 
 def metric(server, name: str, **labels: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return scrape(server.url, name, **labels)
 
 
 def test_each_model_answers_as_a_single_model_service_of_it(server, repository, photos):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from service.server.main import GRACEFUL_TAIL_S
+from service.server.draining import GRACEFUL_TAIL_S
 
 CLIENTS = 12
 DRAIN_S = 20

@@ -15,7 +15,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import default_weights_path
-from service.server.main import GRACEFUL_TAIL_S
+from service.server.draining import GRACEFUL_TAIL_S
 
 
 def queue_depth(url: str) -> float:

@@ -11,7 +11,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.metrics import metric
 
 SLOW = {
     "EFFNET_MODEL": "efficientnet-b4",
@@ -37,14 +38,6 @@ def impatient_service(start_service):
     server = start_service({**SLOW, "EFFNET_MAX_QUEUE": "16", "EFFNET_REQUEST_TIMEOUT_S": "1.0"})
     yield server
     server.close()
-
-
-def metric(url: str, name: str, **labels) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise KeyError(name)
 
 
 def test_full_queue_answers_503_with_retry_after_at_once(service, photos):

@@ -64,8 +64,10 @@ def receiver():
         yield receiver
 
 
-@pytest.fixture(scope="module")
-def server(receiver):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-workers"])
+def server(receiver, request):
+    """The traced server, in one process and as two front-end workers feeding an engine process (the
+    request's spans in a worker, its queue span and the batch span in the engine process)."""
     grpc_port = free_port()
     env = otel_env(
         receiver.endpoint,
@@ -75,10 +77,12 @@ def server(receiver):
         EFFNET_GRPC_PORT=str(grpc_port),
         EFFNET_MAX_BATCH_SIZE="8",
         EFFNET_MAX_BATCH_DELAY_MS="50",
+        EFFNET_WORKERS=str(request.param),
     )
     with ServiceProcess(env) as service:
         service.grpc_url = f"127.0.0.1:{grpc_port}"
         yield service
+    receiver.clear()  # the next server's tests reuse the trace ids: they start from no spans
 
 
 def check_request_trace(receiver: OtlpReceiver, tid: str, server_name: str, images: int) -> None:

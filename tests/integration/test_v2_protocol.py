@@ -28,13 +28,13 @@ import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http as thttp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from model import EfficientNet, default_weights_path, get_efficientnet_config
 from service.core.imaging import Preprocessor
 from tests.helpers.images import float_preprocessed
+from tests.helpers.metrics import metric as scrape
 from tests.helpers.server import ServiceProcess, free_port
 
 MODEL = "efficientnet-lite0"
@@ -114,13 +114,7 @@ def normalised(batch: np.ndarray) -> np.ndarray:
 
 
 def metric(server, name: str, **labels: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    return scrape(server.url, name, **labels)
 
 
 def image_input(module, photos, names=NAMES, *, binary: bool = True):

@@ -158,7 +158,7 @@ def test_a_reload_answers_what_the_old_model_admitted_and_routes_new_requests_to
         await models.unload("a")
         with pytest.raises(ModelNotFound, match="model 'a' is not loaded"):
             models.get("a")
-        assert models.index() == [{"name": "a", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        assert await models.index() == [{"name": "a", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
         assert models.ready  # no model is meant to be loaded now
         await models.close()
 
