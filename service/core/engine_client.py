@@ -308,7 +308,12 @@ class RemoteModel(ServedModel):
         number = link.number()
         answer = link.expect(number)
         link.send({"op": "reserve", "id": number, "model": self.name, "images": images})
-        header, _ = await answer
+        try:
+            header, _ = await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            # The caller left while the engine decided: room it grants now is given straight back.
+            answer.add_done_callback(lambda f: self._release_if_granted(f, number))
+            raise
         if "error" in header:
             raise ServiceError.from_wire(header["error"])
         reservation = RemoteRoom(link, number, self.name, images)
@@ -316,6 +321,10 @@ class RemoteModel(ServedModel):
             yield reservation
         finally:
             reservation.release()
+
+    def _release_if_granted(self, answer: asyncio.Future[Any], number: int) -> None:
+        if not answer.cancelled() and answer.exception() is None and "error" not in answer.result()[0]:
+            self.link.send({"op": "release", "id": number})
 
     def admit(self):  # noqa: ANN201 - the base class's context manager, refused while the engine is away
         if not self.link.connected and self.state.admits_requests:
