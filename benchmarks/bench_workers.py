@@ -42,6 +42,7 @@ import io
 import multiprocessing as mp
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,13 +134,14 @@ def role(comm: str, pid: int, root: int) -> str:
 class CpuWindow:
     """CPU of a process tree (and of the machine) between ``__init__`` and ``close()``."""
 
-    def __init__(self, root: int, thread_roles: tuple[str, ...] = ("engine", "worker", "root")) -> None:
+    def __init__(self, root: int, thread_roles: tuple[str, ...] = ("engine", "worker", "root"),
+                 classify=role) -> None:
         self.root = root
         self.tree = process_tree(root)
-        self.thread_roles = thread_roles
+        self.classify = classify
         self.before = {pid: cpu_s(pid) for pid in self.tree}
         self.threads_before = {pid: threads_cpu_s(pid) for pid, comm in self.tree.items()
-                               if role(comm, pid, root) in thread_roles}
+                               if classify(comm, pid, root) in thread_roles}
         self.busy_before = machine_busy_s()
         self.t0 = time.perf_counter()
 
@@ -152,7 +154,7 @@ class CpuWindow:
         main_thread: dict[str, float] = {}
         for pid, comm in self.tree.items():
             used = cpu_s(pid) - self.before[pid]
-            kind = role(comm, pid, self.root)
+            kind = self.classify(comm, pid, self.root)
             by_role[kind] += used
             by_process[f"{comm}:{pid}"] = used
             if pid in self.threads_before:
@@ -166,19 +168,37 @@ class CpuWindow:
                 "machine_busy_s": busy}
 
 
-def rss_tree(root: int) -> dict[str, float]:
-    """VmRSS of every process of a server, in MiB, by ``comm`` (the root as ``supervisor``/``process``)."""
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def process_name(comm: str, pid: int, root: int) -> str:
+    """A server's process as the tables name it: ``comm`` (``effnet-engine``...), the root as ``supervisor``
+    (or ``process`` when it is alone), multiprocessing's helper as ``resource tracker``."""
+    if pid == root:
+        return "supervisor" if len(process_tree(root)) > 2 else "process"
+    if "resource_tracker" in cmdline(pid):
+        return "resource tracker"
+    return comm
+
+
+def rss_tree(root: int, name_of=process_name) -> dict[str, float]:
+    """VmRSS of every process of a server, in MiB, by ``name_of(comm, pid, root)`` (numbered when repeated)."""
     out: dict[str, float] = {}
-    tree = process_tree(root)
-    for pid, comm in tree.items():
+    for pid, comm in sorted(process_tree(root).items()):
         try:
             with open(f"/proc/{pid}/status") as f:
                 kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
         except (OSError, StopIteration):
             continue
-        name = ("supervisor" if len(tree) > 2 else "process") if pid == root else comm
+        name = base = name_of(comm, pid, root)
+        n = 1
         while name in out:
-            name += "'"
+            n += 1
+            name = f"{base} {n}"
         out[name] = kib / 1024
     return out
 
@@ -273,13 +293,16 @@ def run_rate(url: str, bodies: list[bytes], *, rate: float, seconds: float, raw:
 
 
 # --- measuring one server under one load ------------------------------------------------------------------------
-def measure(server: ServiceProcess, load, *, batches: bool = False) -> dict:
-    """Run ``load()`` (a loadgen or run_rate result) against ``server`` and read its CPU (and batch sizes)."""
-    b0 = batch_stats(server.url) if batches else (0.0, 0.0)
-    window = CpuWindow(server.pid)
+def measure(server, load, *, batches: bool = False, batch_reader=None, classify=role) -> dict:
+    """Run ``load()`` (a loadgen or run_rate result) against ``server`` (``.pid``, ``.url``) and read its
+    CPU and, with ``batches``, its batch sizes: ``batch_reader()`` -> (images, batches) so far, by default
+    the server's effnet_batch_size histogram."""
+    read = batch_reader or (lambda: batch_stats(server.url))
+    b0 = read() if batches else (0.0, 0.0)
+    window = CpuWindow(server.pid, classify=classify)
     r = load()
     cpu = window.close()
-    b1 = batch_stats(server.url) if batches else (0.0, 0.0)
+    b1 = read() if batches else (0.0, 0.0)
     n = max(r["ok"], 1)
     errors = sum(v for k, v in r["codes"].items() if k != "200")
     roles = cpu["by_role"]
@@ -512,6 +535,7 @@ def lite0(args: argparse.Namespace, extra: dict[str, str]) -> dict:
     finally:
         for server in servers.values():
             server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     ratios = []
     base = min(args.workers)
     for r in range(args.rounds):
