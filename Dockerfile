@@ -79,6 +79,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 # `podman stop` (10 s before SIGKILL) end in exit 0. Kubernetes (k8s/base/settings.env) sets 15 s and a
 # longer grace; behind a slower load balancer set it and --stop-timeout as docs/deployment.md says.
 ENV EFFNET_SHUTDOWN_DELAY_S=5
+# Several processes (docs/deployment.md, "Several workers in a container"): the server (PID 1) supervises
+# one engine process, which holds the model and batches, and 2 front-end workers that parse HTTP and gRPC
+# and decode. Not "auto": that counts the CPUs of the affinity mask, which `docker run --cpus` and a
+# Kubernetes CPU limit do not narrow. Compose and the manifests set it for the CPUs they give.
+ENV EFFNET_WORKERS=2
 WORKDIR /tmp
 # 8000: HTTP (REST, /v2 REST, metrics); 8001: gRPC (Open Inference Protocol, EFFNET_GRPC_PORT).
 EXPOSE 8000 8001
