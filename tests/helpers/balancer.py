@@ -17,6 +17,7 @@ import asyncio
 import csv
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -209,15 +210,34 @@ def compose_replica_env() -> dict[str, str]:
     }
 
 
+def compose_workers() -> str:
+    """EFFNET_WORKERS as docker-compose.yml gives each replica (front-end processes feeding one engine)."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["effnet-1"]["environment"]
+    return str(compose.get("EFFNET_WORKERS", "1"))
+
+
+def wait_workers(replica: ServiceProcess, workers: int, timeout: float = 120.0) -> None:
+    """With several workers /readyz is 200 once one of them serves: wait until every one of ``workers`` has
+    said so in the log ("worker N serving"), so that a signal finds none of them still starting."""
+    deadline = time.monotonic() + timeout
+    while workers > 1 and len(set(re.findall(r'"worker (\d+) serving', replica.logs()))) < workers:
+        if replica.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"not all {workers} workers serving:\n{replica.logs()[-3000:]}")
+        time.sleep(0.1)
+
+
 class Cluster:
     """Two replicas behind HAProxy (``env``: settings over ``compose_replica_env()``); ``replace(name)``
-    starts a new replica on the port of one that has exited."""
+    starts a new replica on the port of one that has exited. With EFFNET_WORKERS > 1 a replica counts as
+    started once every worker serves."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.env = {**compose_replica_env(), **(env or {})}
+        self.workers = int(self.env.get("EFFNET_WORKERS", "1"))
         self.replicas = {name: ServiceProcess(self.env, threads=None) for name in SERVERS}
         for replica in self.replicas.values():
             replica.wait_ready()
+            wait_workers(replica, self.workers)
         self.lb = HAProxy({name: r.url for name, r in self.replicas.items()})
         for name in SERVERS:
             self.lb.wait_state(name, "UP", timeout=30)
@@ -229,6 +249,7 @@ class Cluster:
         replica = ServiceProcess(self.env, threads=None, port=self.replicas[name].port)
         self.replicas[name] = replica
         replica.wait_ready()
+        wait_workers(replica, self.workers)
         ready = time.monotonic() - started
         self.lb.wait_state(name, "UP", timeout=30)
         return {"ready_s": round(ready, 2), "back_in_lb_s": round(time.monotonic() - started, 2)}

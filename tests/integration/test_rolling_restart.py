@@ -3,7 +3,10 @@ docker-compose.yml uses) in front of two real replicas (Lite0, one inference thr
 shutdown settings of docker-compose.yml, under steady load from concurrent clients.
 
 - A rolling restart (SIGTERM one replica, start it again, wait until HAProxy has it back, then the other)
-  answers every request 200, and HAProxy needed no retry to get there: the lame duck alone does it.
+  answers every request 200, and HAProxy needed no retry to get there: the lame duck alone does it. The
+  same with each replica run as docker-compose.yml runs it, several processes (EFFNET_WORKERS=2: a
+  supervisor passing SIGTERM to two front-end workers, each in lame duck then draining, and the engine
+  process stopped last).
 - SIGKILL of one replica under load: only requests HAProxy had sent to that replica before it noticed
   the death may fail (those in flight, and those sent over a pooled connection the kernel had just
   closed); they are counted, and so are the requests HAProxy redispatched to the other replica.
@@ -28,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.balancer import SERVERS, Cluster, Load, Outcome, haproxy_binary
+from tests.helpers.balancer import SERVERS, Cluster, Load, Outcome, compose_workers, haproxy_binary
 from tests.helpers.components import missing_component
 from tests.helpers.server import ServiceProcess
 
@@ -105,7 +108,30 @@ def test_rolling_restart_under_load_answers_every_request_200(healthy, photos):
     """SIGTERM each replica in turn under steady load and start it again: every request is answered 200,
     HAProxy retries and redispatches nothing, each replica leaves HAProxy inside its lame duck, serves what
     still arrives meanwhile, and exits 0 after the delay."""
-    cluster = healthy
+    rolling_restart(healthy, photos, "rolling_restart")
+
+
+def test_rolling_restart_of_replicas_with_several_workers_answers_every_request_200(photos):
+    """The same with each replica as docker-compose.yml runs it: a supervisor, an engine process and
+    EFFNET_WORKERS front-end workers sharing the replica's port. SIGTERM reaches the supervisor only; every
+    worker goes into lame duck (readiness 503 on every connection HAProxy checks) and drains, the engine
+    process stops after the last of them, and the supervisor exits 0: every request is 200 again."""
+    workers = compose_workers()
+    assert int(workers) > 1, "docker-compose.yml runs one process per replica: nothing new to test here"
+    cluster = Cluster({"EFFNET_WORKERS": workers})
+    try:
+        restarts = rolling_restart(cluster, photos, "rolling_restart_workers")
+    finally:
+        cluster.close()
+    for restart in restarts:
+        assert restart["workers_started"] == int(workers), restart
+        assert restart["workers_drained"] == int(workers), restart
+        assert restart["unclean"] == [], restart
+
+
+def rolling_restart(cluster: Cluster, photos, report_as: str) -> list[dict]:
+    """SIGTERM each replica of ``cluster`` in turn under steady load, start it again, and check what the
+    tests above promise; the figures of each restart are returned (and reported as ``report_as``)."""
     before = cluster.lb.counters()
     restarts = []
     with Load(cluster.lb.url, photos["grace_hopper.jpg"], clients=CLIENTS, prefix="roll") as load:
@@ -130,14 +156,13 @@ def test_rolling_restart_under_load_answers_every_request_200(healthy, photos):
             restart.update(lame_duck_figures(stopped.log))
             restart["answered_meanwhile"] = load.ok_count() - served_before
             restart["drain_complete"] = "drain complete" in stopped.log
+            restart.update(process_figures(stopped.log))
             restarts.append(restart)
         time.sleep(1.0)
     outcomes = load.outcomes
     after = cluster.lb.counters()
     lb = {key: after[key] - before[key] for key in after}
-    report(
-        "rolling_restart", {"requests": len(outcomes), "codes": codes(outcomes), "haproxy": lb, "restarts": restarts}
-    )
+    report(report_as, {"requests": len(outcomes), "codes": codes(outcomes), "haproxy": lb, "restarts": restarts})
 
     bad = [o for o in outcomes if o.status != 200]
     assert not bad, (codes(outcomes), bad[:5])
@@ -152,6 +177,29 @@ def test_rolling_restart_under_load_answers_every_request_200(healthy, photos):
     assert sum(r["arrived_in_lame_duck"] for r in restarts) > 0, restarts
     # ...and no 200 above needed HAProxy to retry or redispatch anything.
     assert lb["wretr"] == 0 and lb["wredis"] == 0 and lb["hrsp_5xx"] == 0, lb
+    return restarts
+
+
+def process_figures(log: str) -> dict:
+    """With EFFNET_WORKERS > 1, from a replica's log: the workers it started, the workers whose drain
+    completed, and the supervisor's warnings and errors (a worker that exited other than 0, the engine
+    process killed); empty figures for a one-process replica."""
+    started = drained = 0
+    unclean = []
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        message = entry.get("message", "")
+        if entry.get("logger") == "service.server.supervisor":
+            if message.startswith("serving on ") and " with " in message:
+                started = int(message.split(" with ")[1].split()[0])
+            if entry.get("level") in ("WARNING", "ERROR", "CRITICAL"):
+                unclean.append(message)
+        elif message == "drain complete":
+            drained += 1
+    return {"workers_started": started, "workers_drained": drained, "unclean": unclean}
 
 
 def test_sigkill_under_load_fails_only_requests_sent_to_that_replica_before_haproxy_noticed(healthy, photos):
