@@ -4,13 +4,14 @@
 models, batchers and engines) and N workers (``effnet-worker-0``..: every door, decoding, pixels to the
 engine in shared memory); ``EFFNET_WORKERS=1`` is the one process of before. Parts:
 
-- ``frontend``: what the front-ends can feed. ``EFFNET_BACKEND=null`` (the engine answers zeros at once),
-  a raw single-image ``/predict`` of a 224x224 JPEG made from each test photo, ``benchmarks.loadgen``
-  (keep-alive, closed loop) with 16 and 64 connections. Per row: requests/s, client p50/p99, the server's
-  CPU per request summed over the supervisor and every process under it (``/proc/<pid>/stat`` utime+stime
-  of each, before and after), split by process, the busiest thread of the engine process and of a worker
-  (the event loops: a thread cannot use more than one core), the load generator's CPU, and the CPU the
-  rest of the machine used meanwhile (``/proc/stat``; other work on a shared machine shows up there).
+- ``frontend``: what the front-ends can feed, with 1, 2 and 3 workers. ``EFFNET_BACKEND=null`` (the engine
+  answers zeros at once), a raw single-image ``/predict`` of a 224x224 JPEG made from each test photo,
+  ``benchmarks.loadgen`` (keep-alive, closed loop) with 16 and 64 connections. Per row: requests/s, client
+  p50/p99, the server's CPU per request summed over the supervisor and every process under it
+  (``/proc/<pid>/stat`` utime+stime of each, before and after), split by process, the busiest thread of
+  the engine process and of a worker (the event loops: a thread cannot use more than one core), the load
+  generator's CPU, and the CPU the rest of the machine used meanwhile (``/proc/stat``; other work on a
+  shared machine shows up there).
   From the CPU per request: the capacity of a 16- and a 64-core host (the assumption is printed with it).
 - ``lite0``: the real Lite0 (onnxruntime, 2 inference threads) on ImageNet-sized photos, float32 and
   ``EFFNET_DTYPE=int8`` (calibrated on every tenth photo of ``--photos``, as ``bench_int8`` does; the first
@@ -28,8 +29,8 @@ Every server is started once (one at a time) and stays up; in each round every s
 every load, the order turning from round to round, so each ratio (N workers / 1 in the same round) comes
 from one run. The load average before and after is printed.
 
-    python -m benchmarks.bench_workers [--parts frontend lite0] [--seconds 8] [--rounds 3] [--workers 1 2]
-        [--photos /tmp/imagenet-sample]
+    python -m benchmarks.bench_workers [--parts frontend lite0] [--seconds 8] [--rounds 3]
+        [--frontend-workers 1 2 3] [--workers 1 2] [--photos /tmp/imagenet-sample]
 
 Run it alone on a quiet machine (``flock``): the load generator shares the cores with the servers.
 """
@@ -394,7 +395,7 @@ def frontend(args: argparse.Namespace, extra: dict[str, str]) -> dict:
     servers: dict[int, ServiceProcess] = {}
     facts, rows, memory = [], [], {}
     try:
-        for w in args.workers:
+        for w in args.frontend_workers:
             env = {"EFFNET_WORKERS": str(w), "EFFNET_BACKEND": "null", "EFFNET_MAX_QUEUE": "256", **extra}
             servers[w], fact = start(f"null, {w} worker(s)", env, threads=None)
             facts.append(fact)
@@ -420,12 +421,12 @@ def frontend(args: argparse.Namespace, extra: dict[str, str]) -> dict:
     finally:
         for server in servers.values():
             server.stop()
-    base = min(args.workers)
+    base = min(args.frontend_workers)
     ratios = []
     for r in range(args.rounds):
         for connections in args.connections:
             got = {row["workers"]: row for row in rows if row["round"] == r and row["connections"] == connections}
-            for w in args.workers:
+            for w in args.frontend_workers:
                 if w != base:
                     ratios.append({"round": r, "connections": connections, "workers": w,
                                    "ratio": got[w]["requests_per_s"] / got[base]["requests_per_s"]})
@@ -434,12 +435,12 @@ def frontend(args: argparse.Namespace, extra: dict[str, str]) -> dict:
 
 
 def projection(summary: list[dict], cores: tuple[int, ...] = (2, 16, 64)) -> list[dict]:
-    """Requests/s a host of C cores could serve, from the many-worker row at the most connections: the CPU
-    bound C / (server CPU per request) and the engine thread's bound 1 / (its CPU per request)."""
+    """Requests/s a host of C cores could serve, from the several-worker row with the most requests/s: the
+    CPU bound C / (server CPU per request) and the engine thread's bound 1 / (its CPU per request)."""
     multi = [s for s in summary if s["workers"] > 1]
     if not multi:
         return []
-    top = max(multi, key=lambda s: (s["connections"], s["workers"]))
+    top = max(multi, key=lambda s: s["requests_per_s"])  # where the fixed costs weigh least
     out = []
     for c in cores:
         cpu_bound = c * 1e3 / top["server_cpu_ms"]
@@ -581,7 +582,7 @@ def report(result: dict) -> None:
             ("rest_of_machine_cores", "rest of machine cores", ".2f"), ("errors", "errors", ".0f")]))
         print("\nN workers / 1, same round (requests/s):")
         for c in result["connections"]:
-            for w in result["workers"]:
+            for w in result["frontend_workers"]:
                 values = [x["ratio"] for x in f["ratios"] if x["connections"] == c and x["workers"] == w]
                 if values:
                     print(f"- {c} connections, {w} workers: {', '.join(f'{v:.2f}' for v in values)} "
@@ -634,7 +635,9 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", choices=["frontend", "lite0"], default=["frontend", "lite0"])
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per server and load")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="EFFNET_WORKERS values (1 first)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="lite0: EFFNET_WORKERS values")
+    parser.add_argument("--frontend-workers", nargs="+", type=int, default=[1, 2, 3],
+                        help="frontend: EFFNET_WORKERS values")
     parser.add_argument("--connections", nargs="+", type=int, default=[16, 64], help="frontend: loadgen connections")
     parser.add_argument("--clients", type=int, default=16, help="lite0: loadgen connections (saturating load)")
     parser.add_argument("--rate-fraction", type=float, default=0.6,
@@ -649,7 +652,8 @@ def main() -> int:
     args = parser.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.env)
     result: dict = {"machine": machine(), "loadavg_before": loadavg(), "seconds": args.seconds,
-                    "rounds": args.rounds, "workers": args.workers, "connections": args.connections,
+                    "rounds": args.rounds, "workers": args.workers, "frontend_workers": args.frontend_workers,
+                    "connections": args.connections,
                     "threads": args.threads, "settings": extra, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"load average before: {result['loadavg_before']}", flush=True)
     if "frontend" in args.parts:
