@@ -28,6 +28,12 @@ RAY = str(Path(sys.executable).with_name("ray"))
 HOST = "127.0.0.2"  # not 127.0.0.1, which Ray swaps for the machine's outward address
 
 
+# A lost node noticed after about 5 s of missed health checks (Ray's defaults: 3 s x 5, after a 3 s timeout
+# each), so a test that kills one does not wait half a minute; lenient enough for a busy machine.
+NODE_HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+               "RAY_health_check_failure_threshold": "5"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -72,7 +78,7 @@ class RayNodes:
                 "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()), *extra]
         with open(log, "wb") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=ray_env(), cwd=REPO, start_new_session=True)
+                                       env=ray_env(**NODE_HEALTH), cwd=REPO, start_new_session=True)
         node = Node(name, process, log, cpus)
         self.nodes.append(node)
         deadline = time.monotonic() + timeout
