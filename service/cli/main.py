@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from service.cli.discover import discover
+from service.cli.on_ray import add_arguments as add_ray_arguments
+from service.cli.on_ray import check_arguments as ray_usage
 from service.cli.progress import PROG, Reporter, format_duration, make_reporter
 from service.cli.results import FatalError, Result, failure
 from service.cli.sinks import OutputError, Sink, open_sink, output_format
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "otherwise: the variant (default: $EFFNET_MODEL or lite0)")
     where.add_argument("--weights", metavar="FILE",
                        help="in-process, without a model repository: a checkpoint (default: $EFFNET_WEIGHTS)")
+    add_ray_arguments(where)
     shown = common.add_argument_group("progress")
     shown.add_argument("-q", "--quiet", action="store_true",
                        help="no progress and no summary; per-image errors are still printed")
@@ -132,6 +135,12 @@ class Run:
         args = self.args
         top_k = getattr(args, "top_k", 5)
         normalize = getattr(args, "normalize", False)
+        if problem := ray_usage(args):
+            raise Usage(problem)
+        if args.ray is not None:  # the whole job on a Ray cluster (service/cli/on_ray.py)
+            from service.cli.on_ray import RayRunner
+
+            return RayRunner(args, self.task, top_k=top_k, normalize=normalize, read=_read_chunk)
         if args.server:
             if args.weights:
                 raise Usage("--weights applies in-process; the server serves its own checkpoints")
@@ -219,8 +228,11 @@ class Run:
         queue: asyncio.Queue[tuple[str, bytes | Result] | None] = asyncio.Queue(maxsize=2 * concurrency)
         workers = min(concurrency, len(pending))
         started = time.monotonic()
-        tasks = [asyncio.ensure_future(self._read_ahead(pending, queue, workers)),
-                 *(asyncio.ensure_future(self._worker(queue)) for _ in range(workers))]
+        if hasattr(self.runner, "results"):  # a runner that takes the whole list and streams results (--ray)
+            tasks = [asyncio.ensure_future(self._stream(pending))]
+        else:
+            tasks = [asyncio.ensure_future(self._read_ahead(pending, queue, workers)),
+                     *(asyncio.ensure_future(self._worker(queue)) for _ in range(workers))]
         everything = asyncio.gather(*tasks)
         stopper = asyncio.ensure_future(stop.wait())
         ticker = asyncio.ensure_future(self._tick())
@@ -263,13 +275,20 @@ class Run:
         while (item := await queue.get()) is not None:
             path, data = item
             result = data if isinstance(data, Result) else await self.runner.run(path, data)
-            self.sink.write(result)
-            if result.ok:
-                self.ok += 1
-            else:
-                self.failed += 1
-                self.reporter.error(path, result.error["message"])
-            self.reporter.advance(result.ok)
+            self._record(result)
+
+    async def _stream(self, pending: list[str]) -> None:
+        async for result in self.runner.results(pending, self.sink.refuses):
+            self._record(result)
+
+    def _record(self, result: Result) -> None:
+        self.sink.write(result)
+        if result.ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.reporter.error(result.path, result.error["message"])
+        self.reporter.advance(result.ok)
 
     # ---- the end --------------------------------------------------------------------------------------------
     def summary(self, ignored: int, unreadable_dirs: int) -> str:
