@@ -154,6 +154,9 @@ class EfficientNet(nn.Module):
             self._dropout = nn.Dropout(config.dropout_rate)
             self._fc = nn.Linear(head_out, config.num_classes)
         self._swish = get_activation(config.activation, memory_efficient)
+        # The head's activation is a module of its own (the stem's is ``_swish``): a hook on it sees the
+        # last feature map only, which class activation maps (and Grad-CAM's target layer) are made of.
+        self._head_swish = get_activation(config.activation, memory_efficient)
         self._init_weights()
 
     # -- construction ---------------------------------------------------------------------------------
@@ -221,6 +224,7 @@ class EfficientNet(nn.Module):
         """Switch every Swish between the memory-efficient (training) and plain (export) form."""
         if isinstance(self._swish, (Swish, MemoryEfficientSwish)):
             self._swish = MemoryEfficientSwish() if memory_efficient else Swish()
+            self._head_swish = MemoryEfficientSwish() if memory_efficient else Swish()
         for block in self._blocks:
             block.set_swish(memory_efficient)
 
@@ -248,7 +252,7 @@ class EfficientNet(nn.Module):
             if x.shape[2] < prev.shape[2]:
                 endpoints[f"reduction_{len(endpoints) + 1}"] = prev
             prev = x
-        x = self._swish(self._bn1(self._conv_head(x)))
+        x = self._head_swish(self._bn1(self._conv_head(x)))
         endpoints[f"reduction_{len(endpoints) + 1}"] = prev
         endpoints[f"reduction_{len(endpoints) + 1}"] = x
         return endpoints
@@ -259,17 +263,25 @@ class EfficientNet(nn.Module):
         x = self._swish(self._bn0(self._conv_stem(inputs)))
         for idx, block in enumerate(self._blocks):
             x = block(x, self._block_drop_rate(idx))
-        return self._swish(self._bn1(self._conv_head(x)))
+        return self._head_swish(self._bn1(self._conv_head(x)))
 
     def forward_features_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features (before dropout and the classifier) and logits, from one pass.
 
         A network without a classifier (``include_top=False``) returns logits of width 0, so that engines and
         exports keep one output signature; a server refuses classification for such a model."""
-        pooled = self._avg_pooling(self.extract_features(inputs)).flatten(1)
+        pooled, logits, _ = self.forward_with_feature_map(inputs)
+        return pooled, logits
+
+    def forward_with_feature_map(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pooled features, logits and the head's activated feature map (N, num_features, H/32, W/32) that
+        was pooled, from one pass. With global average pooling and one linear layer after it, the class
+        activation map of class c is ``ReLU(sum_k fc.weight[c, k] * map[k])`` (equal to Grad-CAM on that map)."""
+        feature_map = self.extract_features(inputs)
+        pooled = self._avg_pooling(feature_map).flatten(1)
         if not self.include_top:
-            return pooled, pooled[:, :0]
-        return pooled, self._fc(self._dropout(pooled))
+            return pooled, pooled[:, :0], feature_map
+        return pooled, self._fc(self._dropout(pooled)), feature_map
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes), or pooled features (N, num_features) when ``include_top=False``."""

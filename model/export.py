@@ -40,12 +40,18 @@ class ExportError(RuntimeError):
     """An export that failed or whose result does not match PyTorch."""
 
 
+FEATURE_MAP = "feature_map"
+
+
 class _FeaturesAndLogits(nn.Module):
-    def __init__(self, net: EfficientNet):
+    def __init__(self, net: EfficientNet, feature_map: bool = False):
         super().__init__()
         self.net = net
+        self.feature_map = feature_map
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor):
+        if self.feature_map:
+            return self.net.forward_with_feature_map(x)
         return self.net.forward_features_and_logits(x)
 
 
@@ -236,15 +242,18 @@ def _check_noise(session, names: list[str], expected: list[np.ndarray], photos: 
 
 
 def _to_onnx(net: EfficientNet, target, image_size: int | None, opset: int,
-             with_features: bool, check: bool, uint8_input: bool = False) -> None:
+             with_features: bool, check: bool, uint8_input: bool = False, with_feature_map: bool = False) -> None:
     form = export_form(net, image_size)
     size = _image_size(form)
-    module: nn.Module = _FeaturesAndLogits(form) if with_features else form
+    with_features = with_features or with_feature_map
+    module: nn.Module = _FeaturesAndLogits(form, with_feature_map) if with_features else form
     if uint8_input:
         module = _Uint8Input(module, form)
     # eval() on the wrapper too: the exporter restores the top module's mode afterwards, recursively.
     module = module.eval()
     outputs = ["features", "logits"] if with_features else ["logits"]
+    if with_feature_map:
+        outputs.append(FEATURE_MAP)
     dummy = torch.zeros(1, form.in_channels, size, size, dtype=torch.uint8 if uint8_input else torch.float32)
     try:
         with warnings.catch_warnings():
@@ -261,26 +270,64 @@ def _to_onnx(net: EfficientNet, target, image_size: int | None, opset: int,
 
 
 def export_onnx(net: EfficientNet, path: str | Path, image_size: int | None = None, opset: int = 17,
-                with_features: bool = False, check: bool = True, uint8_input: bool = False) -> Path:
+                with_features: bool = False, check: bool = True, uint8_input: bool = False,
+                with_feature_map: bool = False) -> Path:
     """Export ``net`` to an ONNX file with a dynamic batch axis; verify it with onnxruntime when ``check``.
 
     The input is named ``input`` (N, C, S, S): float32 and normalised, or with ``uint8_input`` the uint8
     image (0..255) that the graph normalises with the variant's mean/std. The outputs are ``logits``, or
-    ``features`` (the pooled embedding) and ``logits`` when ``with_features``. ``image_size`` defaults to
-    the size ``net`` was built for, else the variant's resolution.
+    ``features`` (the pooled embedding) and ``logits`` when ``with_features``, then ``feature_map`` (the
+    head's activated map that was pooled, N x num_features x S/32 x S/32) when ``with_feature_map``: what
+    class activation maps are made of. It is computed in every pass anyway; a runtime asked only for the
+    other outputs hands it to nobody. ``image_size`` defaults to the size ``net`` was built for, else the
+    variant's resolution.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _to_onnx(net, str(path), image_size, opset, with_features, check, uint8_input)
+    _to_onnx(net, str(path), image_size, opset, with_features, check, uint8_input, with_feature_map)
     return path
 
 
 def export_onnx_bytes(net: EfficientNet, image_size: int | None = None, opset: int = 17,
-                      with_features: bool = True, check: bool = True, uint8_input: bool = False) -> bytes:
+                      with_features: bool = True, check: bool = True, uint8_input: bool = False,
+                      with_feature_map: bool = False) -> bytes:
     """Like :func:`export_onnx`, in memory: for a server whose file system is read-only."""
     buffer = io.BytesIO()
-    _to_onnx(net, buffer, image_size, opset, with_features, check, uint8_input)
+    _to_onnx(net, buffer, image_size, opset, with_features, check, uint8_input, with_feature_map)
     return buffer.getvalue()
+
+
+_PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "QuantizeLinear", "DequantizeLinear", "Identity")
+
+
+def add_feature_map_output(onnx_model: bytes) -> bytes:
+    """``onnx_model`` with a ``feature_map`` output added (unchanged when it has one): the tensor the
+    ``features`` output pools (GlobalAveragePool or ReduceMean), found by walking back from ``features``
+    through reshapes and quantisation nodes. For a model made elsewhere or before maps existed, such as a
+    QDQ int8 model quantised from an export without it: there the map is the dequantised int8 activation.
+    ``ExportError`` when ``features`` is not a pooling of one map."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_model)
+    graph = model.graph
+    if any(o.name == FEATURE_MAP for o in graph.output):
+        return onnx_model
+    producers = {name: node for node in graph.node for name in node.output}
+    tensor = "features"
+    for _ in range(16):
+        node = producers.get(tensor)
+        if node is None:
+            break
+        if node.op_type in ("GlobalAveragePool", "ReduceMean"):
+            pooled = node.input[0]
+            graph.node.append(onnx.helper.make_node("Identity", [pooled], [FEATURE_MAP], name="effnet_feature_map"))
+            output = onnx.helper.make_tensor_value_info(FEATURE_MAP, onnx.TensorProto.FLOAT, None)
+            graph.output.append(output)
+            return model.SerializeToString()
+        if node.op_type not in _PASS_THROUGH:
+            break
+        tensor = node.input[0]
+    raise ExportError("the model's 'features' output is not a global average pooling of one feature map")
 
 
 def float_input_graph(onnx_model: bytes) -> bytes:

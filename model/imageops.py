@@ -50,7 +50,17 @@ def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image
     """
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode}")
-    w, h = image.size
+    size = config.input_size
+    box = crop_box(*image.size, config)
+    return image.resize((size, size), pillow_resample(config.interpolation), box=box)
+
+
+def crop_box(width: int, height: int, config: PreprocessConfig) -> tuple[float, float, float, float]:
+    """The window (left, top, right, bottom), in pixels of a ``width`` x ``height`` image, that
+    :func:`resize_and_crop` turns into the ``input_size`` square: the region the network sees, and so the
+    region a feature map's grid covers (cell (i, j) of an h x w grid is the (i, j)-th of h x w equal parts).
+    One geometry for both: the crop itself and whoever draws on the original."""
+    w, h = width, height
     size = config.input_size
     if config.pixel_aligned:
         short, long = min(w, h), max(w, h)
@@ -59,14 +69,12 @@ def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image
         crop_w, crop_h = min(size, new_w), min(size, new_h)
         left, top = int(round((new_w - crop_w) / 2.0)), int(round((new_h - crop_h) / 2.0))
         sx, sy = w / new_w, h / new_h
-        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
-    else:
-        scale = config.resize_size / min(w, h)
-        # The crop window in source pixels: the part of the image that maps onto the central square.
-        crop_w, crop_h = min(w, size / scale), min(h, size / scale)
-        left, top = (w - crop_w) / 2, (h - crop_h) / 2
-        box = (left, top, left + crop_w, top + crop_h)
-    return image.resize((size, size), pillow_resample(config.interpolation), box=box)
+        return (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+    scale = config.resize_size / min(w, h)
+    # The crop window in source pixels: the part of the image that maps onto the central square.
+    crop_w, crop_h = min(w, size / scale), min(h, size / scale)
+    left, top = (w - crop_w) / 2, (h - crop_h) / 2
+    return (left, top, left + crop_w, top + crop_h)
 
 
 def _scale_and_shift(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -94,7 +94,7 @@ def test_set_swish_switches_every_activation():
     net = EfficientNet.from_name("efficientnet-b0", image_size=None)
     before = count_modules(net)
     n = before.get("MemoryEfficientSwish", 0)
-    assert n == 1 + len(net._blocks) and before.get("Swish", 0) == 0
+    assert n == 2 + len(net._blocks) and before.get("Swish", 0) == 0  # stem, head and each block
     net.set_swish(memory_efficient=False)
     after = count_modules(net)
     assert after.get("MemoryEfficientSwish", 0) == 0 and after.get("Swish", 0) == n
@@ -108,7 +108,7 @@ def test_set_swish_switches_every_activation():
 def test_set_swish_keeps_relu6_in_lite():
     net = EfficientNet.from_name("efficientnet-lite0")
     before = count_modules(net)
-    assert before.get("ReLU6", 0) == 1 + len(net._blocks)
+    assert before.get("ReLU6", 0) == 2 + len(net._blocks)
     for flag in (False, True):
         net.set_swish(memory_efficient=flag)
         after = count_modules(net)
