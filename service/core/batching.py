@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,10 +42,12 @@ from service.core.errors import ClientGone, InferenceFailed, QueueFull, RequestT
 
 log = logging.getLogger("service.core.batching")
 
-RunBatch = Callable[[np.ndarray, int], Sequence[np.ndarray]]
+RunBatch = Callable[..., Sequence[Sequence[Any]]]
 """Takes a stacked NCHW batch (uint8 pixels, or normalised float32 tensors, in the service) and the
 inference slot it runs in (0 .. max_concurrent_batches - 1; never two batches at once in one slot);
-returns arrays whose first dimension is N (e.g. features, logits)."""
+returns arrays whose first dimension is N (e.g. features, logits). When an item of the batch carries a
+wish (``Reservation.run``'s ``cam``), it is also given ``cams=`` (each row's wish, or None) and may return
+further per-row outputs; a row's None there is left out of that row's result."""
 
 
 class BatchObserver:
@@ -75,6 +78,7 @@ class _Item:
     queued: bool = True  # still in the batcher's queue (not yet taken into a batch)
     trace: tracing.RequestTrace | None = None  # its request's span (tracing on)
     queue_wait: tracing.QueueWait | None = None
+    cam: Any = None  # what its request asks beyond the outputs (a class activation map: a CamWish)
 
 
 class Reservation:
@@ -111,18 +115,20 @@ class Reservation:
         timeout: float | None = None,
         cancel_when: asyncio.Future[object] | None = None,
         trace: tracing.RequestTrace | None = None,
+        cam: Any = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """Queue ``arrays`` and wait for their per-item outputs, in order.
 
         Raises ``RequestTimeout`` after ``timeout`` seconds, ``ClientGone`` when ``cancel_when``
         completes first, ``InferenceFailed`` when a batch holding one of the items failed. In each case
         the request's items still queued are removed. ``trace``: the request's span (tracing on).
+        ``cam``: a wish every item carries to the batch function (class activation maps).
         """
         if len(arrays) > self._unused:
             raise ValueError(f"reserved {self._unused} more images, got {len(arrays)}")
         self._unused -= len(arrays)
         queue_wait = tracing.QueueWait(trace, len(arrays)) if trace is not None else None
-        items = self._batcher._enqueue(arrays, trace, queue_wait)
+        items = self._batcher._enqueue(arrays, trace, queue_wait, cam)
         try:
             all_done = asyncio.gather(*(item.future for item in items))
             # Mark its outcome as seen even when nobody awaits it (timeout, cancellation).
@@ -270,12 +276,12 @@ class DynamicBatcher:
         self._observer.queue_depth_changed(self._depth)
 
     def _enqueue(self, arrays: Sequence[np.ndarray], trace: tracing.RequestTrace | None = None,
-                 queue_wait: tracing.QueueWait | None = None) -> list[_Item]:
+                 queue_wait: tracing.QueueWait | None = None, cam: Any = None) -> list[_Item]:
         if self._worker is None:
             raise ShuttingDown("batcher is not running")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        items = [_Item(np.asarray(a), loop.create_future(), now, True, trace, queue_wait) for a in arrays]
+        items = [_Item(np.asarray(a), loop.create_future(), now, True, trace, queue_wait, cam) for a in arrays]
         self._queue.extend(items)
         self._wakeup.set()
         return items
@@ -368,9 +374,11 @@ class DynamicBatcher:
         ok = False
         error: BaseException | None = None
         buffer = self._buffers[slot] if self._buffers is not None else None
+        # Only a batch that holds a wish passes the wishes on: the batch function then fetches what they need.
+        cams = [item.cam for item in batch] if any(item.cam is not None for item in batch) else None
         try:
             outputs, input_s, infer_s = await loop.run_in_executor(
-                self._executor, _stack_and_run, self._run_batch, [item.array for item in batch], slot, buffer
+                self._executor, _stack_and_run, self._run_batch, [item.array for item in batch], slot, buffer, cams
             )
             ok = True
             t_out = time.perf_counter()
@@ -385,7 +393,8 @@ class DynamicBatcher:
         else:
             for index, item in enumerate(batch):
                 if not item.future.done():
-                    item.future.set_result(tuple(output[index] for output in outputs))
+                    item.future.set_result(tuple(row for row in (output[index] for output in outputs)
+                                                 if row is not None))
             self._observer.batch_timed(len(batch), input_s, infer_s, time.perf_counter() - t_out)
         finally:
             self._running -= len(batch)
@@ -406,8 +415,8 @@ def _consume(future: asyncio.Future[object]) -> None:
         future.exception()
 
 
-def _stack_and_run(run_batch: RunBatch, arrays: list[np.ndarray], slot: int,
-                   buffer: np.ndarray | None) -> tuple[Sequence[np.ndarray], float, float]:
+def _stack_and_run(run_batch: RunBatch, arrays: list[np.ndarray], slot: int, buffer: np.ndarray | None,
+                   cams: list[Any] | None = None) -> tuple[Sequence[Sequence[Any]], float, float]:
     """Stack and run one batch: (outputs, seconds stacking, seconds in ``run_batch``)."""
     t0 = time.perf_counter()
     # Into the slot's own (pinned) buffer when there is one: no allocation per batch. The slot is not
@@ -418,7 +427,7 @@ def _stack_and_run(run_batch: RunBatch, arrays: list[np.ndarray], slot: int,
     else:
         batch = np.stack(arrays, out=buffer[: len(arrays)])
     t1 = time.perf_counter()
-    outputs = run_batch(batch, slot)
+    outputs = run_batch(batch, slot) if cams is None else run_batch(batch, slot, cams=cams)
     t2 = time.perf_counter()
     for output in outputs:
         if len(output) != len(arrays):

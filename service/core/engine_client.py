@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from service.core import ipc, tracing
+from service.core.cam import CamWish
 from service.core.errors import ClientGone, EngineUnavailable, ModelNotFound, RequestTimeout, ServiceError
 from service.core.lifecycle import Lifecycle, State
 from service.core.models import loaded_from_wire
@@ -204,7 +205,10 @@ class RemoteRoom:
 
     async def run(self, arrays: Sequence[np.ndarray], *, timeout: float | None = None,
                   cancel_when: asyncio.Future[object] | None = None,
-                  trace: tracing.RequestTrace | None = None) -> list[tuple[np.ndarray, ...]]:
+                  trace: tracing.RequestTrace | None = None,
+                  cam: CamWish | None = None) -> list[tuple[np.ndarray, ...]]:
+        """``cam``: the classes to explain; the engine process then sends each image's maps (k x h x w) as a
+        third output, computed there: the feature map itself never crosses."""
         link = self.link
         first = arrays[0]
         nbytes = first.nbytes
@@ -219,7 +223,8 @@ class RemoteRoom:
         link.send({"op": "run", "id": self.number, "slots": [[s.id, slot] for s, slot in slots],
                    "shape": list(first.shape), "dtype": str(first.dtype),
                    "timeout": remaining if remaining is not None else 3600.0,
-                   "trace": tracing.trace_context(trace)})
+                   "trace": tracing.trace_context(trace),
+                   **({} if cam is None else {"cam": cam.to_wire()})})
         waiting: set[asyncio.Future[Any]] = {answer}
         if cancel_when is not None:
             waiting.add(cancel_when)

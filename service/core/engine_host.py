@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from service.core import ipc, tracing
+from service.core.cam import CamWish
 from service.core.errors import BadRequest, ClientGone, ServiceError
 from service.core.metrics import Metrics
 from service.core.models import describe_for_wire
@@ -223,18 +224,24 @@ class EngineHost:
                   for segment, slot in header["slots"]]
         ticket.gone = asyncio.get_running_loop().create_future()
         trace = tracing.remote_trace(header.get("trace"))
+        cam = CamWish.from_wire(header.get("cam"))
         ticket.task = asyncio.ensure_future(self._infer(client, number, ticket, arrays, float(header["timeout"]),
-                                                        trace))
+                                                        trace, cam))
 
     async def _infer(self, client: _Client, number: int, ticket: _Ticket, arrays: list[np.ndarray],
-                     timeout: float, trace: tracing.RequestTrace | None) -> None:
+                     timeout: float, trace: tracing.RequestTrace | None, cam: CamWish | None = None) -> None:
         try:
             if len(arrays) > ticket.images:
                 raise BadRequest(f"{len(arrays)} images sent for {ticket.images} reserved")
             if arrays and arrays[0].dtype not in (np.uint8, np.float32):
                 raise ipc.ProtocolError(f"pixels of {arrays[0].dtype}")  # the worker checked values already
             gone = ticket.gone
-            outputs = await ticket.room.run(arrays, timeout=timeout, cancel_when=gone, trace=trace)
+            if cam is not None:  # checked here too: a worker's word is data
+                ticket.model.check_wish(cam)
+            # With a wish, each image's class activation maps are made here (ServedModel._run_batch) and only
+            # they go back, as a third output beside the features and logits.
+            outputs = await ticket.room.run(arrays, timeout=timeout, cancel_when=gone, trace=trace,
+                                            **({} if cam is None else {"cam": cam}))
             described, payload = ipc.pack_arrays(a for per_image in outputs for a in per_image)
             client.send({"id": number, "outputs": described, "per_image": len(outputs[0]) if outputs else 0},
                         payload)

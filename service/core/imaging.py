@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
-from model.imageops import pillow_resample, resize_and_crop, to_uint8_chw
+from model.imageops import crop_box, pillow_resample, resize_and_crop, to_uint8_chw
 from service.core.errors import ImageTooLarge, InvalidImage
 
 
@@ -140,6 +140,13 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
     that still keeps both sides at least that long. Raises ``InvalidImage`` (400) for empty, unknown or
     undecodable content and ``ImageTooLarge`` (413) for images over ``max_pixels``.
     """
+    return decode_oriented(data, max_pixels=max_pixels, min_size=min_size)[0]
+
+
+def decode_oriented(data: bytes, *, max_pixels: int,
+                    min_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """``decode_image``, and the full size (width, height) of the oriented original: a JPEG decoded at a
+    reduced scale is smaller than the photo its pixels stand for."""
     if not data:
         raise InvalidImage("empty image")
     if data[4:8] == b"ftyp":  # the ISO base media file format: HEIC, HEIF, AVIF
@@ -166,8 +173,11 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
             if image.format != "HEIF":  # pillow-heif opens at the primary image, which need not be the first
                 image.seek(0)
             image.load()
+            decoded, orientation = image.size, _exif_orientation(image)
             image = _apply_exif_orientation(image)
-            return to_rgb(image)
+            # A transposing orientation (EXIF 5-8) swaps the sides, of the full size too.
+            turned = orientation in (5, 6, 7, 8) and image.size == decoded[::-1]
+            return to_rgb(image), ((height, width) if turned else (width, height))
     except (InvalidImage, ImageTooLarge):
         raise
     except Image.DecompressionBombError as exc:
@@ -228,6 +238,13 @@ def _largest_declared_item(data: bytes) -> tuple[int, int] | None:
                             largest = (width, height)
         break  # one meta box at file level
     return largest
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -307,6 +324,36 @@ class Preprocessor:
         # the service and offline use of the model agree to the last bit.
         return to_uint8_chw(resize_and_crop(image, self.spec))
 
+    def with_crop(self, data: bytes) -> tuple[np.ndarray, Crop]:
+        """Like calling it, and where the input came from: the window of the oriented original photo (in
+        its full-size pixels, even when a JPEG was decoded at a reduced scale) that became the input."""
+        image, full = decode_oriented(data, max_pixels=self.max_pixels,
+                                      min_size=DRAFT_OVERSAMPLE * self.resize_size)
+        return self.from_image(image), crop_of(image.size, full, self.spec)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """The part of an image the network saw: ``box`` (left, top, right, bottom) in pixels of the oriented
+    original, whose size is ``size`` (width, height). A feature map's h x w grid divides the box into equal
+    cells, row by row."""
+
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]
+
+    def as_dict(self) -> dict[str, object]:
+        left, top, right, bottom = self.box
+        return {"left": left, "top": top, "right": right, "bottom": bottom,
+                "width": self.size[0], "height": self.size[1]}
+
+
+def crop_of(decoded: tuple[int, int], full: tuple[int, int], spec: PreprocessSpec) -> Crop:
+    """The ``Crop`` of an image decoded at ``decoded`` (width, height) whose original is ``full``: the
+    preprocessing's own window (``model.imageops.crop_box``), scaled to the original's pixels."""
+    left, top, right, bottom = crop_box(decoded[0], decoded[1], spec)  # type: ignore[arg-type]
+    sx, sy = full[0] / decoded[0], full[1] / decoded[1]
+    return Crop((left * sx, top * sy, right * sx, bottom * sy), (int(full[0]), int(full[1])))
+
 
 def describe(spec: PreprocessSpec) -> dict[str, object]:
     """The preprocessing as plain data (for /info)."""
@@ -323,13 +370,16 @@ def describe(spec: PreprocessSpec) -> dict[str, object]:
 
 __all__ = [
     "ACCEPTED_EXTENSIONS",
+    "Crop",
     "ACCEPTED_MEDIA_TYPES",
     "IMAGE_FORMATS",
     "SUPPORTED_FORMATS",
     "ImageFormat",
     "PreprocessSpec",
     "Preprocessor",
+    "crop_of",
     "decode_image",
+    "decode_oriented",
     "describe",
     "describe_formats",
     "formats_text",

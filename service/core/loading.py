@@ -273,7 +273,8 @@ def load_model(spec: ModelSpec | ModelSettings) -> LoadedModel:
         else:
             engine = build_engine(backend, net, device, dtype, num_threads=settings.effective_num_threads,
                                   image_size=size, cuda_graphs=settings.cuda_graphs)
-        features, logits = engine.run(np.zeros((1, 3, size, size), dtype=np.uint8))
+        # One probe pass with the feature map too: class activation maps need its shape to be the grid.
+        features, logits, feature_map = engine.run(np.zeros((1, 3, size, size), dtype=np.uint8), feature_map=True)
     except StartupError:
         raise
     except Exception as exc:
@@ -284,10 +285,12 @@ def load_model(spec: ModelSpec | ModelSettings) -> LoadedModel:
         raise StartupError(
             f"cannot run {variant.name} on {device} in {settings.effective_dtype}: {_first_line(exc)}{remedy}"
         ) from None
-    if features.shape != (1, num_features) or logits.shape != (1, len(labels)):
+    grid = -(-size // 32)
+    if (features.shape != (1, num_features) or logits.shape != (1, len(labels))
+            or feature_map.shape != (1, num_features, grid, grid)):
         raise StartupError(
-            f"engine returned shapes {features.shape}, {logits.shape}; expected "
-            f"(1, {num_features}), (1, {len(labels)})"
+            f"engine returned shapes {features.shape}, {logits.shape}, {feature_map.shape}; expected "
+            f"(1, {num_features}), (1, {len(labels)}), (1, {num_features}, {grid}, {grid})"
         )
     return LoadedModel(
         engine=engine,
@@ -303,6 +306,7 @@ def load_model(spec: ModelSpec | ModelSettings) -> LoadedModel:
         weights_container=container,
         labels_source=labels_source,
         spec=spec,
+        classifier=net._fc.weight.detach().float().numpy().copy() if net.include_top else None,
     )
 
 

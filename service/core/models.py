@@ -62,6 +62,9 @@ class LoadedModel:
     weights_container: str | None = None  # the key the weights were under in the file, if any
     labels_source: str = "imagenet"  # "imagenet" | "file" | "generic" | "none"
     spec: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(None, "built in code", ModelSettings()))
+    # The classifier's weights (num_classes x num_features, float32): class activation maps are made of them
+    # and the engine's feature map, where the engine runs. Not sent to front-end workers (None there).
+    classifier: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -91,6 +94,13 @@ class LoadedModel:
     @property
     def preprocess(self) -> PreprocessConfig:
         return self.variant.preprocess
+
+    @property
+    def feature_grid(self) -> tuple[int, int]:
+        """The (h, w) of the head's feature map, hence of a class activation map: the input size over the
+        network's total stride of 32, rounded up ("SAME" and symmetric padding alike)."""
+        side = -(-int(self.preprocess.input_size) // 32)
+        return side, side
 
 
 def variant_config_dict(variant: VariantConfig) -> dict[str, Any]:

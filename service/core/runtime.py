@@ -21,6 +21,7 @@ import numpy as np
 from service.core import tracing
 from service.core.access import AccessRecord
 from service.core.batching import DynamicBatcher, Reservation
+from service.core.cam import CamWish, Explained, check_wish, class_maps
 from service.core.engines.base import warm_up_on_threads
 from service.core.errors import (
     BadRequest,
@@ -31,7 +32,7 @@ from service.core.errors import (
     ServiceError,
     TooManyImages,
 )
-from service.core.imaging import Preprocessor
+from service.core.imaging import Crop, Preprocessor
 from service.core.lifecycle import Lifecycle, State
 from service.core.metrics import Metrics
 from service.core.models import LoadedModel
@@ -49,11 +50,14 @@ DEADLINE_SLACK_S = 0.05
 @dataclass
 class InferenceRequest:
     """One request as every front-end hands it to ``ServedModel.serve``: encoded images (with their
-    file names, if any) or already preprocessed pixels, and the caller's own deadline if it has one."""
+    file names, if any) or already preprocessed pixels, the caller's own deadline if it has one, and
+    whether it wants class activation maps (``cam``: which classes to explain; each image's answer is then
+    an ``Explained``)."""
 
     images: Sequence[tuple[str | None, bytes]] = ()
     pixels: np.ndarray | None = None
     timeout_s: float | None = None  # the caller's deadline (V2 ``timeout``, gRPC deadline), if shorter
+    cam: CamWish | None = None
 
     @property
     def count(self) -> int:
@@ -81,7 +85,8 @@ class QueueBudget:
 
 
 Outputs = tuple[np.ndarray, ...]
-"""Per image: (pooled features, logits), as the engine returns them."""
+"""Per image: (pooled features, logits), as the engine returns them; an ``Explained`` (a tuple that
+begins the same way) for a request that asked for class activation maps."""
 
 
 class ServedModel:
@@ -121,7 +126,7 @@ class ServedModel:
             bucket=engine.padded_batch_size,
         )
         self.batcher = DynamicBatcher(
-            model.engine.run,
+            self._run_batch,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
@@ -132,6 +137,20 @@ class ServedModel:
             spans=batch_spans,
         )
         self._warmup_task: asyncio.Task[None] | None = None
+
+    def _run_batch(self, batch: np.ndarray, slot: int, cams: list[CamWish | None] | None = None) -> tuple:
+        """The engine's pass over one batch, in an inference thread. With ``cams`` (a batch holding images
+        whose requests want maps) the engine also hands over the feature map, and each such image gets its
+        class activation maps here, in this process, from the classifier weights the model carries; only
+        those k x h x w maps go on, never the feature map."""
+        engine = self.model.engine
+        if cams is None:
+            return engine.run(batch, slot)
+        features, logits, feature_map = engine.run(batch, slot, feature_map=True)
+        weights = self.model.classifier
+        maps = [None if wish is None else class_maps(feature_map[i], weights, wish.classes_for(logits[i]))
+                for i, wish in enumerate(cams)]
+        return features, logits, maps
 
     def _setup(self, model: LoadedModel, server: ServerSettings, decode_pool: ThreadPoolExecutor | None) -> None:
         """What every served model has, wherever its engine runs (here, or in the engine process for a
@@ -273,6 +292,8 @@ class ServedModel:
                 if count < 1:
                     raise BadRequest("the request holds no image")
                 self.check_image_count(count)
+                if request.cam is not None:
+                    self.check_wish(request.cam)
                 timeout = self.server.request_timeout_s
                 if request.timeout_s is not None:
                     timeout = min(timeout, max(0.0, request.timeout_s))
@@ -294,9 +315,10 @@ class ServedModel:
         try:
             if request.pixels is not None:
                 results = await self.infer_arrays(request.pixels, deadline=deadline, cancel_when=watcher,
-                                                  trace=trace)
+                                                  trace=trace, cam=request.cam)
             else:
-                results = await self.infer(request.images, deadline=deadline, cancel_when=watcher, trace=trace)
+                results = await self.infer(request.images, deadline=deadline, cancel_when=watcher, trace=trace,
+                                           cam=request.cam)
             ok = True
             return results
         finally:
@@ -322,6 +344,10 @@ class ServedModel:
             async with self.room(images) as reservation:
                 yield reservation
 
+    def check_wish(self, wish: CamWish) -> None:
+        """A request's wish for class activation maps, checked against this model (``cam.check_wish``)."""
+        check_wish(self.model, wish)
+
     @contextmanager
     def admit(self) -> Iterator[None]:
         """Admission of one inference request: refused unless ready (or lame duck); counted until answered."""
@@ -340,16 +366,19 @@ class ServedModel:
         deadline: float,
         cancel_when: asyncio.Future[object] | None = None,
         trace: tracing.RequestTrace | None = None,
+        cam: CamWish | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """Decode, preprocess and batch the images; per-image (features, logits) in request order.
 
         ``deadline`` is a ``time.monotonic()`` value covering decoding, queueing and inference. ``trace``:
-        the request's span (tracing on), under which each image's decoding gets a span.
+        the request's span (tracing on), under which each image's decoding gets a span. ``cam``: the
+        classes to explain; each answer is then an ``Explained`` with the crop each image's grid covers.
         """
         loop = asyncio.get_running_loop()
         async with self.room(len(blobs)) as room:
             decodes = [
-                loop.run_in_executor(self._decode_pool, _decode, self.preprocessor, i, name, data, trace)
+                loop.run_in_executor(self._decode_pool, _decode, self.preprocessor, i, name, data, trace,
+                                     cam is not None)
                 for i, (name, data) in enumerate(blobs)
             ]
             try:
@@ -361,8 +390,13 @@ class ServedModel:
             finally:
                 for future in decodes:
                     future.cancel()
-            return await room.run(arrays, timeout=deadline - time.monotonic(), cancel_when=cancel_when,
-                                  trace=trace)
+            if cam is None:
+                return await room.run(arrays, timeout=deadline - time.monotonic(), cancel_when=cancel_when,
+                                      trace=trace)
+            crops = [crop for _, crop in arrays]
+            results = await room.run([pixels for pixels, _ in arrays], timeout=deadline - time.monotonic(),
+                                     cancel_when=cancel_when, trace=trace, cam=cam)
+            return _explained(results, cam, crops)
 
     async def infer_arrays(
         self,
@@ -371,9 +405,11 @@ class ServedModel:
         deadline: float,
         cancel_when: asyncio.Future[object] | None = None,
         trace: tracing.RequestTrace | None = None,
+        cam: CamWish | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """Already preprocessed images (N, 3, S, S) through the same queue bound, batcher and deadline as
-        ``infer``, without decoding; per-image (features, logits) in order.
+        ``infer``, without decoding; per-image (features, logits) in order (``Explained`` with ``cam``,
+        without a crop: the pixels came from the caller).
 
         uint8: the resized, cropped pixels (0..255) that decoding makes; the engine normalises them.
         float32: an already normalised tensor (the user's own preprocessing, any values): the network is
@@ -385,8 +421,16 @@ class ServedModel:
             raise BadRequest(f"expected a batch of shape [N, 3, {size}, {size}] with N >= 1, got {list(batch.shape)}")
         images = check_pixels(batch)
         async with self.room(len(images)) as room:
-            return await room.run(list(images), timeout=deadline - time.monotonic(), cancel_when=cancel_when,
-                                  trace=trace)
+            results = await room.run(list(images), timeout=deadline - time.monotonic(), cancel_when=cancel_when,
+                                     trace=trace, **({} if cam is None else {"cam": cam}))
+        return results if cam is None else _explained(results, cam, [None] * len(results))
+
+
+def _explained(results: Sequence[Outputs], cam: CamWish, crops: Sequence[Crop | None]) -> list[Outputs]:
+    """Each image's (features, logits, maps) as an ``Explained``: the classes follow from the wish and the
+    logits by the rule the engine's process applied (``CamWish.classes_for``)."""
+    return [Explained(features, logits, maps, cam.classes_for(logits), crop)
+            for (features, logits, maps), crop in zip(results, crops, strict=True)]
 
 
 def check_pixels(batch: np.ndarray) -> np.ndarray:
@@ -405,11 +449,12 @@ def check_pixels(batch: np.ndarray) -> np.ndarray:
 
 
 def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes,
-            trace: tracing.RequestTrace | None = None) -> np.ndarray:
+            trace: tracing.RequestTrace | None = None, crop: bool = False) -> np.ndarray | tuple[np.ndarray, Crop]:
+    """One image's pixels (with ``crop``: and the window of the original they came from)."""
     if trace is not None:
-        return _traced_decode(preprocessor, index, name, data, trace)
+        return _traced_decode(preprocessor, index, name, data, trace, crop)
     try:
-        return preprocessor(data)
+        return preprocessor.with_crop(data) if crop else preprocessor(data)
     except ServiceError as exc:
         # Say which image of a multi-image request was refused.
         raise exc.about_image(index, name) from None
@@ -418,11 +463,11 @@ def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: byte
 
 
 def _traced_decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes,
-                   trace: tracing.RequestTrace) -> np.ndarray:
+                   trace: tracing.RequestTrace, crop: bool = False) -> np.ndarray | tuple[np.ndarray, Crop]:
     """``_decode`` inside a span of its own (one per image, in the decode thread)."""
     span = trace.child("decode", {"effnet.image_index": index, "effnet.image_bytes": len(data)})
     try:
-        return _decode(preprocessor, index, name, data)
+        return _decode(preprocessor, index, name, data, crop=crop)
     except ServiceError as exc:
         tracing.end_with_error(span, exc.code, exc.message, fault=exc.server_fault)
         raise

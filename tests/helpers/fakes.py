@@ -48,7 +48,15 @@ class FakeEngine(Engine):
             self.gate.set()
         self.batch_running = threading.Event()
 
-    def run(self, batch: np.ndarray, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray, slot: int = 0, *, feature_map: bool = False) -> tuple[np.ndarray, ...]:
+        outputs = self._run(batch)
+        if feature_map:  # a map lit in its top-left cell only (with fake_model's classifier of ones)
+            maps = np.zeros((len(batch), self.num_features, 7, 7), dtype=np.float32)
+            maps[:, :, 0, 0] = 1.0
+            outputs += (maps,)
+        return outputs
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = np.asarray(batch)
         if batch.dtype != np.uint8 or batch.ndim != 4:
             raise TypeError(f"expected a uint8 NCHW batch, got {batch.dtype} with shape {batch.shape}")
@@ -122,6 +130,8 @@ def fake_model(engine, *, labels: list[str] | None = None, name: str | None = No
         weights_file=None,
         weights_sha256=None,
         spec=ModelSpec(name, "a test's stand-in", ModelSettings(model=variant, **settings)),
+        classifier=np.ones((len(labels) if labels is not None else 1000, getattr(engine, "num_features", 1280)),
+                           dtype=np.float32),
     )
 
 

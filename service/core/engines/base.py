@@ -58,11 +58,17 @@ class Engine(ABC):
     image_size: int  # the served input resolution S (batches are N x 3 x S x S)
 
     @abstractmethod
-    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0, *,
+            feature_map: bool = False) -> tuple[np.ndarray, ...]:
         """uint8 NCHW batch (resized, cropped, 0..255) -> (pooled features [N, num_features], logits
         [N, num_classes]), float32. The engine normalises with the variant's mean/std itself. A float32
         batch is an already normalised tensor (a client's own preprocessing) and enters the network after
         that normalisation, as sent.
+
+        ``feature_map``: also return, third, the head's activated feature map that the features pool
+        ([N, num_features, h, w], float32 on the host), from the same pass: what class activation maps
+        are made of (``service.core.cam``). Only a batch asked for it fetches it (onnxruntime and OpenVINO
+        are asked for that output only then; torch copies it off the device only then).
 
         ``slot``: the inference slot (0 .. max_concurrent_batches - 1) the batch runs in. The batcher never
         runs two batches in one slot at once, so per-slot state (an OpenVINO infer request, pinned buffers
@@ -144,7 +150,7 @@ class FloatInputGraph:
         self._runner = None
         self._lock = threading.Lock()
 
-    def __call__(self, x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, x: np.ndarray, slot: int, feature_map: bool = False) -> tuple[np.ndarray, ...]:
         runner = self._runner
         if runner is None:
             with self._lock:
@@ -153,4 +159,4 @@ class FloatInputGraph:
 
                     self._runner = self._build(float_input_graph(self._uint8_model))
                 runner = self._runner
-        return runner(x, slot)
+        return runner(x, slot, feature_map)

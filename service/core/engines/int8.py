@@ -10,13 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from model.export import ExportError, add_feature_map_output
 from service.core.engines.base import Engine, FloatInputGraph, as_engine_batch
+from service.core.engines.onnx_engine import session_runner
 from service.core.engines.openvino_engine import SlotRequests
 from service.core.errors import StartupError
 
 
 def check_int8_io(model: bytes, image_size: int) -> None:
-    """``StartupError`` unless ``model`` takes uint8 (N, 3, S, S) and outputs ``features`` and ``logits``.
+    """``StartupError`` unless ``model`` takes uint8 (N, 3, S, S) and outputs ``features`` and ``logits``
+    (and ``feature_map``, else the engine adds it).
 
     Checked from the graph's declared inputs and outputs, before a session is built; the probe run at
     start-up then checks the output shapes against the variant.
@@ -39,8 +42,9 @@ def check_int8_io(model: bytes, image_size: int) -> None:
             "(quantise it with python -m model.quantize for the same variant)"
         )
     outputs = [o.name for o in graph.output]
-    if outputs != ["features", "logits"]:
-        raise StartupError(f"the int8 model outputs {outputs}; expected ['features', 'logits']")
+    if outputs not in (["features", "logits"], ["features", "logits", "feature_map"]):
+        raise StartupError(f"the int8 model outputs {outputs}; expected ['features', 'logits'] (and "
+                           "optionally 'feature_map')")
 
 
 class Int8Engine(Engine):
@@ -50,6 +54,12 @@ class Int8Engine(Engine):
 
     def __init__(self, model: bytes, backend: str, num_threads: int, *, image_size: int) -> None:
         check_int8_io(model, image_size)
+        try:
+            # The map class activation maps are made of: the dequantised int8 activation the features pool
+            # (added here, so a model quantised before maps existed, or baked elsewhere, gives them too).
+            model = add_feature_map_output(model)
+        except ExportError as exc:
+            raise StartupError(f"the int8 model: {exc}") from None
         self.backend = backend
         self.device = "cpu"
         self.image_size = image_size
@@ -65,8 +75,8 @@ class Int8Engine(Engine):
             # As the float engine: no spinning threads taking quota from decoding.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-            self._run = self._run_onnxruntime
-            self._float = FloatInputGraph(model, lambda graph: _session_runner(
+            self._run = session_runner(self._session)  # thread-safe: one session for all slots
+            self._float = FloatInputGraph(model, lambda graph: session_runner(
                 ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])))
         elif backend == "openvino":
             import openvino as ov
@@ -86,20 +96,9 @@ class Int8Engine(Engine):
         else:
             raise StartupError(f"EFFNET_DTYPE=int8 runs with onnxruntime or openvino, not {backend}")
 
-    def _run_onnxruntime(self, x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        features, logits = self._session.run(None, {"input": x})  # thread-safe: one session for all slots
-        return features, logits
-
-    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0, *,
+            feature_map: bool = False) -> tuple[np.ndarray, ...]:
         """uint8 pixels, or a float32 normalised tensor (entering at the model's first quantisation, the
         same int8 network on the tensor sent)."""
         x = as_engine_batch(batch)
-        return self._run(x, slot) if x.dtype == np.uint8 else self._float(x, slot)
-
-
-def _session_runner(session):
-    def run(x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        features, logits = session.run(None, {"input": x})
-        return features, logits
-
-    return run
+        return self._run(x, slot, feature_map) if x.dtype == np.uint8 else self._float(x, slot, feature_map)

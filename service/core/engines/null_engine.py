@@ -23,7 +23,11 @@ class NullEngine(Engine):
         self.dtype = "float32"
         self.image_size = image_size
 
-    def run(self, batch: np.ndarray, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray, slot: int = 0, *, feature_map: bool = False) -> tuple[np.ndarray, ...]:
         n = len(batch)
-        return (np.zeros((n, self.num_features), dtype=np.float32),
-                np.zeros((n, self.num_classes), dtype=np.float32))
+        outputs = (np.zeros((n, self.num_features), dtype=np.float32),
+                   np.zeros((n, self.num_classes), dtype=np.float32))
+        if feature_map:
+            grid = -(-self.image_size // 32)
+            outputs += (np.zeros((n, self.num_features, grid, grid), dtype=np.float32),)
+        return outputs

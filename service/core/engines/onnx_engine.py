@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.export import export_onnx_bytes
+from model.export import FEATURE_MAP, export_onnx_bytes
 from service.core.engines.base import Engine, FloatInputGraph, as_engine_batch
 from service.core.errors import StartupError
 
@@ -41,7 +41,7 @@ class OnnxRuntimeEngine(Engine):
         else:
             providers = ["CPUExecutionProvider"]
         onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, uint8_input=True,
-                                       check=True)
+                                       with_feature_map=True, check=True)
         self.session = ort.InferenceSession(onnx_bytes, options, providers=providers)
         # Float tensors (already normalised) run in a second session of the same export without its
         # normalisation, made when the first one comes.
@@ -53,17 +53,27 @@ class OnnxRuntimeEngine(Engine):
 
     @staticmethod
     def _runner(session):
-        def run(x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
-            features, logits = session.run(None, {"input": x})
-            return features, logits
+        return session_runner(session)
 
-        return run
-
-    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0, *,
+            feature_map: bool = False) -> tuple[np.ndarray, ...]:
         """uint8 pixels (normalised in the graph), or a float32 normalised tensor (the float twin)."""
         # One session serves every slot: InferenceSession.run may be called from several threads at once.
         x = as_engine_batch(batch)
         if x.dtype != np.uint8:
-            return self._float(x, slot)
-        features, logits = self.session.run(None, {"input": x})
-        return features, logits
+            return self._float(x, slot, feature_map)
+        return tuple(self.session.run(WITH_MAP if feature_map else PLAIN, {"input": x}))
+
+
+# The outputs asked of a session: the feature map only for a batch that wants class activation maps. The
+# graph computes it in every pass (the features pool it); asked for, onnxruntime hands it over as well.
+PLAIN = ["features", "logits"]
+WITH_MAP = ["features", "logits", FEATURE_MAP]
+
+
+def session_runner(session):
+    """``(x, slot, feature_map) -> outputs`` over an onnxruntime session with those outputs."""
+    def run(x: np.ndarray, slot: int, feature_map: bool = False) -> tuple[np.ndarray, ...]:
+        return tuple(session.run(WITH_MAP if feature_map else PLAIN, {"input": x}))
+
+    return run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.export import export_onnx_bytes
+from model.export import FEATURE_MAP, export_onnx_bytes
 from service.core.engines.base import Engine, FloatInputGraph, as_engine_batch
 from service.core.errors import StartupError
 
@@ -16,20 +16,23 @@ def cpu_has_bf16(core) -> bool:
 
 
 class SlotRequests:
-    """One OpenVINO infer request per inference slot over a compiled model with outputs ``features`` and
-    ``logits``. An infer request is not thread-safe, and batches in different slots may run at once."""
+    """One OpenVINO infer request per inference slot over a compiled model with outputs ``features``,
+    ``logits`` and ``feature_map``. An infer request is not thread-safe, and batches in different slots may
+    run at once. OpenVINO computes every output of a compiled model; the feature map is copied out of the
+    request's own tensor only for a batch that asks for it."""
 
     def __init__(self, compiled) -> None:
         self._compiled = compiled
         self._requests: dict[int, object] = {0: compiled.create_infer_request()}
-        self._outputs = [compiled.output("features"), compiled.output("logits")]
+        self._outputs = [compiled.output("features"), compiled.output("logits"), compiled.output(FEATURE_MAP)]
 
-    def infer(self, x: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, x: np.ndarray, slot: int, feature_map: bool = False) -> tuple[np.ndarray, ...]:
         request = self._requests.get(slot)
         if request is None:  # each slot is used by one thread at a time, so no two threads race here
             request = self._requests[slot] = self._compiled.create_infer_request()
         result = request.infer({0: x})  # type: ignore[attr-defined]
-        return np.array(result[self._outputs[0]]), np.array(result[self._outputs[1]])
+        wanted = self._outputs if feature_map else self._outputs[:2]
+        return tuple(np.array(result[output]) for output in wanted)
 
 
 class OpenVinoEngine(Engine):
@@ -54,7 +57,8 @@ class OpenVinoEngine(Engine):
                 "EFFNET_DTYPE=bfloat16 with EFFNET_BACKEND=openvino needs a CPU with bf16 support "
                 "(AVX-512 BF16 or AMX), which this one lacks; use float32 or int8"
             )
-        onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, uint8_input=True)
+        onnx_bytes = export_onnx_bytes(net.eval(), image_size=image_size, with_features=True, uint8_input=True,
+                                       with_feature_map=True)
         config = {
             "INFERENCE_NUM_THREADS": num_threads,
             "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32",
@@ -69,9 +73,10 @@ class OpenVinoEngine(Engine):
         self.dtype = "bfloat16" if bfloat16 else "float32"
         self.image_size = int(image_size or net.image_size or net.variant.resolution)
 
-    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0, *,
+            feature_map: bool = False) -> tuple[np.ndarray, ...]:
         """uint8 pixels (normalised in the graph), or a float32 normalised tensor (the float twin)."""
         x = as_engine_batch(batch)
         if x.dtype != np.uint8:
-            return self._float(x, slot)
-        return self._requests.infer(x, slot)
+            return self._float(x, slot, feature_map)
+        return self._requests.infer(x, slot, feature_map)

@@ -81,6 +81,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     features: torch.Tensor  # static outputs, rows [0, bucket)
     logits: torch.Tensor
+    feature_map: torch.Tensor  # the head's map, in the compute dtype: read only by batches that ask for it
 
 
 @dataclass
@@ -96,6 +97,7 @@ class _Slot:
     host_logits: torch.Tensor  # (capacity, num_classes) float32, pinned
     done: torch.cuda.Event  # blocking: waiting on it sleeps instead of spinning a core
     graphs: dict[int, _Graph] = field(default_factory=dict)
+    host_map: torch.Tensor | None = None  # (capacity, C, h, w) float32, pinned; made by the first map asked
     pool: object = None  # torch.cuda.graph_pool_handle(), made at the first capture
 
     @property
@@ -249,20 +251,23 @@ class TorchEngine(Engine):
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA calls cannot invalidate this capture.
         with torch.cuda.graph(graph, pool=slot.pool, stream=slot.stream, capture_error_mode="thread_local"):
-            features, logits = self._forward(x)
-        slot.graphs[bucket] = _Graph(graph, features, logits)
+            features, logits, feature_map = self._forward(x)
+        slot.graphs[bucket] = _Graph(graph, features, logits, feature_map)
         self.graphs_captured += 1
 
     # -- inference --------------------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch already on the device -> float32 (pooled features, logits) on the device."""
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch already on the device -> float32 (pooled features, logits) and the head's feature map
+        (compute dtype) on the device. The map exists in every pass (the features pool it); it leaves the
+        device only for a batch that asks for it."""
         if x.dtype == torch.uint8:
             x = self.normalize(x)
         x = x.to(dtype=self._torch_dtype).contiguous(memory_format=torch.channels_last)
-        pooled, logits = self.net.forward_features_and_logits(x)
-        return pooled.float(), logits.float()
+        pooled, logits, feature_map = self.net.forward_with_feature_map(x)
+        return pooled.float(), logits.float(), feature_map
 
-    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray | torch.Tensor, slot: int = 0, *,
+            feature_map: bool = False) -> tuple[np.ndarray, ...]:
         """uint8 NCHW batch (normalised here, on the device); a float batch is taken as already normalised."""
         with torch.inference_mode():
             x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
@@ -270,16 +275,19 @@ class TorchEngine(Engine):
                 raise TypeError(f"expected a uint8 or float32 NCHW batch, got {x.dtype}")
             in_slot = self._cuda and x.dtype == torch.uint8 and slot < len(self._slots)
             if in_slot and len(x) <= self._slots[slot].capacity:
-                return self._run_in_slot(x, self._slots[slot])
+                return self._run_in_slot(x, self._slots[slot], feature_map)
             # CPU; on CUDA a batch outside the slots (the start-up probe, a float batch, one over capacity).
             n, rows = len(x), self.rows_for(len(x))
             if rows > n:
                 x = torch.cat([x, x.new_zeros((rows - n, *x.shape[1:]))])
             with self._backend_settings():
-                features, logits = self._forward(x.to(self._torch_device))
-            return features[:n].cpu().numpy(), logits[:n].cpu().numpy()
+                features, logits, maps = self._forward(x.to(self._torch_device))
+            outputs = features[:n].cpu().numpy(), logits[:n].cpu().numpy()
+            if feature_map:
+                outputs += (maps[:n].float().contiguous().cpu().numpy(),)
+            return outputs
 
-    def _run_in_slot(self, x: torch.Tensor, slot: _Slot) -> tuple[np.ndarray, np.ndarray]:
+    def _run_in_slot(self, x: torch.Tensor, slot: _Slot, feature_map: bool = False) -> tuple[np.ndarray, ...]:
         n = len(x)
         rows = self.rows_for(n)
         if x.data_ptr() != slot.host_in.data_ptr():  # not stacked into the slot's pinned buffer already
@@ -295,16 +303,24 @@ class TorchEngine(Engine):
             slot.device_in[:n].copy_(slot.host_in[:n], non_blocking=True)
             if graph is not None:
                 graph.graph.replay()
-                features, logits = graph.features[:n], graph.logits[:n]
+                features, logits, maps = graph.features[:n], graph.logits[:n], graph.feature_map[:n]
             else:
                 with self._backend_settings():
-                    features, logits = self._forward(slot.device_in[:rows])
-                features, logits = features[:n], logits[:n]
+                    features, logits, maps = self._forward(slot.device_in[:rows])
+                features, logits, maps = features[:n], logits[:n], maps[:n]
             slot.host_features[:n].copy_(features, non_blocking=True)
             slot.host_logits[:n].copy_(logits, non_blocking=True)
+            if feature_map:  # only then does the map leave the device
+                if slot.host_map is None:
+                    slot.host_map = torch.empty((slot.capacity, *maps.shape[1:]), dtype=torch.float32,
+                                                pin_memory=True)
+                slot.host_map[:n].copy_(maps.float().contiguous(), non_blocking=True)
             slot.done.record(slot.stream)
         # A blocking event: this thread sleeps (GIL released) until the copies back are done, leaving
         # the core to the decode threads; Stream.synchronize would spin on it for the whole GPU time.
         slot.done.synchronize()
         # Copies: the pinned buffers are refilled by this slot's next batch.
-        return slot.host_features[:n].numpy().copy(), slot.host_logits[:n].numpy().copy()
+        outputs = slot.host_features[:n].numpy().copy(), slot.host_logits[:n].numpy().copy()
+        if feature_map:
+            outputs += (slot.host_map[:n].numpy().copy(),)
+        return outputs
