@@ -12,7 +12,9 @@ too, and each such step is said in the session summary (``Engine.notes``):
 - the host's pip settings (CA bundle, find-links folders, local indexes) are mounted into the build
   stages only: podman leaves an empty mount point behind in every RUN of a build that mounts it, so the
   build with mounts stops at the ``build-cpu`` stage and the runtime stages are built in a second
-  command without any mount, taking ``build-cpu`` from the layer cache.
+  command without any mount, taking ``build-cpu`` from the layer cache. Both commands build one
+  snapshot of the build context, so that a source file edited between them (minutes apart on a busy
+  machine) cannot miss that cache and send the second command's pip to an index it cannot reach.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,8 +216,28 @@ def host_pip_settings() -> PipSettings | None:
     return PipSettings(conf="\n".join(lines) + "\n", mounts=sorted(mounts), local_index=local_index)
 
 
+def snapshot_context(into: Path) -> Path:
+    """A copy of the build context as the daemon would receive it: the Dockerfile, .dockerignore and the
+    paths its allow-list admits (``!name`` lines), without what it excludes again (caches, ONNX files)."""
+    names = [line[1:].strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.startswith("!")]
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "*.pyd", "*.onnx")
+    for name in ["Dockerfile", ".dockerignore", *names]:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, into / name, ignore=skip)
+        elif source.exists():
+            shutil.copy2(source, into / name)
+    return into
+
+
 def build_cpu_image(engine: Engine, tag: str = IMAGE) -> None:
     """Build the Dockerfile's ``cpu`` target as ``tag`` (see the module's docstring for the two steps)."""
+    with tempfile.TemporaryDirectory(prefix="effnet-build-context-") as context:
+        _build_cpu_image(engine, tag, snapshot_context(Path(context)))
+
+
+def _build_cpu_image(engine: Engine, tag: str, context: Path) -> None:
     base = dockerfile_base()
     stand_in = ensure_base(engine, base)
     args = ["build", "--target", "cpu", "-t", tag]
@@ -241,14 +264,63 @@ def build_cpu_image(engine: Engine, tag: str = IMAGE) -> None:
         first[first.index("-t") + 1] = f"{tag.split(':')[0]}:build-cpu"
         for volume in volumes:
             first += ["-v", volume]
-        engine.run(*first, str(REPO), timeout=3000)
-    engine.run(*args, str(REPO), timeout=3000)
+        engine.run(*first, str(context), timeout=3000)
+    engine.run(*args, str(context), timeout=3000)
     engine.timings["image build"] = time.monotonic() - started
 
 
 def container_logs(engine: Engine, name: str) -> str:
     proc = engine.run("logs", name, check=False, timeout=60)
     return (proc.stdout + proc.stderr)[-6000:]
+
+
+# Run inside a container with the image's python: every process it sees, as JSON.
+_PROCESSES_SCRIPT = """
+import json, os
+out = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode().strip()
+    except OSError:
+        continue
+    rest = stat.rsplit(")", 1)[1].split()
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    out.append({"pid": int(pid), "ppid": int(rest[1]), "state": rest[0], "comm": comm,
+                "uid": status["Uid"].split()[0], "cap_eff": status["CapEff"].strip(),
+                "no_new_privs": status.get("NoNewPrivs", "").strip(), "cmdline": cmdline})
+print(json.dumps(out))
+"""
+
+
+def container_processes(engine: Engine, name: str) -> list[dict]:
+    """The processes running in container ``name`` (pid, ppid, state, comm, uid, cap_eff, no_new_privs,
+    cmdline), read from its /proc by the image's python; the reading process itself left out."""
+    found = json.loads(engine.run("exec", name, "python", "-c", _PROCESSES_SCRIPT, timeout=60).stdout)
+    return [p for p in found if p["pid"] == 1 or p["ppid"] != 0]
+
+
+def server_processes(processes: list[dict]) -> dict[str, list[dict]]:
+    """The server's processes by role: PID 1 ("supervisor", the server itself), "engine" (effnet-engine),
+    "workers" (effnet-worker-N, by N), "tracker" (multiprocessing's resource tracker, which ``spawn``
+    starts beside them) and "other" (anything else PID 1 started, or anything not under PID 1)."""
+    roles: dict[str, list[dict]] = {"supervisor": [], "engine": [], "workers": [], "tracker": [], "other": []}
+    for process in processes:
+        if process["pid"] == 1:
+            roles["supervisor"].append(process)
+        elif process["ppid"] != 1:
+            roles["other"].append(process)
+        elif process["comm"] == "effnet-engine":
+            roles["engine"].append(process)
+        elif re.fullmatch(r"effnet-worker-\d+", process["comm"]):
+            roles["workers"].append(process)
+        elif "multiprocessing.resource_tracker" in process["cmdline"]:
+            roles["tracker"].append(process)
+        else:
+            roles["other"].append(process)
+    roles["workers"].sort(key=lambda p: int(p["comm"].rsplit("-", 1)[1]))
+    return roles
 
 
 # The README's `docker run` flags ("Deployment"): read-only root with a tmpfs /tmp, no capabilities, no

@@ -1,6 +1,7 @@
 """docker-compose.yml for real: the two replicas (the session's image) behind HAProxy and Prometheus, with
-podman-compose or docker compose. Prometheus scrapes both replicas, a rolling restart as the compose
-file describes it answers every request through HAProxy with 200, and `down` leaves nothing behind.
+podman-compose or docker compose. Each replica runs as compose says, an engine process and EFFNET_WORKERS
+front-end workers under the server as PID 1; Prometheus scrapes both replicas, a rolling restart as the
+compose file describes it answers every request through HAProxy with 200, and `down` leaves nothing behind.
 
 Grafana is not started: there is neither an image nor a Debian package for it here (it stays validated
 statically). tests/container/compose.override.yml holds the only differences from docker-compose.yml.
@@ -28,6 +29,8 @@ from tests.container.engine import (
     Engine,
     compose_command,
     compose_project_label,
+    container_processes,
+    server_processes,
     service_image,
 )
 from tests.helpers.server import free_port
@@ -88,6 +91,13 @@ class Stack:
         args = ["ps", "-q", "--filter", f"label={compose_project_label(self.engine)}={self.project}"]
         return self.engine.run(*args, *([] if running_only else ["-a"])).stdout.split()
 
+    def container_of(self, service: str) -> str:
+        """The running container of one compose service (both engines label it com.docker.compose.service)."""
+        args = ["ps", "-q", "--filter", f"label={compose_project_label(self.engine)}={self.project}",
+                "--filter", f"label=com.docker.compose.service={service}"]
+        (found,) = self.engine.run(*args).stdout.split()
+        return found
+
 
 @pytest.fixture(scope="module")
 def stack(engine: Engine, cpu_image: str, tmp_path_factory):
@@ -120,6 +130,19 @@ def stack(engine: Engine, cpu_image: str, tmp_path_factory):
         yield up
     finally:
         up.compose("down", "-v", "-t", "40", check=False)
+
+
+def test_each_replica_runs_an_engine_process_and_the_compose_workers(stack: Stack):
+    """docker-compose.yml's EFFNET_WORKERS for real: in each replica PID 1 is the server, supervising one
+    effnet-engine and that many effnet-worker-N, and both replicas answer through HAProxy."""
+    workers = int(yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["effnet-1"]["environment"]
+                  ["EFFNET_WORKERS"])
+    assert workers > 1, "compose runs one process per replica: nothing to see here"
+    for replica in REPLICAS:
+        roles = server_processes(container_processes(stack.engine, stack.container_of(replica)))
+        assert "efficientnet-serve" in roles["supervisor"][0]["cmdline"], (replica, roles)
+        assert len(roles["engine"]) == 1 and roles["other"] == [], (replica, roles)
+        assert [p["comm"] for p in roles["workers"]] == [f"effnet-worker-{n}" for n in range(workers)], (replica, roles)
 
 
 def test_prometheus_scrapes_both_replicas(stack: Stack):

@@ -1,13 +1,16 @@
 """The CPU image, built from the Dockerfile and run the way the README says: the same answers as the
 local service over HTTP and gRPC, non-root, read-only, its HEALTHCHECK, /metrics, nothing of the build
 left inside, and a plain ``docker stop`` / ``podman stop`` (10 s grace) that ends in exit 0 after the
-lame duck.
+lame duck. The image runs the server as several processes (its EFFNET_WORKERS): PID 1 supervises one
+engine process and the front-end workers, every one of them as uid 10001 without capabilities, and the
+stop passes through all of them cleanly.
 
 One container serves the whole module; the stop test, last, ends it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -26,8 +29,10 @@ from tests.container.engine import (
     REPO,
     Container,
     Engine,
+    container_processes,
     dockerfile_base,
     host_pip_settings,
+    server_processes,
 )
 
 # The first test also builds the image (and on a fresh machine the stand-in base): minutes on 2 busy cores.
@@ -121,6 +126,37 @@ def test_runs_as_non_root_without_capabilities(box, engine):
     assert "efficientnet-serve" in box.exec("cat", "/proc/1/cmdline", check=True).stdout
 
 
+def image_workers(engine: Engine) -> int:
+    """EFFNET_WORKERS as the image sets it (the Dockerfile's ENV)."""
+    env = dict(e.split("=", 1) for e in engine.inspect(IMAGE)["Config"]["Env"])
+    return int(env["EFFNET_WORKERS"])
+
+
+def test_processes_are_the_supervisor_the_engine_and_the_workers(box, engine):
+    """PID 1 is the supervisor (the exec-form CMD), and its children are one effnet-engine, the image's
+    EFFNET_WORKERS workers effnet-worker-0.. and multiprocessing's resource tracker, nothing else: no
+    shell, no zombie. Every process runs as uid 10001 with no capability and no_new_privs."""
+    workers = image_workers(engine)
+    assert workers > 1, "the image runs one process: nothing to see here"
+    processes = container_processes(engine, box.name)
+    roles = server_processes(processes)
+    assert "efficientnet-serve" in roles["supervisor"][0]["cmdline"], roles["supervisor"]
+    assert len(roles["engine"]) == 1, processes
+    assert [p["comm"] for p in roles["workers"]] == [f"effnet-worker-{n}" for n in range(workers)], processes
+    assert len(roles["tracker"]) <= 1 and roles["other"] == [], processes
+    for process in processes:
+        assert process["state"] != "Z", process
+        assert (process["uid"], process["no_new_privs"]) == ("10001", "1"), process
+        assert int(process["cap_eff"], 16) == 0, process
+    assert f"with {workers} workers and one engine process" in full_logs(engine, box)
+
+
+def full_logs(engine: Engine, box: Container) -> str:
+    """Everything the container wrote (``Container.logs`` keeps only the end)."""
+    proc = engine.run("logs", box.name, check=False, timeout=60)
+    return proc.stdout + proc.stderr
+
+
 def test_root_filesystem_is_read_only(box, engine):
     assert engine.inspect(box.name, "container")["HostConfig"]["ReadonlyRootfs"] is True
     for path in ("/opt/venv/written", "/etc/written", "/written"):
@@ -202,7 +238,9 @@ def test_the_readme_runs_it_this_way():
 
 def test_plain_stop_is_sigterm_lame_duck_and_exit_0(box, engine, photos):
     """`<engine> stop` with its default 10 s grace: /readyz 503 at once while /predict is still answered
-    (the lame duck, EFFNET_SHUTDOWN_DELAY_S of the image), then exit 0 before the grace runs out."""
+    (the lame duck, EFFNET_SHUTDOWN_DELAY_S of the image), then exit 0 before the grace runs out. With
+    several workers, cleanly: the supervisor passes SIGTERM to every worker, each completes its drain, the
+    engine process stops after them without being killed, and the supervisor warns of nothing."""
     env = dict(e.split("=", 1) for e in engine.inspect(IMAGE)["Config"]["Env"])
     delay = float(env["EFFNET_SHUTDOWN_DELAY_S"])
     assert delay < DEFAULT_STOP_GRACE_S - 2, "a plain stop must not SIGKILL the lame duck"
@@ -236,3 +274,16 @@ def test_plain_stop_is_sigterm_lame_duck_and_exit_0(box, engine, photos):
     assert state["ExitCode"] == 0, (state, box.logs())
     assert delay - 0.5 <= result["seconds"] < DEFAULT_STOP_GRACE_S, (result, box.logs())
     engine.timings["plain stop (SIGTERM -> exit 0)"] = result["seconds"]
+    entries = []
+    for line in full_logs(engine, box).splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    supervisor = [e for e in entries if e.get("logger") == "service.server.supervisor"]
+    messages = [e["message"] for e in supervisor]
+    assert any(m.startswith("received SIGTERM") for m in messages), messages
+    assert messages[-1] == "stopped", messages
+    assert [e for e in supervisor if e["level"] != "INFO"] == [], supervisor
+    drained = sum(e.get("message") == "drain complete" for e in entries)
+    assert drained == image_workers(engine), (drained, box.logs())
