@@ -240,6 +240,7 @@ class RemoteRoom:
                 raise ClientGone()
             raise RequestTimeout("request not answered in time (the engine process did not answer)")
         header, payload = answer.result()
+        tracing.add_stages(trace, header.get("stages"))  # the queue wait, timed in the engine process
         if "error" in header:
             raise ServiceError.from_wire(header["error"])
         flat = ipc.unpack_arrays(header["outputs"], payload)
@@ -358,11 +359,17 @@ class RemoteMetrics:
     def observe_request(self, endpoint: str, status: int, duration_s: float, reject_reason: str | None,
                         trace_id: str | None = None) -> None:
         self.link.send({"op": "observe", "endpoint": endpoint, "status": status, "duration": duration_s,
-                        "reason": reject_reason, "trace": trace_id})
+                        "reason": reject_reason, "trace": trace_id, **_spans_dropped()})
 
     async def render_for(self, accept: str | None) -> tuple[bytes, str]:
-        answer, payload = await self.link.call({"op": "metrics", "accept": accept})
+        answer, payload = await self.link.call({"op": "metrics", "accept": accept, **_spans_dropped()})
         return payload, answer["content_type"]
+
+
+def _spans_dropped() -> dict[str, Any]:
+    """The spans this worker's exporter dropped since it last said, for the engine process to count."""
+    dropped = tracing.take_dropped()
+    return {"spans_dropped": dropped} if dropped else {}
 
 
 class RemoteRegistry:
@@ -470,7 +477,8 @@ class RemoteRegistry:
         return any(m.busy for m in self.models.values())
 
     async def start(self) -> None:
-        tracing.setup()  # this process's own exporter, from the OTEL_* variables (as load_startup does)
+        # This process's own exporter, from the OTEL_* variables (as load_startup does).
+        tracing.setup(detail=self.server.trace_detail)
         await self.link.start()
         self.lifecycle.set(State.READY)  # running: the state is now the engine's
 

@@ -74,6 +74,12 @@ def _describe(served: ServedModel) -> dict[str, Any]:
             "state": served.state.value, "failure": served.failure, **describe_for_wire(served.model)}
 
 
+def _stages(trace: tracing.RequestTrace | None) -> dict[str, Any]:
+    """The request's stages timed here (its queue wait), for the worker to put on the request's span."""
+    stages = tracing.stages_of(trace)
+    return {"stages": stages} if stages else {}
+
+
 class EngineHost:
     """Serves the workers' connections for ``registry`` (already started) on two abstract Unix sockets:
     ``control`` (frames) and ``segments`` (shared memory hand-overs). ``token``: the secret each worker
@@ -176,6 +182,8 @@ class EngineHost:
         op = header.get("op")
         number = header.get("id")
         try:
+            if "spans_dropped" in header:  # by the worker's trace exporter, counted here with this process's
+                tracing.count_reported(header["spans_dropped"])
             if op == "finished":
                 self.registry.get(header["model"]).statistics.request_finished(float(header["duration"]),
                                                                               bool(header["ok"]))
@@ -243,10 +251,10 @@ class EngineHost:
             outputs = await ticket.room.run(arrays, timeout=timeout, cancel_when=gone, trace=trace,
                                             **({} if cam is None else {"cam": cam}))
             described, payload = ipc.pack_arrays(a for per_image in outputs for a in per_image)
-            client.send({"id": number, "outputs": described, "per_image": len(outputs[0]) if outputs else 0},
-                        payload)
+            client.send({"id": number, "outputs": described, "per_image": len(outputs[0]) if outputs else 0,
+                         **_stages(trace)}, payload)
         except ServiceError as exc:
-            client.send({"id": number, "error": exc.to_wire()})
+            client.send({"id": number, "error": exc.to_wire(), **_stages(trace)})
         except Exception as exc:  # pragma: no cover - the batcher maps engine failures already
             log.exception("request %s of worker %s failed", number, client.worker)
             client.send({"id": number, "error": ServiceError(f"internal error ({type(exc).__name__})").to_wire()})

@@ -21,9 +21,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector
 
+from service.core import tracing
 from service.core.batching import BatchObserver
 from service.core.engines.base import batch_buckets
 
@@ -136,6 +139,7 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        r.register(TraceSpansDropped())
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         self._info_labels: dict[str, tuple[str, str, str, str]] = {}
@@ -186,6 +190,22 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class TraceSpansDropped(Collector):
+    """``effnet_trace_spans_dropped_total``: the trace exporter's drops, read from the tracing module (this
+    process's, and the front-end workers' as they report them to the engine process)."""
+
+    def collect(self):  # noqa: ANN201 - prometheus-client's signature
+        family = CounterMetricFamily(
+            "effnet_trace_spans_dropped",
+            "Trace spans not exported, by reason: queue_full (the exporter could not keep up; requests never "
+            "wait for it), export_failed (the collector refused them or could not be reached).",
+            labels=["reason"],
+        )
+        for reason, spans in tracing.spans_dropped().items():
+            family.add_metric([reason], spans)
+        yield family
+
+
 class ModelMetrics(BatchObserver):
     """One model's share of the metrics: the batcher's observer, writing the series labelled with its name."""
 
@@ -218,4 +238,4 @@ class ModelMetrics(BatchObserver):
             self._failures.inc()
 
 
-__all__ = ["Metrics", "ModelMetrics", "REJECT_REASONS", "batch_size_buckets"]
+__all__ = ["Metrics", "ModelMetrics", "REJECT_REASONS", "TraceSpansDropped", "batch_size_buckets"]

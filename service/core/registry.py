@@ -69,7 +69,7 @@ def load_startup(server: ServerSettings, base: ModelSettings | None = None, *,
     (the one place it is set up), then the models (``StartupError`` naming the one that failed): the
     repository's (``EFFNET_MODELS``, or ``only``), or the one of ``EFFNET_MODEL`` / ``EFFNET_WEIGHTS``.
     ``base``: the model settings from the environment (read here when not given)."""
-    tracing.setup()
+    tracing.setup(detail=server.trace_detail)
     base = base if base is not None else ModelSettings()
     if not server.model_repository:
         return Startup(None, [load_model(ModelSpec(None, "EFFNET_* settings", base))])

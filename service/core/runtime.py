@@ -276,8 +276,9 @@ class ServedModel:
         is then withdrawn and ``ClientGone`` raised. ``record``: the access record, given the image count.
 
         Errors are ``ServiceError``s; one about a single image carries its ``image_index``. While tracing
-        is on, the record's span gets a child per image (decode + preprocess) and one for the queue wait,
-        and the span of each batch that serves it links to it.
+        is on, the record's span gets a stage per image (decode + preprocess) and one for the queue wait
+        (timed events, or child spans: ``EFFNET_TRACE_DETAIL``), and the span of each batch that serves it
+        links to it.
         """
         trace = record.trace if record is not None else None
         deadline: float | None = None
@@ -371,7 +372,7 @@ class ServedModel:
         """Decode, preprocess and batch the images; per-image (features, logits) in request order.
 
         ``deadline`` is a ``time.monotonic()`` value covering decoding, queueing and inference. ``trace``:
-        the request's span (tracing on), under which each image's decoding gets a span. ``cam``: the
+        the request's span (tracing on), which times each image's decoding as a stage. ``cam``: the
         classes to explain; each answer is then an ``Explained`` with the crop each image's grid covers.
         """
         loop = asyncio.get_running_loop()
@@ -464,12 +465,13 @@ def _decode(preprocessor: Preprocessor, index: int, name: str | None, data: byte
 
 def _traced_decode(preprocessor: Preprocessor, index: int, name: str | None, data: bytes,
                    trace: tracing.RequestTrace, crop: bool = False) -> np.ndarray | tuple[np.ndarray, Crop]:
-    """``_decode`` inside a span of its own (one per image, in the decode thread)."""
-    span = trace.child("decode", {"effnet.image_index": index, "effnet.image_bytes": len(data)})
+    """``_decode`` as a stage of the request's trace (one per image, in the decode thread): a timed event
+    of the request's span, or a span of its own (``EFFNET_TRACE_DETAIL``)."""
+    stage = trace.stage("decode", {"effnet.image_index": index, "effnet.image_bytes": len(data)})
     try:
         return _decode(preprocessor, index, name, data, crop=crop)
     except ServiceError as exc:
-        tracing.end_with_error(span, exc.code, exc.message, fault=exc.server_fault)
+        stage.fail(exc.code, exc.message, fault=exc.server_fault)
         raise
     finally:
-        span.end()
+        stage.end()

@@ -587,6 +587,17 @@ class ServerSettings(BaseSettings):
 
         ),
     )
+    trace_detail: Literal["events", "spans"] = Field(
+        "events",
+        description=(
+
+            "With tracing on (`OTEL_*`, see Tracing): a request's stages, the decoding of each image and "
+            "its wait in the queue, as timed events of the request's span (`events`: one span per request "
+            "plus one per batch, the cheapest) or as child spans of it (`spans`: about 3 spans per request, "
+            "which costs more CPU to make and export)."
+
+        ),
+    )
 
     @field_validator("api_key", "model_repository", "models", "default_model", mode="before")
     @classmethod

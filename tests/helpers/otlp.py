@@ -26,6 +26,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 
 @dataclass
+class Event:
+    """One event of a received span (a request's stage with the default EFFNET_TRACE_DETAIL, an error)."""
+
+    name: str
+    time_ns: int
+    attributes: dict[str, Any]
+
+
+@dataclass
 class Span:
     """One received span, with ids as hex strings and attributes as plain values."""
 
@@ -37,7 +46,7 @@ class Span:
     attributes: dict[str, Any]
     links: list[tuple[str, str]]  # (trace id, span id)
     status_code: int  # 0 unset, 1 ok, 2 error
-    events: list[str]
+    events: list[Event]
     resource: dict[str, Any] = field(default_factory=dict)
     start_ns: int = 0
     end_ns: int = 0
@@ -109,7 +118,7 @@ class OtlpReceiver:
                         attributes=_attributes(s.attributes),
                         links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
                         status_code=s.status.code,
-                        events=[e.name for e in s.events],
+                        events=[Event(e.name, e.time_unix_nano, _attributes(e.attributes)) for e in s.events],
                         resource=resource,
                         start_ns=s.start_time_unix_nano,
                         end_ns=s.end_time_unix_nano,
@@ -155,4 +164,4 @@ class OtlpReceiver:
             return [s for s in self.spans if s.trace_id == trace_id]
 
 
-__all__ = ["OtlpReceiver", "Span"]
+__all__ = ["Event", "OtlpReceiver", "Span"]

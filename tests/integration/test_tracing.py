@@ -2,12 +2,16 @@
 (tests/helpers/otlp.py, decoded with the ``opentelemetry-proto`` messages), configured only by the
 standard OTEL_* variables.
 
-- HTTP with a ``traceparent``: the server span has that trace id and parent, children for decode and the
-  queue, and a batch span (its own trace) links to it; two concurrent requests batched together are both
-  linked from one batch span; gRPC (tritonclient, ``traceparent`` metadata) the same.
+- HTTP with a ``traceparent``: the server span has that trace id and parent, its decode and queue stages
+  (timed events of it by default; child spans with EFFNET_TRACE_DETAIL=spans), and a batch span (its own
+  trace) links to it; two concurrent requests batched together are both linked from one batch span; gRPC
+  (tritonclient, ``traceparent`` metadata) the same. Each in one process, as two front-end workers (the
+  queue wait timed in the engine process comes back as an event of the worker's span), and as two workers
+  with detail ``spans`` (the queue span is the engine process's).
 - ``parentbased_traceidratio``: a sampled-out parent exports nothing.
 - An exporter that is down or slow: requests take no longer than with tracing off, and the server still
-  stops promptly.
+  stops promptly; one that cannot keep up: the spans dropped are counted in /metrics (in one process and
+  with two workers), every request answered.
 """
 
 from __future__ import annotations
@@ -64,10 +68,13 @@ def receiver():
         yield receiver
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(scope="module", params=[(1, "events"), (2, "events"), (2, "spans")],
+                ids=["one-process", "two-workers", "two-workers-spans"])
 def server(receiver, request):
     """The traced server, in one process and as two front-end workers feeding an engine process (the
-    request's spans in a worker, its queue span and the batch span in the engine process)."""
+    request's span in a worker, the batch span in the engine process; the queue wait timed there, sent
+    back as an event of the request's span, or with EFFNET_TRACE_DETAIL=spans a span of the engine's)."""
+    workers, detail = request.param
     grpc_port = free_port()
     env = otel_env(
         receiver.endpoint,
@@ -77,28 +84,48 @@ def server(receiver, request):
         EFFNET_GRPC_PORT=str(grpc_port),
         EFFNET_MAX_BATCH_SIZE="8",
         EFFNET_MAX_BATCH_DELAY_MS="50",
-        EFFNET_WORKERS=str(request.param),
+        EFFNET_WORKERS=str(workers),
+        EFFNET_TRACE_DETAIL=detail,
     )
     with ServiceProcess(env) as service:
         service.grpc_url = f"127.0.0.1:{grpc_port}"
+        service.detail = detail
         yield service
     receiver.clear()  # the next server's tests reuse the trace ids: they start from no spans
 
 
-def check_request_trace(receiver: OtlpReceiver, tid: str, server_name: str, images: int) -> None:
+def stages(spans: list, server, name: str, detail: str) -> list[tuple[int, int, dict]]:
+    """The ``name`` stages (decode, queue) of the request whose span is ``server``, as (start ns, end ns,
+    attributes): its child spans (detail ``spans``) or its events (``events``: at the stage's start, its
+    duration in ``effnet.duration_s``)."""
+    if detail == "spans":
+        assert name not in [e.name for e in server.events]
+        return [(s.start_ns, s.end_ns, s.attributes) for s in spans
+                if s.name == name and s.trace_id == server.trace_id and s.parent_span_id == server.span_id]
+    assert not [s for s in spans if s.name == name and s.trace_id == server.trace_id], f"{name} spans made"
+    return [(e.time_ns, e.time_ns + int(e.attributes["effnet.duration_s"] * 1e9), e.attributes)
+            for e in server.events if e.name == name]
+
+
+def check_request_trace(receiver: OtlpReceiver, tid: str, server_name: str, images: int, detail: str) -> None:
+    # Each process exports on its own: the request's span (a worker's) may come after its batch's.
     spans = receiver.wait_for(lambda spans: any(
-        s.name == "batch" and any(t == tid for t, _ in s.links) for s in spans))
+        s.name == "batch" and any(t == tid for t, _ in s.links) for s in spans)
+        and any(s.name == server_name and s.trace_id == tid for s in spans)
+        and (detail == "events" or any(s.name == "queue" and s.trace_id == tid for s in spans)))
     mine = [s for s in spans if s.trace_id == tid]
     (server,) = [s for s in mine if s.name == server_name]
     assert server.parent_span_id == PARENT and server.kind == SERVER_KIND
     assert server.attributes["effnet.model"] == MODEL and server.attributes["effnet.images"] == images
     assert server.resource["service.name"] == "effnet-test"
     assert server.resource["deployment.environment"] == "test"
-    decodes = [s for s in mine if s.name == "decode"]
-    (queue,) = [s for s in mine if s.name == "queue"]
+    decodes = stages(spans, server, "decode", detail)
+    (queue,) = stages(spans, server, "queue", detail)
     assert len(decodes) == images
-    assert all(s.parent_span_id == server.span_id for s in [*decodes, queue])
-    assert all(server.start_ns <= s.start_ns and s.end_ns <= server.end_ns for s in [*decodes, queue])
+    assert sorted(a["effnet.image_index"] for _, _, a in decodes) == list(range(images))
+    assert queue[2]["effnet.images"] == images
+    # Within the request's span (1 ms of slack: a stage timed in the engine process, on the same clock).
+    assert all(server.start_ns <= start <= end <= server.end_ns + 1_000_000 for start, end, _ in [*decodes, queue])
     batches = [s for s in spans if s.name == "batch" and (tid, server.span_id) in s.links]
     assert batches and all(b.trace_id != tid and b.parent_span_id == "" for b in batches)
     assert batches[0].attributes["effnet.engine"] == "onnxruntime"
@@ -117,7 +144,7 @@ def test_http_request_joins_the_callers_trace(server, receiver, photos):
         timeout=30,
     )
     assert response.status_code == 200
-    check_request_trace(receiver, tid, "POST /predict", images=2)
+    check_request_trace(receiver, tid, "POST /predict", images=2, detail=server.detail)
     (span,) = [s for s in receiver.in_trace(tid) if s.name == "POST /predict"]
     assert span.attributes["http.response.status_code"] == 200
     assert span.attributes["effnet.request_id"] == response.headers["x-request-id"]
@@ -144,8 +171,10 @@ def test_two_concurrent_requests_in_one_batch_are_both_linked(server, receiver, 
             thread.start()
         for thread in threads:
             thread.join(30)
+        # The batch spans and the requests' spans (with two workers, another process's exports).
         spans = receiver.wait_for(lambda spans, tids=tids: all(
-            any(s.name == "batch" and any(t == tid for t, _ in s.links) for s in spans) for tid in tids))
+            any(s.name == "batch" and any(t == tid for t, _ in s.links) for s in spans)
+            and any(s.name == "POST /features" and s.trace_id == tid for s in spans) for tid in tids))
         together = [s for s in spans if s.name == "batch" and {t for t, _ in s.links} >= set(tids)]
         if together:
             (batch,) = together
@@ -167,7 +196,7 @@ def test_grpc_request_joins_the_callers_trace(server, receiver, photos):
         assert result.as_numpy("logits") is not None
     finally:
         client.close()
-    check_request_trace(receiver, tid, "inference.GRPCInferenceService/ModelInfer", images=1)
+    check_request_trace(receiver, tid, "inference.GRPCInferenceService/ModelInfer", images=1, detail=server.detail)
     (span,) = [s for s in receiver.in_trace(tid) if s.name.endswith("ModelInfer")]
     assert span.attributes["rpc.system"] == "grpc" and span.attributes["rpc.method"] == "ModelInfer"
     assert span.attributes["effnet.status_code"] == 200
@@ -256,6 +285,43 @@ def test_an_exporter_down_or_slow_does_not_hold_up_requests(exporter, photos, ba
     assert statistics.median(measured) < 1.5 * statistics.median(baseline) + 0.02, (
         f"median {statistics.median(measured):.4f} s with the exporter {exporter}, "
         f"{statistics.median(baseline):.4f} s with tracing off")
+
+
+def spans_dropped(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "effnet_trace_spans_dropped_total")
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_spans_an_exporter_cannot_take_are_dropped_counted_and_wait_for_nothing(workers, photos):
+    """A collector that takes 30 s to answer, and room for 2 spans in each process's queue: every request
+    is answered while each exporter waits on its first export, and what did not fit is counted, with two
+    workers the workers' drops (reported to the engine process) as well as the engine's."""
+    requests = 20
+    with OtlpReceiver(delay_s=30.0) as stuck:
+        env = otel_env(stuck.endpoint, OTEL_BSP_MAX_QUEUE_SIZE="2", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="1",
+                       OTEL_EXPORTER_OTLP_TIMEOUT="30", EFFNET_WORKERS=str(workers))
+        with ServiceProcess(env) as traced, httpx.Client(base_url=traced.url, timeout=30) as client:
+            assert spans_dropped(traced.url) == 0
+            sent = 0
+            for _ in range(requests + 5):
+                response = client.post("/predict", content=photos["coffee.jpg"], headers={
+                    "content-type": "image/jpeg", "traceparent": traceparent(trace_id(0x7000 + sent))})
+                assert response.status_code == 200
+                sent += 1
+                # 2 spans a request (its own, its batch's: one request at a time); each process keeps at most
+                # 3 (one in the export that waits, two queued): the rest is dropped. A worker reports its
+                # drops with its next request, so its last request's may not be counted yet. With two
+                # workers the engine process alone can drop at most sent - 3: more includes the workers'.
+                processes = 1 if workers == 1 else workers + 1
+                least = 2 * sent - 3 * processes - workers
+                if sent >= requests and spans_dropped(traced.url) >= least:
+                    break
+            assert least > sent - 3
+            assert spans_dropped(traced.url) >= least
 
 
 def test_batch_command_server_mode_carries_its_run_trace_to_the_server(server, receiver, photos):
