@@ -1,17 +1,27 @@
-"""What tracing costs: throughput of the same Lite0 service with tracing on (every request sampled, spans
-exported over OTLP/HTTP), with tracing off, and as it was before tracing existed ("today"), in one run.
+"""What tracing costs: throughput, tail latency and server CPU of the same Lite0 service with tracing off and
+on at several sampling rates, exporting over OTLP/HTTP, in one run of interleaved rounds.
 
-Three server processes run side by side: "today" from the source tree of the commit before tracing was
-added (``git archive``; ``--today REF`` to choose another), "off" (this tree, no OTEL_* variable) and "on"
-(this tree, ``OTEL_TRACES_SAMPLER=always_on``, exporting to an OTLP/HTTP receiver in this process that
-counts what arrives without decoding it, as a remote collector would cost this machine nothing). They
-take turns in short rounds (today, off, on, today, off, on, ...) under the same closed-loop load
-(``benchmarks.loadgen``: raw keep-alive sockets, one JPEG per multipart ``/predict`` request), so drift
-in the machine's load hits all three alike; each figure sums its rounds.
+One server process per variant, side by side (all CPUs each, as an operator runs it; ``--workers N``: each
+with EFFNET_WORKERS=N, its CPU summed over the process tree):
 
-    python -m benchmarks.bench_tracing [--rounds 3] [--seconds 8] [--connections 16] [--today REF]
+- ``off``: no OTEL_* variable;
+- ``all``: ``OTEL_TRACES_SAMPLER=always_on``, every request traced, its stages (decode, queue) as events
+  of its span (EFFNET_TRACE_DETAIL=events, the default);
+- ``all-spans``: the same with EFFNET_TRACE_DETAIL=spans (decode and queue as child spans, as before
+  issue 32);
+- ``10%``, ``1%``: ``OTEL_TRACES_SAMPLER=traceidratio`` with ``OTEL_TRACES_SAMPLER_ARG`` 0.1, 0.01.
 
-Run it under ``flock /tmp/bench.lock`` on a shared machine.
+Each traced server exports to an OTLP/HTTP receiver of its own in this process that counts the spans
+without decoding them (a remote collector would cost this machine nothing). The variants take turns in
+rounds under the same closed-loop load (``benchmarks.loadgen``: kept-alive sockets, one ImageNet-sized
+photo per raw ``/predict``), the order rotated each round, so drift in the machine's load hits all alike;
+each figure sums its rounds (p99: the median of the rounds' p99s). Server CPU per request, and the part of
+it the export threads (``effnet-tracing``) spent, come from /proc.
+
+    python -m benchmarks.bench_tracing [--rounds 4] [--seconds 15] [--connections 16] [--workers 1]
+        [--photos /tmp/imagenet-sample] [--variants off all all-spans 10% 1%]
+
+Run it under ``flock /tmp/effnet-bench.lock`` on a shared machine, on a quiet one for figures.
 """
 
 from __future__ import annotations
@@ -19,167 +29,188 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
-from io import BytesIO
 from pathlib import Path
 
 import httpx
 
 from tests.helpers.images import load_photos
 from tests.helpers.otlp import OtlpReceiver
-from tests.helpers.server import REPO, ServiceProcess, free_port
+from tests.helpers.server import ServiceProcess
 
+from .bench_workers import cpu_s, process_tree
 from .common import SUMMARY_MARKER, machine, markdown_table, save_json
 from .loadgen import run_load
 
 MODEL = "efficientnet-lite0"
+EXPORT_THREAD = "effnet-tracing"  # the trace export thread's name for the OS (service/core/trace_export.py)
+
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "off": ("tracing off", {}),
+    "all": ("every request sampled (stages as events)", {"OTEL_TRACES_SAMPLER": "always_on"}),
+    "all-spans": ("every request sampled, EFFNET_TRACE_DETAIL=spans",
+                  {"OTEL_TRACES_SAMPLER": "always_on", "EFFNET_TRACE_DETAIL": "spans"}),
+    "10%": ("10% sampled", {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
+    "1%": ("1% sampled", {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}),
+}
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def before_tracing() -> str:
-    """The commit before the one that added service/core/tracing.py."""
-    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "service/core/tracing.py"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    if not added:
-        raise SystemExit("cannot find the commit that added service/core/tracing.py; pass --today REF")
-    return f"{added[-1]}^"
+def photos_from(folder: Path, count: int) -> list[bytes]:
+    """Up to ``count`` JPEGs of ``folder`` (sorted by name), or the test photos when it holds none."""
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpeg", ".jpg")) if folder.is_dir() else []
+    files = files[:count]
+    if not files:
+        print(f"no photos in {folder}: using the test photos", file=sys.stderr)
+        return list(load_photos().values())
+    return [p.read_bytes() for p in files]
 
 
-class TreeServer:
-    """``python -m service`` from another source tree (a ``git archive`` of ``ref``), on a free port."""
-
-    def __init__(self, ref: str, env: dict[str, str]) -> None:
-        self.dir = tempfile.TemporaryDirectory(prefix="effnet-today-")
-        archive = subprocess.run(["git", "archive", "--format=tar", ref, "model", "service"], cwd=REPO,
-                                 capture_output=True, check=True).stdout
-        with tarfile.open(fileobj=BytesIO(archive)) as tar:
-            tar.extractall(self.dir.name, filter="data")
-        self.ref = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("EFFNET_", "OTEL_"))}
-        full.update(env, PYTHONPATH=self.dir.name, EFFNET_GRPC_PORT="0", EFFNET_SHUTDOWN_DELAY_S="0")
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     cwd=self.dir.name, env=full, stdout=self.log, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"today's server exited: {self.log.read().decode(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("today's server never got ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
+def tree_cpu(root: int) -> tuple[float, float]:
+    """(CPU seconds of ``root`` and every process under it, of their trace-export threads alone)."""
+    total = export = 0.0
+    for pid in process_tree(root):
+        total += cpu_s(pid)
         try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.dir.cleanup()
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if name.startswith(EXPORT_THREAD):
+                export += cpu_s(pid, int(tid))
+    return total, export
+
+
+def spans_dropped(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "effnet_trace_spans_dropped_total")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--today", default=None, help="git ref of 'today' (default: the commit before tracing)")
+    parser.add_argument("--workers", type=int, default=1, help="EFFNET_WORKERS of every server")
+    parser.add_argument("--photos", type=Path, default=Path("/tmp/imagenet-sample"))
+    parser.add_argument("--count", type=int, default=1000, help="photos sent in turn")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
+    if "off" not in args.variants:
+        parser.error("the variants must include off (every ratio is against it)")
 
     threads = str(os.cpu_count() or 1)
-    base = {"EFFNET_MODEL": MODEL, "EFFNET_NUM_THREADS": threads}
-    photos = list(load_photos().values())
-    receiver = OtlpReceiver(decode=False).start()
-    today = TreeServer(args.today or before_tracing(), base)
-    servers: dict[str, object] = {"today": today}
+    base = {"EFFNET_MODEL": MODEL, "EFFNET_NUM_THREADS": threads, "EFFNET_WORKERS": str(args.workers)}
+    photos = photos_from(args.photos, args.count)
+    receivers: dict[str, OtlpReceiver] = {}
+    servers: dict[str, ServiceProcess] = {}
+    load_before = load_average()
+    started = time.time()
     try:
-        servers["off"] = ServiceProcess(base, threads=None)
-        servers["on"] = ServiceProcess({**base, "OTEL_TRACES_EXPORTER": "otlp",
-                                        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                                        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-                                        "OTEL_TRACES_SAMPLER": "always_on"}, threads=None)
+        for name in args.variants:
+            env = dict(base)
+            if VARIANTS[name][1]:
+                receivers[name] = OtlpReceiver(decode=False).start()
+                env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                           OTEL_EXPORTER_OTLP_ENDPOINT=receivers[name].endpoint, **VARIANTS[name][1])
+            servers[name] = ServiceProcess(env, threads=None)
         for server in servers.values():
-            server.wait_ready()  # type: ignore[attr-defined]
-        results: dict[str, dict] = {name: {"ok": 0, "seconds": 0.0, "cpu_s": 0.0, "p50": [], "p99": [],
-                                           "errors": 0} for name in servers}
+            server.wait_ready()
+        results: dict[str, dict] = {name: {"ok": 0, "seconds": 0.0, "cpu_s": 0.0, "export_cpu_s": 0.0,
+                                           "p50": [], "p99": [], "rate": [], "errors": 0} for name in servers}
         for server in servers.values():  # a short warm-up of each, not counted
-            run_load(server.url, photos, seconds=2, connections=args.connections)  # type: ignore[attr-defined]
-        spans_before = receiver.spans_received
-        for _ in range(args.rounds):
-            for name, server in servers.items():
-                pid = server.pid  # type: ignore[attr-defined]
-                cpu = cpu_seconds(pid)
-                load = run_load(server.url, photos, seconds=args.seconds,  # type: ignore[attr-defined]
-                                connections=args.connections)
+            run_load(server.url, photos, seconds=3, connections=args.connections, raw=True)
+        time.sleep(6.0)  # the warm-up's spans exported (every 5 s by default)
+        spans_before = {name: r.spans_received for name, r in receivers.items()}
+        order = list(servers)
+        for round_ in range(args.rounds):
+            for name in order[round_ % len(order):] + order[:round_ % len(order)]:
+                server = servers[name]
+                cpu, export = tree_cpu(server.pid)
+                load = run_load(server.url, photos, seconds=args.seconds, connections=args.connections, raw=True)
+                cpu_after, export_after = tree_cpu(server.pid)
                 r = results[name]
                 r["ok"] += load["ok"]
                 r["seconds"] += load["seconds"]
-                r["cpu_s"] += cpu_seconds(pid) - cpu
+                r["cpu_s"] += cpu_after - cpu
+                r["export_cpu_s"] += export_after - export
                 r["p50"].append(load["p50_ms"])
                 r["p99"].append(load["p99_ms"])
+                r["rate"].append(load["ok"] / load["seconds"])
                 r["errors"] += sum(v for k, v in load["codes"].items() if str(k) != "200")
+                print(f"round {round_ + 1} {name}: {load['ok'] / load['seconds']:.1f} img/s, "
+                      f"p99 {load['p99_ms']:.0f} ms", file=sys.stderr, flush=True)
         time.sleep(6.0)  # the last spans: the exporter sends every 5 s by default (OTEL_BSP_SCHEDULE_DELAY)
-        spans = receiver.spans_received - spans_before
+        spans = {name: r.spans_received - spans_before[name] for name, r in receivers.items()}
+        dropped = {name: spans_dropped(servers[name].url) for name in receivers}
     finally:
         for server in servers.values():
-            server.stop()  # type: ignore[attr-defined]
-        receiver.close()
+            server.stop()
+        for receiver in receivers.values():
+            receiver.close()
+    load_after = load_average()
 
+    off = results["off"]
+    off_rate = off["ok"] / off["seconds"]
+    off_p99 = statistics.median(off["p99"])
     rows = []
     for name, r in results.items():
+        rate = r["ok"] / r["seconds"]
+        p99 = statistics.median(r["p99"])
         rows.append({
-            "variant": {"today": f"today ({today.ref}, before tracing)", "off": "tracing off",
-                        "on": "tracing on, always sampled, OTLP/HTTP"}[name],
-            "images_per_s": r["ok"] / r["seconds"],
+            "variant": VARIANTS[name][0],
+            "key": name,
+            "images_per_s": rate,
+            "vs_off": rate / off_rate,
             "p50_ms": statistics.median(r["p50"]),
-            "p99_ms": statistics.median(r["p99"]),
+            "p99_ms": p99,
+            "p99_vs_off": p99 / off_p99,
             "cpu_ms": 1e3 * r["cpu_s"] / max(1, r["ok"]),
+            "export_cpu_ms": 1e3 * r["export_cpu_s"] / max(1, r["ok"]),
+            "spans_per_request": (spans[name] / r["ok"]) if name in spans and r["ok"] else None,
+            "dropped": dropped.get(name),
             "requests": r["ok"],
             "errors": r["errors"],
+            "round_rates": r["rate"],
+            "round_p99s": r["p99"],
         })
-    by = {name: row for name, row in zip(results, rows, strict=True)}
-    on_off = by["on"]["images_per_s"] / by["off"]["images_per_s"]
-    off_today = by["off"]["images_per_s"] / by["today"]["images_per_s"]
-    payload = {"machine": machine(), "args": vars(args), "rows": rows, "on_over_off": on_off,
-               "off_over_today": off_today, "spans_exported": spans, "requests_on": by["on"]["requests"]}
-    save_json("tracing", payload)
+    payload = {"machine": machine(), "args": {**vars(args), "photos": str(args.photos)}, "rows": rows,
+               "load_before": load_before, "load_after": load_after, "started": started,
+               "photos": len(photos), "mean_photo_bytes": statistics.mean(len(p) for p in photos)}
+    save_json("tracing" if args.workers == 1 else f"tracing_workers{args.workers}", payload)
 
     print(SUMMARY_MARKER)
     print(f"`python -m benchmarks.bench_tracing --rounds {args.rounds} --seconds {args.seconds:g} "
-          f"--connections {args.connections}`")
+          f"--connections {args.connections} --workers {args.workers}`")
     print()
-    print(f"Machine: {machine()}; model {MODEL}; three server processes side by side, all CPUs each; "
-          f"{args.connections} connections, one JPEG per multipart /predict request; {args.rounds} interleaved "
-          f"rounds of {args.seconds:g} s per variant.")
+    print(f"Machine: {machine()}; model {MODEL}, EFFNET_WORKERS={args.workers}; one server per variant, all "
+          f"CPUs each; {args.connections} connections, one photo per raw /predict ({len(photos)} photos, "
+          f"mean {payload['mean_photo_bytes'] / 1e3:.0f} kB); {args.rounds} interleaved rounds of "
+          f"{args.seconds:g} s per variant; load average {load_before} before, {load_after} after.")
     print()
-    print(markdown_table(rows, [("variant", "variant", ""), ("images_per_s", "images/s", ".1f"),
-                                ("p50_ms", "p50 ms", ".0f"), ("p99_ms", "p99 ms", ".0f"),
-                                ("cpu_ms", "server CPU ms/request", ".2f"), ("requests", "requests", ""),
-                                ("errors", "errors", "")]))
+    columns = [("variant", "variant", ""), ("images_per_s", "images/s", ".1f"), ("vs_off", "/ off", ".3f"),
+               ("p50_ms", "p50 ms", ".0f"), ("p99_ms", "p99 ms", ".0f"), ("p99_vs_off", "p99 / off", ".2f"),
+               ("cpu_ms", "server CPU ms/request", ".2f"), ("export_cpu_ms", "of it, export thread", ".3f"),
+               ("spans_per_request", "spans/request", ".2f"), ("dropped", "spans dropped", ".0f"),
+               ("requests", "requests", ""), ("errors", "errors", "")]
+    shown = [{k: "-" if r[k] is None else (format(r[k], f) if f else str(r[k])) for k, _, f in columns} for r in rows]
+    print(markdown_table(shown, [(k, h, "") for k, h, _ in columns]))
     print()
-    print(f"on / off: {on_off:.3f}; off / today: {off_today:.3f}; spans received while tracing was on: "
-          f"{spans} for {by['on']['requests']} requests")
+    print("per round, images/s: " + "; ".join(
+        f"{r['key']} {' '.join(f'{x:.1f}' for x in r['round_rates'])}" for r in rows))
+    print("per round, p99 ms: " + "; ".join(
+        f"{r['key']} {' '.join(f'{x:.0f}' for x in r['round_p99s'])}" for r in rows))
     return 0
 
 
