@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 
+from service.cli.cams import CamWriter
 from service.cli.results import Result, failure
 from service.core import tracing
 from service.core.access import AccessRecord
+from service.core.cam import CamWish
 from service.core.errors import ServiceError
 from service.core.metrics import Metrics
 from service.core.outputs import embedding, top_classes
@@ -33,8 +35,11 @@ class LocalRunner:
     ``base`` (the EFFNET_* settings), and runs images through it. ``startup``: models already loaded."""
 
     def __init__(self, server: ServerSettings, base: ModelSettings, task: str, *, top_k: int = 5,
-                 normalize: bool = False, name: str | None = None, startup: Startup | None = None) -> None:
+                 normalize: bool = False, name: str | None = None, startup: Startup | None = None,
+                 cam: str | None = None) -> None:
         self.task = task
+        # --cam DIR: each image's top-1 class activation map, drawn and saved there.
+        self.cams = CamWriter(cam, max_pixels=server.max_image_pixels) if cam else None
         self.top_k = top_k
         self.normalize = normalize
         startup = startup or load_startup(server, base, only=[name] if name else None)
@@ -77,8 +82,10 @@ class LocalRunner:
         record = AccessRecord("CLI", path, endpoint=self.task)
         if self._run_span is not None:
             record.start_trace("efficientnet-batch image", "internal", {"effnet.file": path}, parent=self._run_span)
+        wish = CamWish(top=1) if self.cams is not None else None
         try:
-            ((pooled, logits),) = await self.served.serve(InferenceRequest(images=[(None, data)]), record=record)
+            ((pooled, logits, *explained),) = await self.served.serve(InferenceRequest(images=[(None, data)], cam=wish),
+                                                                      record=record)
         except ServiceError as exc:
             record.fail(exc)
             # The core names the image by its position in a request ("image 1: ..."); here the row names it.
@@ -87,5 +94,12 @@ class LocalRunner:
             record.finish(self.metrics)
         if self.task == "predict":
             scores = top_classes(logits, self.model.labels, self.top_k)
-            return Result(path, top_k=[{"index": c.index, "label": c.label, "score": c.score} for c in scores])
+            cam = None
+            if self.cams is not None:
+                maps, classes, crop = explained
+                png = await self.cams.write(path, data, maps[0], crop)
+                cam = {"index": classes[0], "label": self.model.labels[classes[0]], "png": png,
+                       "npy": png[: -len(".png")] + ".npy"}
+            return Result(path, top_k=[{"index": c.index, "label": c.label, "score": c.score} for c in scores],
+                          cam=cam)
         return Result(path, embedding=embedding(pooled, normalize=self.normalize))

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Top-k classes of each image, as POST /predict gives them.")
     predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
                          help="classes per image (default 5)")
+    predict.add_argument("--cam", metavar="DIR",
+                         help="also explain each image's top-1 class: its class activation map drawn over the photo "
+                              "as DIR/<path>.png and kept as DIR/<path>.npy (h x w float32 in [0, 1])")
     features = commands.add_parser("features", parents=[common], help="pooled embedding of each image "
                                    "(as /features)", description="The pooled embedding of each image, as POST "
                                    "/features gives it.")
@@ -137,6 +140,9 @@ class Run:
         normalize = getattr(args, "normalize", False)
         if problem := ray_usage(args):
             raise Usage(problem)
+        cam = getattr(args, "cam", None)
+        if cam and args.ray is not None:
+            raise Usage("--cam runs in-process or with --server, not on Ray")
         if args.ray is not None:  # the whole job on a Ray cluster (service/cli/on_ray.py)
             from service.cli.on_ray import RayRunner
 
@@ -147,7 +153,7 @@ class Run:
             from service.cli.remote import RemoteRunner
 
             return RemoteRunner(args.server, self.task, top_k=top_k, normalize=normalize, api_key=args.api_key,
-                                concurrency=args.concurrency or 8, retries=args.retries, model=args.model)
+                                concurrency=args.concurrency or 8, retries=args.retries, model=args.model, cam=cam)
         from pydantic import ValidationError
 
         from service.cli.local import IMAGE_DEADLINE_S, LocalRunner
@@ -174,7 +180,7 @@ class Run:
             base = ModelSettings(**model_overrides)
         except ValidationError as exc:
             raise Usage(f"invalid setting: {settings_problems(exc)}") from None
-        runner = LocalRunner(server, base, self.task, top_k=top_k, normalize=normalize, name=name)
+        runner = LocalRunner(server, base, self.task, top_k=top_k, normalize=normalize, name=name, cam=cam)
         if args.concurrency and args.concurrency > runner.served.settings.max_queue:
             raise Usage(f"--concurrency {args.concurrency} is above EFFNET_MAX_QUEUE "
                         f"({runner.served.settings.max_queue})")

@@ -74,7 +74,8 @@ def _error_of(response: httpx.Response) -> tuple[str, str]:
 
 class RemoteRunner:
     def __init__(self, url: str, task: str, *, top_k: int = 5, normalize: bool = False, api_key: str | None = None,
-                 concurrency: int = 8, retries: int = 10, timeout_s: float = 120.0, model: str | None = None) -> None:
+                 concurrency: int = 8, retries: int = 10, timeout_s: float = 120.0, model: str | None = None,
+                 cam: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.task = task
         self.top_k = top_k
@@ -94,7 +95,14 @@ class RemoteRunner:
         self.model = model
         # The query string once, not merged into every request's URL.
         chosen = f"&model={quote(model, safe='')}" if model else ""
-        if task == "predict":
+        self.cams = None
+        if task == "predict" and cam:
+            from service.cli.cams import CamWriter
+
+            # /explain: the same top-k, a map for each (the first is the top-1's, the one drawn).
+            self.cams = CamWriter(cam, max_pixels=1 << 62)  # the server has applied its own pixel limit
+            self._target = f"/explain?top_k={top_k}{chosen}"
+        elif task == "predict":
             self._target = f"/predict?top_k={top_k}{chosen}"
         else:
             self._target = f"/features?normalize={'true' if normalize else 'false'}{chosen}"
@@ -204,9 +212,20 @@ class RemoteRunner:
             return failure(path, *_error_of(response))
         try:
             result = response.json()["results"][0]
+            if self.task == "predict" and self.cams is not None:
+                return await self._with_cam(path, data, result)
             if self.task == "predict":
                 return Result(path, top_k=result["top_k"])
             return Result(path, embedding=np.asarray(result["embedding"], dtype=np.float64))
         except (ValueError, KeyError, IndexError, TypeError):
             return failure(path, "bad_response", f"the server answered 200 with an unexpected body: "
                                                  f"{response.text[:200]}")
+
+    async def _with_cam(self, path: str, data: bytes, result: dict[str, Any]) -> Result:
+        from service.core.imaging import Crop
+
+        first, box = result["maps"][0], result["crop"]
+        crop = Crop((box["left"], box["top"], box["right"], box["bottom"]), (box["width"], box["height"]))
+        png = await self.cams.write(path, data, np.asarray(first["map"], dtype=np.float32), crop)
+        cam = {"index": first["index"], "label": first["label"], "png": png, "npy": png[: -len(".png")] + ".npy"}
+        return Result(path, top_k=result["top_k"], cam=cam)

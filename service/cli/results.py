@@ -15,12 +15,15 @@ class Result:
     ``top_k`` is the list of ``{"index", "label", "score"}`` objects exactly as ``/predict`` gives it;
     ``embedding`` is float64 as ``/features`` gives it; ``error`` is ``{"code", "message"}`` as in the
     service's error bodies (plus codes of the command's own: ``unreadable``, ``body_too_large``).
+    ``cam`` (``--cam``): the explained class and the files drawn for it (``index``, ``label``, ``png``,
+    ``npy``), in .jsonl rows.
     """
 
     path: str
     top_k: list[dict[str, Any]] | None = None
     embedding: np.ndarray | None = None
     error: dict[str, str] | None = None
+    cam: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -32,6 +35,8 @@ class Result:
             row["error"] = self.error
         elif self.top_k is not None:
             row["top_k"] = self.top_k
+            if self.cam is not None:
+                row["cam"] = self.cam
         else:
             assert self.embedding is not None
             row["embedding"] = self.embedding.tolist()

@@ -37,6 +37,42 @@ class FeaturesResponse(BaseModel):
     results: list[FeaturesResult] = Field(description="One result per image, in request order.")
 
 
+class CropBox(BaseModel):
+    """The part of the photo the network saw, in pixels of the original after its EXIF orientation."""
+
+    left: float = Field(examples=[94.25])
+    top: float = Field(examples=[18.75])
+    right: float = Field(examples=[356.75])
+    bottom: float = Field(examples=[281.25])
+    width: int = Field(description="The oriented original's width.", examples=[451])
+    height: int = Field(description="The oriented original's height.", examples=[300])
+
+
+class ClassMap(BaseModel):
+    index: int = Field(description="The explained class.", examples=[282])
+    label: str = Field(examples=["tiger cat"])
+    score: float = Field(description="Its softmax probability.", ge=0.0, le=1.0, examples=[0.38])
+    map: list[list[float]] = Field(
+        description="Its class activation map on the feature grid: h rows of w values in [0, 1], row by row "
+                    "from the top of the crop (ReLU, then divided by the largest value; all zeros stays zeros)."
+    )
+
+
+class ExplainResult(BaseModel):
+    filename: str | None = Field(description="Name of the multipart part's file; null for a raw body.")
+    top_k: list[ClassScore] = Field(description="The top_k classes, most probable first (as /predict).")
+    crop: CropBox = Field(description="The box of the original the grid covers: cell (i, j) is the (i, j)-th "
+                                      "of h x w equal parts of it.")
+    maps: list[ClassMap] = Field(description="One map per explained class: the classes named by class=, in "
+                                             "that order, else the top_k classes.")
+
+
+class ExplainResponse(BaseModel):
+    model: str = Field(examples=["efficientnet-lite0"])
+    grid: list[int] = Field(description="[h, w] of every map.", examples=[[7, 7]])
+    results: list[ExplainResult] = Field(description="One result per image, in request order.")
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error code.", examples=["invalid_image"])
     message: str = Field(description="What went wrong, for a person.")

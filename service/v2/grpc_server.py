@@ -279,8 +279,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async def read() -> InferenceRequest:
                 inputs = decode_inputs(request)
                 outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs] or None
-                timeout_s = request_timeout_s(_parameters(request.parameters), context.time_remaining())
-                inference, wanted = core_request(model, inputs, outputs, timeout_s=timeout_s)
+                parameters = _parameters(request.parameters)
+                timeout_s = request_timeout_s(parameters, context.time_remaining())
+                inference, wanted = core_request(model, inputs, outputs, timeout_s=timeout_s, parameters=parameters)
                 requested.extend(wanted)
                 return inference
 

@@ -15,7 +15,10 @@ Each served model is a protocol model of the same name (one model: the variant's
 Outputs: ``logits`` and ``probabilities`` (FP32 ``[N, num_classes]``) and ``features`` (FP32
 ``[N, num_features]``, the pooled embedding); all three when the request names none. An output asked for
 with the parameter ``classification: k`` (Triton's classification extension; ``class_count`` in
-tritonclient) comes back as BYTES ``[N, k]`` of ``"score:index:label"``, best first.
+tritonclient) comes back as BYTES ``[N, k]`` of ``"score:index:label"``, best first. ``cam`` (FP32
+``[N, h, w]``, only when named, only for a model with a classifier) is each image's class activation map
+on the feature grid (``service.core.cam``): of its top-1 class, or of the class the request parameter
+``cam_class`` names (an index or a label).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core.cam import CamWish, parse_classes
 from service.core.errors import BadRequest, InvalidParameter, ModelNotFound
 from service.core.outputs import check_top_k, require_classifier, softmax
 from service.core.registry import ModelRegistry
@@ -39,6 +43,8 @@ EXTENSIONS = ("binary_tensor_data", "classification", "statistics", "model_repos
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
 OUTPUTS = ("logits", "probabilities", "features")
+CAM_OUTPUT = "cam"
+CAM_CLASS = "cam_class"  # the request parameter naming the class the cam output explains
 # Inputs or outputs read from one request: the model has one input and three outputs, so more is a mistake
 # (refused before any is decoded).
 MAX_TENSORS = 16
@@ -143,12 +149,15 @@ def input_size(model: ServedModel) -> int:
 
 
 def output_names(model: ServedModel) -> tuple[str, ...]:
-    """The outputs this model has: a checkpoint without a classifier has features only."""
+    """The outputs answered when a request names none: a checkpoint without a classifier has features only.
+    ``cam`` is answered only when named."""
     return OUTPUTS if model.model.has_classifier else ("features",)
 
 
-def _width(model: ServedModel, name: str) -> int:
-    return model.model.num_features if name == "features" else model.model.num_classes
+def _shape(model: ServedModel, name: str) -> list[int]:
+    if name == CAM_OUTPUT:
+        return [-1, *model.model.feature_grid]
+    return [-1, model.model.num_features if name == "features" else model.model.num_classes]
 
 
 def metadata(model: ServedModel) -> dict[str, Any]:
@@ -162,7 +171,8 @@ def metadata(model: ServedModel) -> dict[str, Any]:
             {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]},
         ],
         "outputs": [
-            {"name": name, "datatype": "FP32", "shape": [-1, _width(model, name)]} for name in output_names(model)
+            {"name": name, "datatype": "FP32", "shape": _shape(model, name)}
+            for name in (*output_names(model), *((CAM_OUTPUT,) if model.model.has_classifier else ()))
         ],
     }
 
@@ -223,12 +233,14 @@ async def every_statistics(models: ModelRegistry, name: str | None = None,
 def check_outputs(model: ServedModel, outputs: Sequence[RequestedOutput] | None) -> list[RequestedOutput]:
     if not outputs:
         return [RequestedOutput(name) for name in output_names(model)]
-    if any(o.name in ("logits", "probabilities") for o in outputs):
+    if any(o.name in ("logits", "probabilities", CAM_OUTPUT) for o in outputs):
         require_classifier(model.model)
     seen: set[str] = set()
     for output in outputs:
-        if output.name not in OUTPUTS:
-            raise BadRequest(f"unknown output '{output.name}'; the model has {', '.join(OUTPUTS)}")
+        if output.name not in (*OUTPUTS, CAM_OUTPUT):
+            raise BadRequest(f"unknown output '{output.name}'; the model has {', '.join((*OUTPUTS, CAM_OUTPUT))}")
+        if output.name == CAM_OUTPUT and output.classification:
+            raise BadRequest(f"output '{CAM_OUTPUT}' is a map; it takes no 'classification'")
         if output.name in seen:
             raise BadRequest(f"output '{output.name}' requested twice")
         seen.add(output.name)
@@ -253,9 +265,12 @@ def core_request(
     outputs: Sequence[RequestedOutput] | None,
     *,
     timeout_s: float | None = None,
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[InferenceRequest, list[RequestedOutput]]:
-    """The core's request for these tensors (encoded images or pixels), and the outputs to answer."""
+    """The core's request for these tensors (encoded images or pixels), and the outputs to answer.
+    ``parameters``: the request's (``cam_class`` for the ``cam`` output)."""
     requested = check_outputs(model, outputs)
+    cam = _cam_wish(model, requested, parameters or {})
     names = [t.name for t in inputs]
     size = input_size(model)
     if len(inputs) != 1 or names[0] not in (IMAGE_INPUT, TENSOR_INPUT):
@@ -267,16 +282,34 @@ def core_request(
         )
     tensor = inputs[0]
     if tensor.name == IMAGE_INPUT:
-        return InferenceRequest(images=_image_blobs(tensor), timeout_s=timeout_s), requested
-    return InferenceRequest(pixels=_pixel_batch(tensor, size), timeout_s=timeout_s), requested
+        return InferenceRequest(images=_image_blobs(tensor), timeout_s=timeout_s, cam=cam), requested
+    return InferenceRequest(pixels=_pixel_batch(tensor, size), timeout_s=timeout_s, cam=cam), requested
+
+
+def _cam_wish(model: ServedModel, requested: Sequence[RequestedOutput], parameters: dict[str, Any]) -> CamWish | None:
+    """What the ``cam`` output explains: the class ``cam_class`` names (index or label), else the top-1."""
+    named = parameters.get(CAM_CLASS)
+    if not any(o.name == CAM_OUTPUT for o in requested):
+        if named is not None:
+            raise BadRequest(f"parameter '{CAM_CLASS}' names the class of the '{CAM_OUTPUT}' output, which the "
+                             "request does not ask for")
+        return None
+    if named is None:
+        return CamWish(top=1)
+    if isinstance(named, bool) or not isinstance(named, (int, str)):
+        raise BadRequest(f"parameter '{CAM_CLASS}' must be a class index or label")
+    return CamWish(classes=parse_classes(model.model, [str(named)]))
 
 
 def output_tensors(model: ServedModel, results: Sequence[Outputs],
                    requested: Sequence[RequestedOutput]) -> list[OutputTensor]:
-    """The requested output tensors from the core's per-image (features, logits)."""
+    """The requested output tensors from the core's per-image (features, logits), and class activation
+    maps (an ``Explained`` per image) when ``cam`` was asked for."""
     features = np.stack([r[0] for r in results]).astype(np.float32, copy=False)
     logits = np.stack([r[1] for r in results]).astype(np.float32, copy=False)
     values = {"logits": logits, "features": features}
+    if any(o.name == CAM_OUTPUT for o in requested):
+        values[CAM_OUTPUT] = np.stack([r.maps[0] for r in results]).astype(np.float32, copy=False)
     if any(o.name == "probabilities" for o in requested):
         values["probabilities"] = softmax(logits).astype(np.float32)
     labels = model.model.labels

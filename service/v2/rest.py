@@ -270,8 +270,9 @@ def v2_router() -> APIRouter:
                 raise ClientGone() from None
             body = _decompress(raw, request.headers.get("content-encoding"), limit)
             request_json, inputs, outputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-            timeout_s = request_timeout_s(_parameters(request_json.get("parameters"), "request"))
-            inference, requested = core_request(model, inputs, outputs, timeout_s=timeout_s)
+            parameters = _parameters(request_json.get("parameters"), "request")
+            timeout_s = request_timeout_s(parameters)
+            inference, requested = core_request(model, inputs, outputs, timeout_s=timeout_s, parameters=parameters)
             parsed.update(json=request_json, requested=requested)
             return inference
 

@@ -406,3 +406,49 @@ def test_with_several_models_and_no_default_the_first_is_chosen(browser, start_s
     finally:
         tab.close()
         service.stop()
+
+
+def test_show_why_draws_the_clicked_labels_map_over_the_photo(tab, lite0_service):
+    """With "Show why" on, chelsea.jpg's card draws the photo with the top-1 class's activation map over the
+    box the model saw; clicking another label draws that class's map instead. The screenshot of the drawing
+    holds the map /explain gives: red at its hottest cell, blue at its coldest, the strip outside the box
+    dimmed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    tab.open()
+    tab.page.get_by_label("Show why (class activation map)").check()
+    tab.page.locator("#images").set_input_files(DATA / "chelsea.jpg")
+    card = tab.card("chelsea.jpg")
+    canvas = card.locator("canvas.why-canvas")
+    with (DATA / "chelsea.jpg").open("rb") as f:
+        explained = httpx.post(f"{lite0_service.url}/explain", files={"file": ("chelsea.jpg", f)},
+                               params={"top_k": 5}, timeout=60).json()["results"][0]
+    expect(canvas).to_have_attribute("data-class-index", str(explained["maps"][0]["index"]), timeout=WAIT_MS)
+    picked = explained["maps"][2]
+    card.get_by_role("button", name=picked["label"], exact=True).click()
+    expect(canvas).to_have_attribute("data-class-index", str(picked["index"]), timeout=WAIT_MS)
+    assert card.get_by_role("button", name=picked["label"], exact=True).get_attribute("aria-pressed") == "true"
+    assert picked["label"] in card.locator("figcaption").inner_text()
+
+    drawn = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=int)
+    photo = np.asarray(Image.open(DATA / "chelsea.jpg").convert("RGB").resize(drawn.shape[1::-1]), dtype=int)
+    crop, grid = explained["crop"], np.asarray(picked["map"])
+    fx, fy = drawn.shape[1] / crop["width"], drawn.shape[0] / crop["height"]
+    cell = (crop["right"] - crop["left"]) / 7
+
+    def at(index: int) -> np.ndarray:
+        i, j = divmod(index, 7)
+        return drawn[int((crop["top"] + (i + 0.5) * cell) * fy), int((crop["left"] + (j + 0.5) * cell) * fx)]
+
+    hot, cold = at(int(grid.argmax())), at(int(grid.argmin()))
+    assert hot[0] > hot[2] + 30 and cold[2] > cold[0] + 30, (hot, cold)
+    strip = slice(0, int(crop["left"] * fx) - 3)
+    assert drawn[:, strip].mean() < 0.6 * photo[:, strip].mean()  # outside the box: dimmed
+    screenshot = os.environ.get("WEB_PAGE_WHY_SCREENSHOT")
+    if screenshot:
+        card.screenshot(path=screenshot)
+    assert not tab.external_requests(), tab.external_requests()
+    assert not tab.console_errors, tab.console_errors

@@ -1,4 +1,5 @@
-// The page at "/": sends each chosen image to /predict or /features of this same service and shows the answer.
+// The page at "/": sends each chosen image to /predict, /explain or /features of this same service and shows the
+// answer; with "Show why" it draws the class activation map of the label the visitor clicks over the photo.
 // No framework, no external request (the page's Content-Security-Policy forbids them). URLs are relative so the
 // page also works when a proxy serves the service under a path prefix.
 "use strict";
@@ -22,6 +23,7 @@
     formats: $("formats"),
     dropZone: $("drop-zone"),
     normalize: $("normalize"),
+    why: $("why"),
     rerun: $("rerun"),
     clear: $("clear"),
     progress: $("progress"),
@@ -176,6 +178,7 @@
   document.querySelectorAll('input[name="mode"]').forEach((radio) =>
     radio.addEventListener("change", () => {
       els.normalize.disabled = mode() !== "features";
+      els.why.disabled = mode() !== "predict";
     }),
   );
 
@@ -266,10 +269,12 @@
   async function send(entry, run) {
     const features = mode() === "features";
     const normalize = els.normalize.checked;
+    const why = !features && els.why.checked; // /explain: the same top-k, and a map for each of them
     const model = chosen; // the model this image goes to, even if another is picked while it is on its way
     // At least 1: a model without a classifier (0 classes) then gets the service's own no_classifier answer.
     const topK = Math.max(1, Math.min(TOP_K, numClasses()));
-    const url = withModel(features ? `features?normalize=${normalize}` : `predict?top_k=${topK}`, model);
+    const path = features ? `features?normalize=${normalize}` : `${why ? "explain" : "predict"}?top_k=${topK}`;
+    const url = withModel(path, model);
     const by = model ? ` · ${model}` : "";
     const body = new FormData();
     body.append("file", entry.file, entry.file.name || "image");
@@ -312,6 +317,11 @@
     if (features) {
       entry.card.meta.textContent = `${formatBytes(entry.file.size)}${by} · features in ${took}`;
       entry.card.outcome.replaceChildren(renderFeatures(data.dim, result.embedding, normalize));
+    } else if (why) {
+      entry.card.meta.textContent = `${formatBytes(entry.file.size)}${by} · top-${topK} and why in ${took}`;
+      const figure = renderWhy(entry, result);
+      entry.card.outcome.replaceChildren(renderLabels(result.top_k, figure.pick), figure.root);
+      figure.pick(result.maps[0].index);
     } else {
       entry.card.meta.textContent = `${formatBytes(entry.file.size)}${by} · top-${topK} in ${took}`;
       entry.card.outcome.replaceChildren(renderLabels(result.top_k));
@@ -330,15 +340,24 @@
   }
 
   // -- rendering ----------------------------------------------------------------------------------------------
-  function renderLabels(topK) {
+  // pick(index): with "Show why", each label is a button that draws its class's map.
+  function renderLabels(topK, pick) {
     const list = document.createElement("ol");
     list.className = "labels";
     list.setAttribute("aria-label", `Top ${topK.length} labels`);
     for (const item of topK) {
       const li = document.createElement("li");
-      const label = document.createElement("span");
+      const label = document.createElement(pick ? "button" : "span");
       label.className = "label";
       label.textContent = item.label;
+      if (pick) {
+        label.type = "button";
+        label.classList.add("label-pick");
+        label.dataset.index = String(item.index);
+        label.setAttribute("aria-pressed", "false");
+        label.title = `Show where the model saw "${item.label}"`;
+        label.addEventListener("click", () => pick(item.index));
+      }
       const score = document.createElement("span");
       score.className = "score";
       score.textContent = formatPercent(item.score);
@@ -353,6 +372,104 @@
       list.append(li);
     }
     return list;
+  }
+
+  // The photo on a canvas with a class's map drawn over the crop the model saw (the answer's crop box, in the
+  // oriented photo's pixels; the browser draws photos in their EXIF orientation too). Outside the box the photo
+  // is dimmed. The map's h x w grid is upsampled smoothly by the canvas itself.
+  function renderWhy(entry, result) {
+    const root = document.createElement("figure");
+    root.className = "why";
+    const canvas = document.createElement("canvas");
+    canvas.className = "why-canvas";
+    canvas.setAttribute("role", "img");
+    const caption = document.createElement("figcaption");
+    root.append(canvas, caption);
+    const photo = new Image();
+    photo.src = entry.url;
+    const ready = photo.decode();
+
+    async function pick(index) {
+      const chosen = result.maps.find((m) => m.index === index);
+      if (!chosen) return;
+      for (const button of entry.card.outcome.querySelectorAll(".label-pick")) {
+        button.setAttribute("aria-pressed", String(button.dataset.index === String(index)));
+      }
+      const text = `Where the model saw "${chosen.label}" (${formatPercent(chosen.score)}): red most, blue least.`;
+      caption.textContent = text;
+      canvas.setAttribute("aria-label", text);
+      try {
+        await ready;
+      } catch (_) {
+        caption.textContent = `${text} (This browser cannot show the photo itself.)`;
+        return;
+      }
+      drawMap(canvas, photo, result.crop, chosen.map);
+      canvas.dataset.classIndex = String(index); // drawn: what the page's test waits for
+    }
+    return { root, pick };
+  }
+
+  const HEAT_STOPS = [
+    [0.0, [0, 0, 128]], [0.125, [0, 0, 255]], [0.375, [0, 255, 255]],
+    [0.625, [255, 255, 0]], [0.875, [255, 0, 0]], [1.0, [128, 0, 0]],
+  ]; // the same scale as the service's PNG overlays
+
+  function heat(v) {
+    for (let i = 1; i < HEAT_STOPS.length; i += 1) {
+      const [x1, c1] = HEAT_STOPS[i];
+      const [x0, c0] = HEAT_STOPS[i - 1];
+      if (v <= x1) {
+        const t = x1 > x0 ? (v - x0) / (x1 - x0) : 0;
+        return c0.map((c, k) => Math.round(c + t * (c1[k] - c)));
+      }
+    }
+    return HEAT_STOPS[HEAT_STOPS.length - 1][1];
+  }
+
+  function drawMap(canvas, photo, crop, grid) {
+    const width = Math.min(480, photo.naturalWidth);
+    const scale = width / photo.naturalWidth;
+    canvas.width = Math.max(1, Math.round(width));
+    canvas.height = Math.max(1, Math.round(photo.naturalHeight * scale));
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(photo, 0, 0, canvas.width, canvas.height);
+    ctx.fillStyle = "rgba(0, 0, 0, 0.55)";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    // The box in canvas pixels (the crop is in the photo's own pixels, which naturalWidth counts).
+    const fx = canvas.width / crop.width;
+    const fy = canvas.height / crop.height;
+    const x = crop.left * fx;
+    const y = crop.top * fy;
+    const w = (crop.right - crop.left) * fx;
+    const h = (crop.bottom - crop.top) * fy;
+    const sx = photo.naturalWidth / crop.width;
+    const sy = photo.naturalHeight / crop.height;
+    ctx.drawImage(photo, crop.left * sx, crop.top * sy, (crop.right - crop.left) * sx, (crop.bottom - crop.top) * sy,
+      x, y, w, h);
+    const rows = grid.length;
+    const cols = rows ? grid[0].length : 0;
+    if (rows && cols) {
+      const cells = document.createElement("canvas");
+      cells.width = cols;
+      cells.height = rows;
+      const cellsCtx = cells.getContext("2d");
+      const image = cellsCtx.createImageData(cols, rows);
+      grid.forEach((row, i) => row.forEach((v, j) => {
+        const [r, g, b] = heat(Math.max(0, Math.min(1, v)));
+        image.data.set([r, g, b, 255], (i * cols + j) * 4);
+      }));
+      cellsCtx.putImageData(image, 0, 0);
+      ctx.save();
+      ctx.globalAlpha = 0.5;
+      ctx.imageSmoothingEnabled = true;
+      ctx.imageSmoothingQuality = "high";
+      ctx.drawImage(cells, x, y, w, h);
+      ctx.restore();
+    }
+    ctx.strokeStyle = "#ffffff";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(x, y, w, h);
   }
 
   function renderFeatures(dim, embedding, normalized) {
