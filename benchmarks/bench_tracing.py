@@ -9,7 +9,9 @@ with EFFNET_WORKERS=N, its CPU summed over the process tree):
   of its span (EFFNET_TRACE_DETAIL=events, the default);
 - ``all-spans``: the same with EFFNET_TRACE_DETAIL=spans (decode and queue as child spans, as before
   issue 32);
-- ``10%``, ``1%``: ``OTEL_TRACES_SAMPLER=traceidratio`` with ``OTEL_TRACES_SAMPLER_ARG`` 0.1, 0.01.
+- ``10%``, ``1%``: ``OTEL_TRACES_SAMPLER=traceidratio`` with ``OTEL_TRACES_SAMPLER_ARG`` 0.1, 0.01;
+- ``all-before`` (with ``--before REF``): every request sampled, served by the code of commit ``REF``
+  (``git archive`` of model/ and service/), e.g. the commit before issue 32's changes.
 
 Each traced server exports to an OTLP/HTTP receiver of its own in this process that counts the spans
 without decoding them (a remote collector would cost this machine nothing). The variants take turns in
@@ -19,7 +21,7 @@ each figure sums its rounds (p99: the median of the rounds' p99s). Server CPU pe
 it the export threads (``effnet-tracing``) spent, come from /proc.
 
     python -m benchmarks.bench_tracing [--rounds 4] [--seconds 15] [--connections 16] [--workers 1]
-        [--photos /tmp/imagenet-sample] [--variants off all all-spans 10% 1%]
+        [--photos /tmp/imagenet-sample] [--variants off all all-spans 10% 1%] [--before REF]
 
 Run it under ``flock /tmp/effnet-bench.lock`` on a shared machine, on a quiet one for figures.
 """
@@ -29,15 +31,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
 
 import httpx
 
 from tests.helpers.images import load_photos
 from tests.helpers.otlp import OtlpReceiver
-from tests.helpers.server import ServiceProcess
+from tests.helpers.server import REPO, ServiceProcess
 
 from .bench_workers import cpu_s, process_tree
 from .common import SUMMARY_MARKER, machine, markdown_table, save_json
@@ -53,7 +59,18 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
                   {"OTEL_TRACES_SAMPLER": "always_on", "EFFNET_TRACE_DETAIL": "spans"}),
     "10%": ("10% sampled", {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
     "1%": ("1% sampled", {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}),
+    "all-before": ("every request sampled, code of --before", {"OTEL_TRACES_SAMPLER": "always_on"}),
 }
+
+
+def source_tree(ref: str, into: str) -> str:
+    """model/ and service/ of commit ``ref`` extracted into the folder ``into``; its short hash."""
+    archive = subprocess.run(["git", "archive", "--format=tar", ref, "model", "service"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def load_average() -> str:
@@ -105,10 +122,20 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="EFFNET_WORKERS of every server")
     parser.add_argument("--photos", type=Path, default=Path("/tmp/imagenet-sample"))
     parser.add_argument("--count", type=int, default=1000, help="photos sent in turn")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "all-before"],
+                        choices=list(VARIANTS))
+    parser.add_argument("--before", default=None, help="git ref whose code serves the all-before variant")
     args = parser.parse_args()
     if "off" not in args.variants:
         parser.error("the variants must include off (every ratio is against it)")
+    if args.before and "all-before" not in args.variants:
+        args.variants.append("all-before")
+    if "all-before" in args.variants and not args.before:
+        parser.error("all-before needs --before REF")
+    before_dir = tempfile.TemporaryDirectory(prefix="effnet-before-") if args.before else None
+    titles = {name: title for name, (title, _) in VARIANTS.items()}
+    if before_dir is not None:
+        titles["all-before"] = f"every request sampled, before ({source_tree(args.before, before_dir.name)})"
 
     threads = str(os.cpu_count() or 1)
     base = {"EFFNET_MODEL": MODEL, "EFFNET_NUM_THREADS": threads, "EFFNET_WORKERS": str(args.workers)}
@@ -124,7 +151,8 @@ def main() -> int:
                 receivers[name] = OtlpReceiver(decode=False).start()
                 env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
                            OTEL_EXPORTER_OTLP_ENDPOINT=receivers[name].endpoint, **VARIANTS[name][1])
-            servers[name] = ServiceProcess(env, threads=None)
+            repo = Path(before_dir.name) if name == "all-before" and before_dir is not None else None
+            servers[name] = ServiceProcess(env, threads=None, repo=repo)
         for server in servers.values():
             server.wait_ready()
         results: dict[str, dict] = {name: {"ok": 0, "seconds": 0.0, "cpu_s": 0.0, "export_cpu_s": 0.0,
@@ -159,6 +187,8 @@ def main() -> int:
             server.stop()
         for receiver in receivers.values():
             receiver.close()
+        if before_dir is not None:
+            before_dir.cleanup()
     load_after = load_average()
 
     off = results["off"]
@@ -169,7 +199,7 @@ def main() -> int:
         rate = r["ok"] / r["seconds"]
         p99 = statistics.median(r["p99"])
         rows.append({
-            "variant": VARIANTS[name][0],
+            "variant": titles[name],
             "key": name,
             "images_per_s": rate,
             "vs_off": rate / off_rate,
