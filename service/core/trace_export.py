@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -63,15 +65,31 @@ class SpanQueue(SpanProcessor):
         self._wake = threading.Event()
         self._export_lock = threading.Lock()  # the thread and a flush never export at once
         self._stopping = False
+        self._start_thread()
+        # A process forked from this one (an embedding application's) starts empty with a thread of its own,
+        # as the SDK's processor does.
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (queue := reference()) is not None and queue._after_fork())
+
+    def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._work, name=THREAD_NAME, daemon=True)
         self._thread.start()
+
+    def _after_fork(self) -> None:
+        self._queue.clear()
+        self._wake = threading.Event()
+        self._export_lock = threading.Lock()
+        if not self._stopping:
+            self._start_thread()
 
     # -- the request path: as little as can be ----------------------------------------------------------------
     def on_end(self, span: ReadableSpan) -> None:
         if not span.context.trace_flags.sampled:
             return
+        if self._stopping:  # after shutdown (the end of a batch command): nothing exports any more
+            return
         queue = self._queue
-        if len(queue) >= self.max_queue or self._stopping:
+        if len(queue) >= self.max_queue:
             self.on_drop("queue_full", 1)
             return
         queue.append(span)
