@@ -287,6 +287,14 @@ class TorchEngine(Engine):
                 outputs += (maps[:n].float().contiguous().cpu().numpy(),)
             return outputs
 
+    @staticmethod
+    def _map_to_host(slot: _Slot, maps: torch.Tensor) -> None:
+        """Queue the copy of a batch's feature map (``maps``, its rows) into the slot's pinned buffer, made
+        the first time a batch of this slot asks for it (on the slot's stream, before its event)."""
+        if slot.host_map is None:
+            slot.host_map = torch.empty((slot.capacity, *maps.shape[1:]), dtype=torch.float32, pin_memory=True)
+        slot.host_map[: len(maps)].copy_(maps.float().contiguous(), non_blocking=True)
+
     def _run_in_slot(self, x: torch.Tensor, slot: _Slot, feature_map: bool = False) -> tuple[np.ndarray, ...]:
         n = len(x)
         rows = self.rows_for(n)
@@ -311,10 +319,7 @@ class TorchEngine(Engine):
             slot.host_features[:n].copy_(features, non_blocking=True)
             slot.host_logits[:n].copy_(logits, non_blocking=True)
             if feature_map:  # only then does the map leave the device
-                if slot.host_map is None:
-                    slot.host_map = torch.empty((slot.capacity, *maps.shape[1:]), dtype=torch.float32,
-                                                pin_memory=True)
-                slot.host_map[:n].copy_(maps.float().contiguous(), non_blocking=True)
+                self._map_to_host(slot, maps)
             slot.done.record(slot.stream)
         # A blocking event: this thread sleeps (GIL released) until the copies back are done, leaving
         # the core to the decode threads; Stream.synchronize would spin on it for the whole GPU time.
