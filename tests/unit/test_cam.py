@@ -295,3 +295,56 @@ def test_v2_lists_cam_and_answers_it_only_when_asked(client, jpeg):
     bad = client.post("/v2/models/efficientnet-lite0/infer", json={
         "inputs": [image], "outputs": [{"name": "cam"}], "parameters": {"cam_class": "zebra crossing"}})
     assert bad.status_code == 400 and "unknown class 'zebra crossing'" in bad.json()["error"]
+
+
+# -- a batch without a wish never fetches the feature map ------------------------------------------------------
+def test_only_a_batch_holding_a_wish_asks_for_maps_and_each_item_gets_its_own_outputs():
+    """The batcher passes ``cams=`` only to a batch that holds a wish; in a mixed batch the image without one
+    gets (features, logits) as always and the one with a wish gets its maps too."""
+    import asyncio
+
+    from service.core.batching import DynamicBatcher
+
+    calls: list[object] = []
+
+    def run(batch: np.ndarray, slot: int, **kwargs):
+        calls.append(kwargs.get("cams"))
+        n = len(batch)
+        outputs = (np.zeros((n, 2), np.float32), np.ones((n, 3), np.float32))
+        if "cams" in kwargs:
+            outputs += ([None if w is None else np.full((1, 7, 7), i, np.float32)
+                         for i, w in enumerate(kwargs["cams"])],)
+        return outputs
+
+    async def main() -> tuple[list, list]:
+        batcher = DynamicBatcher(run, max_batch_size=4, max_delay_s=0.05, max_queue=8)
+        batcher.start()
+        image = np.zeros((3, 4, 4), np.uint8)
+        with batcher.reserve(1) as a:
+            plain = await a.run([image])
+        with batcher.reserve(1) as a, batcher.reserve(1) as b:
+            mixed = await asyncio.gather(a.run([image]), b.run([image], cam=CamWish(top=1)))
+        await batcher.close()
+        return plain, mixed
+
+    plain, (without, with_wish) = asyncio.run(main())
+    assert calls[0] is None and len(plain[0]) == 2  # no wish: run(batch, slot), nothing more fetched
+    assert calls[1] == [None, CamWish(top=1)]
+    assert len(without[0]) == 2 and len(with_wish[0]) == 3 and with_wish[0][2].shape == (1, 7, 7)
+
+
+@pytest.mark.slow
+def test_onnxruntime_is_asked_for_the_feature_map_only_when_a_map_is_wanted(photos):
+    engine = build_engine("onnxruntime", _lite0(), torch.device("cpu"), torch.float32, num_threads=2, image_size=224)
+    asked: list[list[str]] = []
+    session = engine.session
+
+    class Spy:
+        def run(self, names, feeds):
+            asked.append(list(names))
+            return session.run(names, feeds)
+
+    engine.session = Spy()
+    assert len(engine.run(photos[:1])) == 2
+    assert len(engine.run(photos[:1], feature_map=True)) == 3
+    assert asked == [["features", "logits"], ["features", "logits", "feature_map"]]
