@@ -31,12 +31,43 @@ ENV_PREFIX = "EFFNET_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask, which containers narrow), at least 1."""
+def available_cpus(cgroup: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use, at least 1: the affinity mask (cpusets narrow it), and the CPU quota of
+    its cgroup where one is set (``docker run --cpus``, a Kubernetes CPU limit), rounded up: a 2-CPU pod
+    on a 64-core node is 2, not 64."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup)
+    if quota is not None:
+        cpus = min(cpus, quota)
+    return max(1, cpus)
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
+    """The CPU limit of this process's cgroup in whole CPUs (rounded up), or None when there is none:
+    cgroup v2's ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD"), else v1's ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` (-1: none)."""
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    quota = period = None
+    if (v2 := read(os.path.join(root, "cpu.max"))) is not None:
+        fields = v2.split()
+        if len(fields) == 2 and fields[0] != "max":
+            quota, period = fields
+    elif (v1 := read(os.path.join(root, "cpu", "cpu.cfs_quota_us"))) is not None and v1 != "-1":
+        quota, period = v1, read(os.path.join(root, "cpu", "cpu.cfs_period_us"))
+    try:
+        q, p = int(quota), int(period)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return max(1, -(-q // p)) if q > 0 and p > 0 else None
 
 
 # Batching defaults on a GPU (EFFNET_DEVICE=cuda, or auto with a GPU visible), where a batch of 128 costs
@@ -574,6 +605,17 @@ class ServerSettings(BaseSettings):
             " every door (HTTP, V2 REST, gRPC, the page) and decode, feeding one engine process that owns "
             "the models and batches across all of them (pixels cross in shared memory). `auto`: the CPUs "
             'available less one for the engine process. See "Workers" for how to size it.'
+
+        ),
+    )
+    worker_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+
+            "With `EFFNET_WORKERS` > 1: a worker whose event loop has not ticked for this long (blocked or "
+            "deadlocked; the probes would reach another worker and never notice) is killed and started "
+            "again."
 
         ),
     )

@@ -54,6 +54,7 @@ class DrainingServer(uvicorn.Server):
         (which reaches every process of the group) into one SIGTERM each."""
         super().__init__(config)
         self.follow_sigint = follow_sigint
+        self.early_signals: list[int] = []
         self.app = app
         self.drain_timeout_s = drain_timeout_s
         self.delay_s = delay_s
@@ -72,6 +73,11 @@ class DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         self._skip_delay = asyncio.Event()
         await super().startup(sockets=sockets)
+        # Signals that came before uvicorn's handlers were in place (a front-end worker records them
+        # from its first instant): acted on now, as if they had come now.
+        for sig in self.early_signals:
+            self.handle_exit(sig, None)
+        self.early_signals.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: it runs between two bytecodes of the main (event loop) thread, so it only

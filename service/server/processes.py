@@ -8,7 +8,8 @@ and N front-end workers.
   hands to all of them, gRPC on its port with ``SO_REUSEPORT``, the page) and decodes; its models are the
   engine process's (``service.core.engine_client``). A worker imports no torch.
 - This **supervisor** starts them with ``spawn`` (never forked: CUDA and threads cannot be forked), restarts
-  a worker that dies (only its requests in flight fail) and the engine process if it dies (every worker
+  a worker that dies (only its requests in flight fail) or hangs (its event loop's heartbeat stops for
+  ``EFFNET_WORKER_TIMEOUT_S``: killed, then restarted) and the engine process if it dies (every worker
   answers 503 ``engine_unavailable`` meanwhile and reconnects by itself), and stops the server, saying
   why, when the engine cannot load its models, fails after start-up, or a process keeps dying.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -34,6 +36,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +51,22 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 # Exit status of an engine process whose models failed after start-up (a warm-up): not worth a restart.
 FAILED_AFTER_START = 3
+# A serving worker's event loop tells the supervisor it is alive every HEARTBEAT_S; one silent for
+# EFFNET_WORKER_TIMEOUT_S (a loop blocked, a deadlock: the probes would reach another worker and never see
+# it) is killed and started again.
+HEARTBEAT_S = 1.0
+# Blocked while a child is started (the mask is inherited through spawn's exec), so a SIGTERM passed on
+# while the child still imports its modules waits for the child's own handler instead of killing it.
+STARTING_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STARTING_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def die_with_parent(parent: int, name: str) -> None:
@@ -76,6 +95,7 @@ def engine_main(addresses: Addresses, status: multiprocessing.connection.Connect
                 parent: int) -> None:
     die_with_parent(parent, "effnet-engine")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; Ctrl-C reaches every process
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTING_SIGNALS)  # blocked by the supervisor until here
     from service.core.errors import ConfigurationError, StartupError
     from service.core.logconfig import configure_logging
     from service.core.registry import load_startup
@@ -134,15 +154,23 @@ async def _serve_engine(server: ServerSettings, startup: Any, addresses: Address
 
 # -- a front-end worker ---------------------------------------------------------------------------------------------
 def worker_main(number: int, sock: socket.socket, addresses: Addresses, args: argparse.Namespace,
-                grpc_address: str | None, parent: int) -> None:
+                grpc_address: str | None, heartbeat: multiprocessing.connection.Connection, parent: int) -> None:
     die_with_parent(parent, f"effnet-worker-{number}")
+    # The supervisor passes SIGTERM on at any moment, also while this worker still imports its modules:
+    # recorded until uvicorn's handlers take over, never the default death.
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda sig, _frame: early.append(sig))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into one SIGTERM each
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTING_SIGNALS)  # blocked by the supervisor until here
     import uvicorn
 
     from service.core import access
     from service.core.engine_client import EngineAddress
     from service.core.logconfig import configure_logging
     from service.server.app import create_app
-    from service.server.draining import GRACEFUL_TAIL_S, DrainingServer
+    from service.server.draining import GRACEFUL_TAIL_S
+
+    _WorkerServer = _worker_server_class()  # noqa: N806 - a class
 
     configure_logging(args.log_level)
     access.set_worker(number)
@@ -154,11 +182,35 @@ def worker_main(number: int, sock: socket.socket, addresses: Addresses, args: ar
         access_log=False, server_header=False, timeout_graceful_shutdown=GRACEFUL_TAIL_S,
         timeout_keep_alive=int(server.keep_alive_s),
     )
-    worker = DrainingServer(config, app, server.shutdown_drain_s, delay_s=server.shutdown_delay_s,
-                            follow_sigint=False)
+    worker = _WorkerServer(config, app, server.shutdown_drain_s, delay_s=server.shutdown_delay_s,
+                           follow_sigint=False)
+    worker.early_signals = early
+    worker.heartbeat = heartbeat
     worker.run(sockets=[sock])
     logging.shutdown()
     os._exit(worker.exit_code if worker.started else 1)
+
+
+def _worker_server_class():  # noqa: ANN202 - DrainingServer is imported in the worker only
+    from service.server.draining import DrainingServer
+
+    class WorkerServer(DrainingServer):
+        """A worker's uvicorn server: its event loop's ticks are the supervisor's heartbeat."""
+
+        heartbeat: multiprocessing.connection.Connection | None = None
+        _last_beat = 0.0
+
+        async def on_tick(self, counter: int) -> bool:
+            now = time.monotonic()
+            if self.heartbeat is not None and now - self._last_beat >= HEARTBEAT_S:
+                self._last_beat = now
+                try:
+                    self.heartbeat.send_bytes(b"")
+                except OSError:  # the supervisor is gone (this process is about to be killed)
+                    self.heartbeat = None
+            return await super().on_tick(counter)
+
+    return WorkerServer
 
 
 # -- the supervisor ---------------------------------------------------------------------------------------------
@@ -166,6 +218,8 @@ def worker_main(number: int, sock: socket.socket, addresses: Addresses, args: ar
 class _Child:
     process: multiprocessing.process.BaseProcess
     started: float = field(default_factory=time.monotonic)
+    heartbeat: multiprocessing.connection.Connection | None = None
+    last_beat: float | None = None  # None until it first serves
 
 
 class Supervisor:
@@ -197,18 +251,22 @@ class Supervisor:
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(target=engine_main, name="effnet-engine",
                                        args=(self.addresses, send, self.args.log_level, os.getpid()))
-        process.start()
+        with _signals_blocked():
+            process.start()
         send.close()
         self.engine = _Child(process)
         self.engine_status = receive
 
     def _start_worker(self, number: int) -> None:
         assert self.listener is not None
+        receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(target=worker_main, name=f"effnet-worker-{number}",
                                        args=(number, self.listener, self.addresses, self.args, self.grpc_address,
-                                             os.getpid()))
-        process.start()
-        self.workers[number] = _Child(process)
+                                             send, os.getpid()))
+        with _signals_blocked():
+            process.start()
+        send.close()
+        self.workers[number] = _Child(process, heartbeat=receive)
 
     def _wait_loaded(self) -> tuple[str, str | None]:
         """The engine's first word: ("loaded", None), ("failed" | "configuration", why), or ("signal", ..)."""
@@ -287,8 +345,14 @@ class Supervisor:
             if self.engine is not None:
                 waiting[self.engine.process.sentinel] = ("engine", 0)
             status = self.engine_status if self.engine_status is not None and not self.engine_status.closed else None
-            handles = [*waiting, self._wake_read] + ([status] if status is not None else [])
+            beats = {child.heartbeat: n for n, child in self.workers.items() if child.heartbeat is not None}
+            handles = [*waiting, self._wake_read, *beats] + ([status] if status is not None else [])
             ready = multiprocessing.connection.wait(handles, timeout=1.0)
+            for handle in ready:
+                if handle in beats:
+                    self._beat(beats[handle])
+            if not shutting_down:
+                self._kill_hung()
             if self._wake_read in ready:
                 signals = os.read(self._wake_read, 64)
                 for signum in signals:
@@ -317,6 +381,26 @@ class Supervisor:
             if shutting_down and not self.workers:
                 return
 
+    def _beat(self, number: int) -> None:
+        child = self.workers[number]
+        try:
+            while child.heartbeat is not None and child.heartbeat.poll():
+                child.heartbeat.recv_bytes()
+                child.last_beat = time.monotonic()
+        except (EOFError, OSError):  # the worker is gone: its exit is seen through its sentinel
+            if child.heartbeat is not None:
+                child.heartbeat.close()
+            child.heartbeat = None
+
+    def _kill_hung(self) -> None:
+        now = time.monotonic()
+        for number, child in self.workers.items():
+            if child.last_beat is not None and now - child.last_beat > self.server.worker_timeout_s:
+                log.error("worker %d (pid %d) has not answered its supervisor for %.0f s: killing it to start "
+                          "it again", number, child.process.pid, now - child.last_beat)
+                child.last_beat = None
+                _signal(child.process, signal.SIGKILL)
+
     def _engine_word(self, status: multiprocessing.connection.Connection) -> None:
         try:
             word, why = status.recv()
@@ -331,6 +415,8 @@ class Supervisor:
     def _worker_exited(self, number: int, shutting_down: bool) -> None:
         child = self.workers.pop(number)
         child.process.join()
+        if child.heartbeat is not None:
+            child.heartbeat.close()
         code = child.process.exitcode
         if shutting_down:
             if code:

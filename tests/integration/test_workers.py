@@ -234,6 +234,40 @@ def test_kill_9_of_the_engine_answers_503_at_once_and_serving_resumes(photos):
     assert not children(server.pid)
 
 
+def test_a_hung_worker_is_killed_and_started_again(photos):
+    """A worker whose event loop stops (SIGSTOP stands in for a deadlock: the probes would still reach the
+    other worker) is killed after EFFNET_WORKER_TIMEOUT_S and replaced; the server keeps serving."""
+    server = ServiceProcess({**SETTINGS, "EFFNET_WORKERS": "2", "EFFNET_WORKER_TIMEOUT_S": "3"})
+    with server:
+        hung = children(server.pid)["effnet-worker-1"]
+        os.kill(hung, signal.SIGSTOP)
+        wait_until(lambda: children(server.pid).get("effnet-worker-1") not in (None, hung),
+                   "the hung worker was not replaced", timeout=60)
+        for _ in range(4):
+            r = httpx.post(f"{server.url}/predict", content=photos["coffee.jpg"],
+                           headers={"Content-Type": "image/jpeg"}, timeout=30)
+            assert r.status_code == 200, r.text
+        logs = server.logs()
+    assert "worker 1 (pid" in logs and "has not answered its supervisor" in logs
+    assert not os.path.exists(f"/proc/{hung}") or "zombie" in open(f"/proc/{hung}/status").read().lower()
+    assert server.stopped.exit_code == 0
+
+
+def test_sigterm_while_workers_start_is_a_clean_stop():
+    """SIGTERM right after the engine process is up, while the workers still import their modules: each
+    worker stops as it would once serving (no worker killed by the signal), exit 0."""
+    server = ServiceProcess({**SETTINGS, "EFFNET_WORKERS": "2"})
+    try:
+        wait_until(lambda: "serving on" in server.logs(), "the supervisor never started its workers",
+                   timeout=120, every=0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(60)
+    finally:
+        stopped = server.stop()
+    assert code == 0, stopped.log
+    assert "exited with signal SIGTERM" not in stopped.log
+
+
 def test_kill_9_of_the_supervisor_leaves_no_process(photos):
     server = ServiceProcess({**SETTINGS, "EFFNET_WORKERS": "2"})
     with server:

@@ -109,3 +109,39 @@ def test_an_effnet_variable_no_setting_reads_is_named():
     environ = {"EFFNET_MODLE": "efficientnet-b0", "EFFNET_MODEL": "efficientnet-lite0", "PATH": "/bin",
                "effnet_max_queue": "8"}
     assert unknown_settings(environ) == ["EFFNET_MODLE"]
+
+
+def test_the_cpu_limit_of_the_cgroup_caps_the_cpus(tmp_path):
+    """``docker run --cpus 2`` or a Kubernetes limit of 1500m on a large host: the CPUs the defaults (and
+    EFFNET_WORKERS=auto) count are the limit, rounded up, not the host's."""
+    from service.core.settings import available_cpus, cgroup_cpu_quota
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("200000 100000\n")
+    assert cgroup_cpu_quota(str(v2)) == 2
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(str(v2)) == 2  # 1.5 CPUs: two threads may run, half the time each
+    assert available_cpus(str(v2)) == min(2, available_cpus(str(tmp_path / "none")))
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(str(v2)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(str(v1)) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(str(v1)) is None
+    assert cgroup_cpu_quota(str(tmp_path / "none")) is None
+
+
+def test_workers_auto_is_the_cpus_less_one_for_the_engine(monkeypatch):
+    import service.core.settings as settings
+
+    monkeypatch.setattr(settings, "available_cpus", lambda: 16)
+    assert ServerSettings(workers="auto").effective_workers == 15
+    monkeypatch.setattr(settings, "available_cpus", lambda: 1)
+    assert ServerSettings(workers="auto").effective_workers == 1
+    assert ServerSettings(workers=3).effective_workers == 3
+    with pytest.raises(ValidationError):
+        ServerSettings(workers=0)
