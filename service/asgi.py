@@ -2,8 +2,9 @@
 Starlette and FastAPI, below both so neither imports the other:
 
 - the request's access record (opened by the server's middleware) and the disconnect watch;
-- the dependencies every route shares: the served models (``ModelRegistry``), the server's settings, and
-  the API key check, declared once per router rather than called inside handlers;
+- the dependencies every route shares: the served models (``ServedModels``: this process's registry, or
+  a worker's mirror of the engine process's), the server's settings, and the API key check, declared
+  once per router rather than called inside handlers;
 - ``ErrorEnvelope``: how a door shapes its error bodies. Each door gives its own (``service.http``:
   ``{"error": {"code", "message", ...}}``; V2: ``{"error": "<message>"}``); the server's error handlers
   and middleware pick the one of the door that owns the path (``app.state.envelopes``).
@@ -22,7 +23,7 @@ from starlette.types import Receive, Scope
 from service.core.access import AccessRecord
 from service.core.auth import check_api_key
 from service.core.errors import NotReady
-from service.core.registry import ModelRegistry
+from service.core.registry import ServedModels
 from service.core.settings import ServerSettings
 
 
@@ -60,12 +61,12 @@ def access_record(request: Request) -> AccessRecord:
 
 
 # -- the dependencies every route shares ------------------------------------------------------------------------
-def loaded_models(request: Request) -> ModelRegistry | None:
+def loaded_models(request: Request) -> ServedModels | None:
     """The served models, or None while the server is still loading them (the probes answer then)."""
     return getattr(request.app.state, "models", None)
 
 
-def get_models(request: Request) -> ModelRegistry:
+def get_models(request: Request) -> ServedModels:
     """The served models (503 ``not_ready`` before the server has loaded them)."""
     models = loaded_models(request)
     if models is None:
@@ -89,7 +90,7 @@ def require_api_key(
     check_api_key(settings, credentials.credentials if credentials is not None else None)
 
 
-ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
+ModelsDep = Annotated[ServedModels, Depends(get_models)]
 ServerSettingsDep = Annotated[ServerSettings, Depends(get_server_settings)]
 
 

@@ -29,9 +29,10 @@ import numpy as np
 
 from service.core import ipc, tracing
 from service.core.cam import CamWish
-from service.core.errors import ClientGone, EngineUnavailable, ModelNotFound, RequestTimeout, ServiceError
+from service.core.errors import ClientGone, EngineUnavailable, RequestTimeout, ServiceError
 from service.core.lifecycle import Lifecycle, State
 from service.core.models import loaded_from_wire
+from service.core.registry import ServedModels
 from service.core.runtime import ServedModel
 from service.core.settings import ServerSettings
 from service.core.statistics import StatisticsSnapshot
@@ -372,8 +373,8 @@ def _spans_dropped() -> dict[str, Any]:
     return {"spans_dropped": dropped} if dropped else {}
 
 
-class RemoteRegistry:
-    """The engine process's registry as a front-end worker sees it (the doors' ``ModelRegistry``): the
+class RemoteRegistry(ServedModels):
+    """The engine process's registry as a front-end worker sees it (the doors' ``ServedModels``): the
     models by name from the engine's snapshots, the repository calls forwarded, and this worker's own
     lifecycle (its lame duck and drain) over the engine's state."""
 
@@ -387,7 +388,6 @@ class RemoteRegistry:
         self._default: str | None = None
         self._repository: list[str] = []
         self._engine_state = State.STARTING
-        self._engine_failure: str | None = None
         self.lifecycle = Lifecycle(derive=self._derive)
 
     # -- the engine's snapshots ------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ class RemoteRegistry:
 
     def _snapshot(self, snapshot: dict[str, Any]) -> None:
         self._engine_state = State(snapshot["state"])
-        self._engine_failure = snapshot.get("failure")
+        self.lifecycle.failure = snapshot.get("failure")
         self._default = snapshot.get("default")
         self._repository = list(snapshot.get("repository_models") or [])
         current = {}
@@ -418,36 +418,18 @@ class RemoteRegistry:
     def _lost(self) -> None:
         self.lifecycle.refresh()
 
-    # -- choosing a model (the registry's rules) --------------------------------------------------------------
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.models)
-
+    # -- choosing a model (the registry's rules, ServedModels') ----------------------------------------------
     @property
     def default_name(self) -> str | None:
         return self._default
 
-    @property
-    def repository(self) -> object | None:
-        return self._repository or None
+    def in_repository(self, name: str) -> bool:
+        return name in self._repository
 
     def get(self, name: str | None = None, *, or_first: bool = False) -> RemoteModel:
-        if not name:
-            name = self._default
-            if name is None and or_first and self.models:
-                name = self.names[0]
-            if name is None:
-                if not self.models and not self.link.connected:
-                    raise EngineUnavailable("the engine process is not reachable; retry shortly")
-                raise ModelNotFound(f"this server serves several models ({', '.join(self.names)}); name one "
-                                    "with ?model=NAME")
-        model = self.models.get(name)
-        if model is None:
-            served = ", ".join(self.names) or "none"
-            if name in self._repository:
-                raise ModelNotFound(f"model '{name}' is not loaded; this server serves: {served}")
-            raise ModelNotFound(f"unknown model '{name}'; this server serves: {served}")
-        return model
+        if not self.models and not self.link.connected:  # nothing known yet: the engine is not up
+            raise EngineUnavailable("the engine process is not reachable; retry shortly")
+        return super().get(name, or_first=or_first)  # type: ignore[return-value]
 
     async def index(self) -> list[dict[str, str]]:
         answer, _ = await self.link.call({"op": "index"})
@@ -460,40 +442,11 @@ class RemoteRegistry:
         await self.link.call({"op": "unload", "model": name})
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
-    @property
-    def state(self) -> State:
-        return self.lifecycle.state
-
-    @property
-    def ready(self) -> bool:
-        return self.lifecycle.state.ready
-
-    @property
-    def failure(self) -> str | None:
-        return self._engine_failure
-
-    @property
-    def busy(self) -> bool:
-        return any(m.busy for m in self.models.values())
-
     async def start(self) -> None:
         # This process's own exporter, from the OTEL_* variables (as load_startup does).
         tracing.setup(detail=self.server.trace_detail)
         await self.link.start()
         self.lifecycle.set(State.READY)  # running: the state is now the engine's
-
-    def enter_lame_duck(self) -> bool:
-        if not self.lifecycle.enter_lame_duck():
-            return False
-        for model in self.models.values():
-            model.lifecycle.enter_lame_duck()
-        return True
-
-    async def drain(self, timeout: float) -> bool:
-        self.lifecycle.begin_drain()
-        for model in self.models.values():
-            model.lifecycle.begin_drain()
-        return await self.lifecycle.drain(timeout, lambda: self.busy)
 
     async def close(self) -> None:
         await self.drain(self.server.shutdown_drain_s)

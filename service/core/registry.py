@@ -20,6 +20,7 @@ import asyncio
 import gc
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,7 +100,100 @@ def default_model_name(server: ServerSettings, names: Sequence[str]) -> str | No
     return names[0] if len(names) == 1 else None
 
 
-class ModelRegistry:
+class ServedModels(ABC):
+    """The served models by name and the server's lifecycle over them, as every door sees them: the
+    rules of choosing a model and of the lame duck and the drain, written once for the in-process
+    ``ModelRegistry`` and a front-end worker's ``RemoteRegistry`` (service/core/engine_client.py)."""
+
+    server: ServerSettings
+    models: dict[str, ServedModel]
+    lifecycle: Lifecycle
+
+    # -- choosing a model ---------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    @property
+    def default_name(self) -> str | None:
+        """The model a request that names none gets: ``EFFNET_DEFAULT_MODEL``, else the only one."""
+        return default_model_name(self.server, list(self.models))
+
+    def in_repository(self, name: str) -> bool:
+        """Whether the model repository holds ``name`` (loaded or not)."""
+        return False
+
+    # -- the repository extension (Triton's): index, load (or reload), unload ---------------------------------
+    @abstractmethod
+    async def index(self) -> list[dict[str, str]]:
+        """Every model the repository holds and every one served, with its state."""
+
+    @abstractmethod
+    async def load(self, name: str) -> object:
+        """Load ``name`` from the repository, or reload it."""
+
+    @abstractmethod
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``."""
+
+    def get(self, name: str | None = None, *, or_first: bool = False) -> ServedModel:
+        """The model called ``name`` (None or "": the default model); ``ModelNotFound`` (404) listing the
+        served names otherwise. ``or_first``: with several models and no default, an unnamed request gets
+        the first by name instead of a 404 (``/info``, which is how a client learns the names)."""
+        if not name:
+            default = self.default_name
+            if default is None and or_first and self.models:
+                default = self.names[0]
+            if default is None:
+                raise ModelNotFound(f"this server serves several models ({', '.join(self.names)}); name one "
+                                    "with ?model=NAME")
+            name = default
+        model = self.models.get(name)
+        if model is None:
+            served = ", ".join(self.names) or "none"
+            if self.in_repository(name):
+                raise ModelNotFound(f"model '{name}' is not loaded; this server serves: {served}")
+            raise ModelNotFound(f"unknown model '{name}'; this server serves: {served}")
+        return model
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @property
+    def ready(self) -> bool:
+        return self.lifecycle.state.ready
+
+    @property
+    def failure(self) -> str | None:
+        return self.lifecycle.failure
+
+    @property
+    def busy(self) -> bool:
+        return any(m.busy for m in self.models.values())
+
+    def enter_lame_duck(self) -> bool:
+        """SIGTERM's first step (see ``State``); False if the server was not ready."""
+        if not self.lifecycle.enter_lame_duck():
+            return False
+        for model in self.models.values():
+            model.lifecycle.enter_lame_duck()  # each still admits; its V2 ready turns false with the server's
+        return True
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting work on every model and wait (up to ``timeout``) for what each admitted."""
+        self.lifecycle.begin_drain()
+        for model in self.models.values():
+            model.lifecycle.begin_drain()
+        drained = await self.lifecycle.drain(timeout, lambda: self.busy)
+        if not drained:
+            log.warning("drain timed out with %d request(s) in flight",
+                        sum(m.inflight for m in self.models.values()))
+        return drained
+
+
+class ModelRegistry(ServedModels):
     """The served models by name, the server's lifecycle over them, and the repository API.
 
     ``startup``: the models loaded before the server starts (``load_startup``) and the repository that
@@ -138,35 +232,8 @@ class ModelRegistry:
                            statistics=previous.statistics if previous is not None else None,
                            budget=self._budget)
 
-    # -- choosing a model ---------------------------------------------------------------------------------
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.models)
-
-    @property
-    def default_name(self) -> str | None:
-        """The model a request that names none gets: ``EFFNET_DEFAULT_MODEL``, else the only one."""
-        return default_model_name(self.server, list(self.models))
-
-    def get(self, name: str | None = None, *, or_first: bool = False) -> ServedModel:
-        """The model called ``name`` (None or "": the default model); ``ModelNotFound`` (404) listing the
-        served names otherwise. ``or_first``: with several models and no default, an unnamed request gets
-        the first by name instead of a 404 (``/info``, which is how a client learns the names)."""
-        if not name:
-            default = self.default_name
-            if default is None and or_first and self.models:
-                default = self.names[0]
-            if default is None:
-                raise ModelNotFound(f"this server serves several models ({', '.join(self.names)}); name one "
-                                    "with ?model=NAME")
-            name = default
-        model = self.models.get(name)
-        if model is None:
-            served = ", ".join(self.names) or "none"
-            if self.repository is not None and name in self.repository:
-                raise ModelNotFound(f"model '{name}' is not loaded; this server serves: {served}")
-            raise ModelNotFound(f"unknown model '{name}'; this server serves: {served}")
-        return model
+    def in_repository(self, name: str) -> bool:
+        return self.repository is not None and name in self.repository
 
     async def index(self) -> list[dict[str, str]]:
         """The repository index (Triton's): every model the repository holds and every one served, with
@@ -294,18 +361,6 @@ class ModelRegistry:
         return task
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    @property
-    def state(self) -> State:
-        return self.lifecycle.state
-
-    @property
-    def ready(self) -> bool:
-        return self.lifecycle.state.ready
-
-    @property
-    def failure(self) -> str | None:
-        return self.lifecycle.failure
-
     def _derive(self) -> State:
         if self.lifecycle.failure is not None:
             return State.FAILED
@@ -338,29 +393,6 @@ class ModelRegistry:
             await model.start()
         self._model_changed(self.state)
 
-    def enter_lame_duck(self) -> bool:
-        """SIGTERM's first step (see ``State``); False if the server was not ready."""
-        if not self.lifecycle.enter_lame_duck():
-            return False
-        for model in self.models.values():
-            model.lifecycle.enter_lame_duck()  # each still admits; its V2 ready turns false with the server's
-        return True
-
-    @property
-    def busy(self) -> bool:
-        return any(m.busy for m in self.models.values())
-
-    async def drain(self, timeout: float) -> bool:
-        """Stop admitting work on every model and wait (up to ``timeout``) for what each admitted."""
-        self.lifecycle.begin_drain()
-        for model in self.models.values():
-            model.lifecycle.begin_drain()
-        drained = await self.lifecycle.drain(timeout, lambda: self.busy)
-        if not drained:
-            log.warning("drain timed out with %d request(s) in flight",
-                        sum(m.inflight for m in self.models.values()))
-        return drained
-
     async def close(self) -> None:
         await self.drain(self.server.shutdown_drain_s)
         await asyncio.gather(*(m.close() for m in self.models.values()))
@@ -379,4 +411,5 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["RETIRE_GRACE_S", "ModelRegistry", "ServiceError", "Startup", "default_model_name", "load_startup"]
+__all__ = ["RETIRE_GRACE_S", "ModelRegistry", "ServedModels", "ServiceError", "Startup", "default_model_name",
+           "load_startup"]

@@ -42,7 +42,7 @@ from service.core.access import AccessRecord, request_id
 from service.core.auth import check_bearer
 from service.core.errors import BadRequest, ClientGone, ServiceError
 from service.core.lifecycle import State
-from service.core.registry import ModelRegistry
+from service.core.registry import ServedModels
 from service.core.runtime import InferenceRequest, ServedModel
 from service.core.settings import ServerSettings
 from service.v2 import tensors
@@ -179,7 +179,7 @@ def _record(method: str, context: grpc.aio.ServicerContext, metadata: dict[str, 
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelRegistry, server: ServerSettings) -> None:
+    def __init__(self, models: ServedModels, server: ServerSettings) -> None:
         self.models = models
         self.server = server
         self.metrics = models.metrics
@@ -360,7 +360,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     READINESS_NAMES = ("", "readiness", SERVICE_NAME)
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: ServedModels) -> None:
         self.models = models
         self.metrics = models.metrics
 
@@ -433,7 +433,7 @@ def port_problem(host: str, port: int) -> str | None:
 class GrpcServer:
     """The gRPC front-end: ``await start()`` binds and serves, ``await stop(grace)`` finishes calls in flight."""
 
-    def __init__(self, models: ModelRegistry, server: ServerSettings, address: str, *, shared: bool = False) -> None:
+    def __init__(self, models: ServedModels, server: ServerSettings, address: str, *, shared: bool = False) -> None:
         """``shared``: several front-end workers of one server listen on the port (``SO_REUSEPORT``; the
         kernel spreads the connections); the server checked before starting them that no other process
         holds it. Otherwise the port is this process's alone: a second server could not bind it and

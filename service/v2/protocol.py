@@ -32,7 +32,7 @@ import numpy as np
 from service.core.cam import CamWish, parse_classes
 from service.core.errors import BadRequest, InvalidParameter, ModelNotFound
 from service.core.outputs import check_top_k, require_classifier, softmax
-from service.core.registry import ModelRegistry
+from service.core.registry import ServedModels
 from service.core.runtime import InferenceRequest, Outputs, ServedModel
 
 MODEL_VERSION = "1"
@@ -57,14 +57,14 @@ class ModelControl:
     ACTIONS = ("load", "unload")
 
     @staticmethod
-    async def index(models: ModelRegistry, ready: Any) -> list[dict[str, str]]:
+    async def index(models: ServedModels, ready: Any) -> list[dict[str, str]]:
         """The repository index; ``ready`` (the request's flag, a boolean, default false): ready models only."""
         if ready is not None and not isinstance(ready, bool):
             raise BadRequest("'ready' must be true or false")
         return [entry for entry in await models.index() if not ready or entry["state"] == "READY"]
 
     @staticmethod
-    async def apply(models: ModelRegistry, action: str, name: str, parameters: dict[str, Any]) -> None:
+    async def apply(models: ServedModels, action: str, name: str, parameters: dict[str, Any]) -> None:
         """Load (or reload) or unload ``name``, after checking the call's parameters."""
         ModelControl.check_parameters(action, parameters)
         if action == "load":
@@ -133,7 +133,7 @@ def request_timeout_s(parameters: dict[str, Any], remaining_s: float | None = No
     return min(timeouts, default=None)
 
 
-def lookup(models: ModelRegistry, name: str, version: str | None = None) -> ServedModel:
+def lookup(models: ServedModels, name: str, version: str | None = None) -> ServedModel:
     """The served model called ``name`` (``ModelNotFound``, 404, for any other name or version: the
     protocol always names its model, so an empty name is not the default model)."""
     if not name:
@@ -222,7 +222,7 @@ async def statistics(model: ServedModel) -> dict[str, Any]:
     }
 
 
-async def every_statistics(models: ModelRegistry, name: str | None = None,
+async def every_statistics(models: ServedModels, name: str | None = None,
                            version: str | None = None) -> list[dict[str, Any]]:
     """The statistics of the model called ``name``, or of every served model (no name)."""
     chosen = [lookup(models, name, version)] if name else [models.get(n) for n in models.names]
