@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.core import tracing
 from service.core.about import service_version
 from service.core.access import AccessRecord, request_id
 from service.core.auth import check_bearer
@@ -194,8 +195,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         method = f"/{SERVICE_NAME}/{rpc}"
         metadata = _metadata(context)
         record = _record(method, context, metadata)
-        record.start_trace(method.lstrip("/"), "server",
-                           {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": rpc}, carrier=metadata)
+        if tracing.tracer() is not None:  # nothing to build while tracing is off
+            record.start_trace(method.lstrip("/"), "server",
+                               {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": rpc},
+                               carrier=metadata)
         trailers: list[tuple[str, str]] = [("x-request-id", record.request_id)]
         if record.trace is not None:
             trailers.append(("traceresponse", record.trace.traceresponse()))
