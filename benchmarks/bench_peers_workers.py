@@ -26,7 +26,10 @@ uploads (LitServe's API server takes form or JSON bodies, not a raw image), ``--
 connections (saturation), then a fixed rate (open loop, Poisson, the same arrivals for every server: 60% of
 the lowest saturated rate of the round). Per row: images/s, p50/p99, the server's CPU per image summed
 over every process under it (``/proc``), the mean batch (ours from ``/metrics``, LitServe's counted in its
-``predict``), the load generator's CPU. Servers take turns in each round, so each ratio is from one run.
+``predict``), the load generator's CPU, and the server's CPU while idle (measured for ``--idle-seconds``
+after its start). Each server runs alone: started, measured, stopped (an idle LitServe polls its queues,
+0.2-0.35 cores here, which would be taken from the server measured); the servers take turns in each round,
+so each ratio is from one run.
 
     python -m benchmarks.bench_peers_workers [--seconds 8] [--rounds 3] [--clients 16]
 """
@@ -50,6 +53,7 @@ import numpy as np
 from tests.helpers.server import REPO, ServiceProcess, free_port
 
 from .bench_workers import (
+    CpuWindow,
     cmdline,
     imagenet,
     loadavg,
@@ -57,6 +61,7 @@ from .bench_workers import (
     median_rows,
     process_name,
     process_tree,
+    role,
     rotated,
     rss_tree,
     run_rate,
@@ -211,19 +216,15 @@ def litserve_name(comm: str, pid: int, root: int) -> str:
             "worker": "API server or queue manager"}[litserve_role(comm, pid, root)]
 
 
-def answers_agree(urls: dict[str, str], bodies: list[bytes]) -> dict[str, float]:
-    """Top-1 agreement of each server with the first, on ``bodies`` posted one by one as multipart."""
-    tops: dict[str, list[int]] = {}
-    for label, url in urls.items():
-        tops[label] = [httpx.post(f"{url}/predict", files={"file": ("image0.jpg", b, "image/jpeg")}, timeout=60)
-                       .json()["results"][0]["top_k"][0]["index"] for b in bodies]
-    first = next(iter(tops.values()))
-    return {label: float(np.mean(np.array(t) == np.array(first))) for label, t in tops.items()}
+def top1(url: str, bodies: list[bytes]) -> list[int]:
+    """The top-1 class of each of ``bodies``, posted one by one as multipart uploads."""
+    return [httpx.post(f"{url}/predict", files={"file": ("image0.jpg", b, "image/jpeg")}, timeout=60)
+            .json()["results"][0]["top_k"][0]["index"] for b in bodies]
 
 
 KEYS = ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_ms", "worker_cpu_ms", "engine_cpu_ms", "root_cpu_ms",
         "other_proc_cpu_ms", "client_cpu_ms", "server_cores", "rest_of_machine_cores", "mean_batch", "errors",
-        "offered_per_s")
+        "offered_per_s", "idle_cores")
 
 
 def main() -> int:
@@ -232,6 +233,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=16, help="loadgen keep-alive connections (saturation)")
     parser.add_argument("--rate-fraction", type=float, default=0.6)
+    parser.add_argument("--idle-seconds", type=float, default=4.0, help="idle CPU measured after each start")
     parser.add_argument("--photos", type=Path, default=Path("/tmp/imagenet-sample"))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="inference threads in all")
     parser.add_argument("--name", default="peers_workers")
@@ -263,52 +265,52 @@ def main() -> int:
         ("LitServe, 2 API servers, 2 inference workers (1 thread each)",
          lambda: LitServeProcess(2, 2, max(1, args.threads // 2))),
     ]
-    servers: dict[str, ServiceProcess | LitServeProcess] = {}
-    rows, memory, starts = [], {}, {}
-    try:
-        for label, make in plans:
-            t = time.perf_counter()
-            servers[label] = make()
-            servers[label].wait_ready()
-            starts[label] = time.perf_counter() - t
-            print(f"started {label} in {starts[label]:.1f} s: {sorted(process_tree(servers[label].pid).values())}",
-                  flush=True)
-        result["agreement"] = answers_agree({k: s.url for k, s in servers.items()}, bodies[:20])
-        print(f"top-1 agreement with the first on 20 photos: {result['agreement']}", flush=True)
+    makers = dict(plans)
+    rows, memory, starts, idle, tops = [], {}, {}, {}, {}
 
-        def options(server) -> dict:
-            if isinstance(server, LitServeProcess):
-                return {"batches": True, "batch_reader": server.batches, "classify": litserve_role}
-            return {"batches": True}
+    def options(server) -> dict:
+        if isinstance(server, LitServeProcess):
+            return {"batches": True, "batch_reader": server.batches, "classify": litserve_role}
+        return {"batches": True}
 
-        for server in servers.values():
-            run_load(server.url, bodies[:64], seconds=1.0, connections=args.clients)
-        for r in range(args.rounds):
-            saturated = {}
-            for label in rotated(list(servers), r):
-                server = servers[label]
-                run_load(server.url, bodies, seconds=1.0, connections=args.clients)  # settle
-                row = measure(server, lambda s=server: run_load(s.url, bodies, seconds=args.seconds,
-                                                                connections=args.clients), **options(server))
-                row.update(round=r, server=label, load=f"{args.clients} connections")
-                saturated[label] = row["requests_per_s"]
-                rows.append(row)
-                _print(row)
-            rate = args.rate_fraction * min(saturated.values())
-            for label in rotated(list(servers), r):
-                server = servers[label]
-                row = measure(server, lambda s=server, q=rate, seed=r: run_rate(s.url, bodies, rate=q, raw=False,
-                                                                               seconds=args.seconds, seed=seed),
-                              **options(server))
-                row.update(round=r, server=label, load="fixed rate")
-                rows.append(row)
-                _print(row)
-        for label, server in servers.items():
+    def alone(label: str, r: int, load: str, step) -> dict:
+        """Start ``label`` (no other server is up: LitServe's idle processes poll and would take CPU from the
+        one measured), settle it, measure its idle CPU, run ``step(server)``, record its memory, stop it."""
+        t = time.perf_counter()
+        server = makers[label]()
+        try:
+            server.wait_ready()
+            starts.setdefault(label, []).append(time.perf_counter() - t)
+            if label not in tops:
+                tops[label] = top1(server.url, bodies[:20])
+            time.sleep(1.0)
+            window = CpuWindow(server.pid, classify=litserve_role if isinstance(server, LitServeProcess) else role)
+            time.sleep(args.idle_seconds)
+            cpu = window.close()
+            idle.setdefault(label, []).append(cpu["server_cpu_s"] / cpu["elapsed_s"])
+            run_load(server.url, bodies, seconds=2.0, connections=args.clients)  # settle
+            row = step(server)
             memory[label] = rss_tree(server.pid, litserve_name if isinstance(server, LitServeProcess) else
                                      process_name)
-    finally:
-        for server in servers.values():
+        finally:
             server.stop()
+        row.update(round=r, server=label, load=load, idle_cores=idle[label][-1])
+        rows.append(row)
+        _print(row)
+        return row
+
+    for r in range(args.rounds):
+        saturated = {}
+        for label in rotated(list(makers), r):
+            row = alone(label, r, f"{args.clients} connections", lambda s: measure(s, lambda: run_load(
+                s.url, bodies, seconds=args.seconds, connections=args.clients), **options(s)))
+            saturated[label] = row["requests_per_s"]
+        rate = args.rate_fraction * min(saturated.values())
+        for label in rotated(list(makers), r):
+            alone(label, r, "fixed rate", lambda s, q=rate, seed=r: measure(s, lambda: run_rate(
+                s.url, bodies, rate=q, raw=False, seconds=args.seconds, seed=seed), **options(s)))
+    first = next(iter(tops.values()))
+    result["agreement"] = {label: float(np.mean(np.array(t) == np.array(first))) for label, t in tops.items()}
     result["loadavg_after"] = loadavg()
     ours = plans[0][0]
     ratios = []
@@ -321,7 +323,7 @@ def main() -> int:
                                    "images_ratio": got[ours]["requests_per_s"] / got[label]["requests_per_s"],
                                    "cpu_ratio": got[ours]["server_cpu_ms"] / got[label]["server_cpu_ms"]})
     result.update(rows=rows, summary=median_rows(rows, KEYS, ("server", "load")), ratios=ratios, memory=memory,
-                  starts=starts)
+                  starts=starts, idle_cores=idle)
 
     print(SUMMARY_MARKER)
     print(f"Machine: {result['machine']}; LitServe {result['litserve']}; load average before: "
@@ -335,7 +337,7 @@ def main() -> int:
         ("server_cpu_ms", "server CPU ms/img", ".2f"), ("worker_cpu_ms", "front-ends", ".2f"),
         ("engine_cpu_ms", "engine / inference workers", ".2f"), ("root_cpu_ms", "main process", ".2f"),
         ("client_cpu_ms", "loadgen CPU ms/img", ".2f"), ("rest_of_machine_cores", "rest of machine cores", ".2f"),
-        ("errors", "errors", ".0f")]))
+        ("idle_cores", "idle server cores", ".3f"), ("errors", "errors", ".0f")]))
     print(f"\n{ours} / each other server, same round (images/s; server CPU per image):")
     for peer in [label for label, _ in plans[1:]]:
         for load in (f"{args.clients} connections", "fixed rate"):
@@ -349,7 +351,7 @@ def main() -> int:
     print(markdown_table([{"server": k, "processes": ", ".join(f"{n} {v:.0f}" for n, v in m.items()),
                            "total": sum(m.values())} for k, m in memory.items()],
                          [("server", "server", ""), ("processes", "each process", ""), ("total", "sum", ".0f")]))
-    print("Starts (to ready): " + "; ".join(f"{k} {v:.1f} s" for k, v in starts.items()))
+    print("Starts (to ready, median): " + "; ".join(f"{k} {statistics.median(v):.1f} s" for k, v in starts.items()))
     print(f"\nsaved {save_json(args.name, result)}")
     return 0
 
