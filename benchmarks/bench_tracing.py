@@ -4,7 +4,8 @@ on at several sampling rates, exporting over OTLP/HTTP, in one run of interleave
 One server process per variant, side by side (all CPUs each, as an operator runs it; ``--workers N``: each
 with EFFNET_WORKERS=N, its CPU summed over the process tree):
 
-- ``off``: no OTEL_* variable;
+- ``off``: no OTEL_* variable; ``off-b``: a second server just like it, whose ratio to ``off`` is the run's
+  noise floor (two processes of the same code differ by more than the machine's drift);
 - ``all``: ``OTEL_TRACES_SAMPLER=always_on``, every request traced, its stages (decode, queue) as events
   of its span (EFFNET_TRACE_DETAIL=events, the default);
 - ``all-spans``: the same with EFFNET_TRACE_DETAIL=spans (decode and queue as child spans, as before
@@ -17,11 +18,12 @@ Each traced server exports to an OTLP/HTTP receiver of its own in this process t
 without decoding them (a remote collector would cost this machine nothing). The variants take turns in
 rounds under the same closed-loop load (``benchmarks.loadgen``: kept-alive sockets, one ImageNet-sized
 photo per raw ``/predict``), the order rotated each round, so drift in the machine's load hits all alike;
-each figure sums its rounds (p99: the median of the rounds' p99s). Server CPU per request, and the part of
-it the export threads (``effnet-tracing``) spent, come from /proc.
+many short rounds rather than a few long ones. Each figure sums its rounds; p50 and p99 are over every
+request of the variant. Server CPU per request, and the part of it the export threads (``effnet-tracing``)
+spent, come from /proc.
 
-    python -m benchmarks.bench_tracing [--rounds 4] [--seconds 15] [--connections 16] [--workers 1]
-        [--photos /tmp/imagenet-sample] [--variants off all all-spans 10% 1%] [--before REF]
+    python -m benchmarks.bench_tracing [--rounds 10] [--seconds 6] [--connections 16] [--workers 1]
+        [--photos /tmp/imagenet-sample] [--variants off off-b all all-spans 10% 1%] [--before REF]
 
 Run it under ``flock /tmp/effnet-bench.lock`` on a shared machine, on a quiet one for figures.
 """
@@ -47,13 +49,14 @@ from tests.helpers.server import REPO, ServiceProcess
 
 from .bench_workers import cpu_s, process_tree
 from .common import SUMMARY_MARKER, machine, markdown_table, save_json
-from .loadgen import run_load
+from .loadgen import _process, run_load
 
 MODEL = "efficientnet-lite0"
 EXPORT_THREAD = "effnet-tracing"  # the trace export thread's name for the OS (service/core/trace_export.py)
 
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "off": ("tracing off", {}),
+    "off-b": ("tracing off, a second server (the noise floor)", {}),
     "all": ("every request sampled (stages as events)", {"OTEL_TRACES_SAMPLER": "always_on"}),
     "all-spans": ("every request sampled, EFFNET_TRACE_DETAIL=spans",
                   {"OTEL_TRACES_SAMPLER": "always_on", "EFFNET_TRACE_DETAIL": "spans"}),
@@ -87,6 +90,21 @@ def photos_from(folder: Path, count: int) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
+def load(url: str, photos: list[bytes], seconds: float, connections: int) -> dict:
+    """``loadgen.run_load`` in one process (raw bodies), keeping every latency (p99 over all rounds)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_process, args=(url, "/predict", photos, True, connections, time.time() + 0.5,
+                                                seconds, 0, queue))
+    worker.start()
+    result = queue.get(timeout=seconds + 120)
+    worker.join(timeout=10)
+    return {"ok": len(result["latencies"]), "seconds": seconds, "latencies": result["latencies"],
+            "codes": result["codes"]}
+
+
 def tree_cpu(root: int) -> tuple[float, float]:
     """(CPU seconds of ``root`` and every process under it, of their trace-export threads alone)."""
     total = export = 0.0
@@ -116,8 +134,8 @@ def spans_dropped(url: str) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="EFFNET_WORKERS of every server")
     parser.add_argument("--photos", type=Path, default=Path("/tmp/imagenet-sample"))
@@ -156,7 +174,7 @@ def main() -> int:
         for server in servers.values():
             server.wait_ready()
         results: dict[str, dict] = {name: {"ok": 0, "seconds": 0.0, "cpu_s": 0.0, "export_cpu_s": 0.0,
-                                           "p50": [], "p99": [], "rate": [], "errors": 0} for name in servers}
+                                           "latencies": [], "rate": [], "errors": 0} for name in servers}
         for server in servers.values():  # a short warm-up of each, not counted
             run_load(server.url, photos, seconds=3, connections=args.connections, raw=True)
         time.sleep(6.0)  # the warm-up's spans exported (every 5 s by default)
@@ -166,19 +184,18 @@ def main() -> int:
             for name in order[round_ % len(order):] + order[:round_ % len(order)]:
                 server = servers[name]
                 cpu, export = tree_cpu(server.pid)
-                load = run_load(server.url, photos, seconds=args.seconds, connections=args.connections, raw=True)
+                done = load(server.url, photos, args.seconds, args.connections)
                 cpu_after, export_after = tree_cpu(server.pid)
                 r = results[name]
-                r["ok"] += load["ok"]
-                r["seconds"] += load["seconds"]
+                r["ok"] += done["ok"]
+                r["seconds"] += done["seconds"]
                 r["cpu_s"] += cpu_after - cpu
                 r["export_cpu_s"] += export_after - export
-                r["p50"].append(load["p50_ms"])
-                r["p99"].append(load["p99_ms"])
-                r["rate"].append(load["ok"] / load["seconds"])
-                r["errors"] += sum(v for k, v in load["codes"].items() if str(k) != "200")
-                print(f"round {round_ + 1} {name}: {load['ok'] / load['seconds']:.1f} img/s, "
-                      f"p99 {load['p99_ms']:.0f} ms", file=sys.stderr, flush=True)
+                r["latencies"] += done["latencies"]
+                r["rate"].append(done["ok"] / done["seconds"])
+                r["errors"] += sum(v for k, v in done["codes"].items() if str(k) != "200")
+                print(f"round {round_ + 1} {name}: {done['ok'] / done['seconds']:.1f} img/s", file=sys.stderr,
+                      flush=True)
         time.sleep(6.0)  # the last spans: the exporter sends every 5 s by default (OTEL_BSP_SCHEDULE_DELAY)
         spans = {name: r.spans_received - spans_before[name] for name, r in receivers.items()}
         dropped = {name: spans_dropped(servers[name].url) for name in receivers}
@@ -191,19 +208,22 @@ def main() -> int:
             before_dir.cleanup()
     load_after = load_average()
 
+    def percentile(values: list[float], q: int) -> float:
+        return 1e3 * statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else float("nan")
+
     off = results["off"]
     off_rate = off["ok"] / off["seconds"]
-    off_p99 = statistics.median(off["p99"])
+    off_p99 = percentile(off["latencies"], 99)
     rows = []
     for name, r in results.items():
         rate = r["ok"] / r["seconds"]
-        p99 = statistics.median(r["p99"])
+        p99 = percentile(r["latencies"], 99)
         rows.append({
             "variant": titles[name],
             "key": name,
             "images_per_s": rate,
             "vs_off": rate / off_rate,
-            "p50_ms": statistics.median(r["p50"]),
+            "p50_ms": percentile(r["latencies"], 50),
             "p99_ms": p99,
             "p99_vs_off": p99 / off_p99,
             "cpu_ms": 1e3 * r["cpu_s"] / max(1, r["ok"]),
@@ -213,7 +233,6 @@ def main() -> int:
             "requests": r["ok"],
             "errors": r["errors"],
             "round_rates": r["rate"],
-            "round_p99s": r["p99"],
         })
     payload = {"machine": machine(), "args": {**vars(args), "photos": str(args.photos)}, "rows": rows,
                "load_before": load_before, "load_after": load_after, "started": started,
@@ -239,8 +258,6 @@ def main() -> int:
     print()
     print("per round, images/s: " + "; ".join(
         f"{r['key']} {' '.join(f'{x:.1f}' for x in r['round_rates'])}" for r in rows))
-    print("per round, p99 ms: " + "; ".join(
-        f"{r['key']} {' '.join(f'{x:.0f}' for x in r['round_p99s'])}" for r in rows))
     return 0
 
 
