@@ -97,6 +97,9 @@ def check_wish(model: HasClassifier, wish: CamWish) -> None:
             raise BadRequest(f"class {index} is out of range: the model has classes 0 to {model.num_classes - 1}")
 
 
+MAX_CLASS_NAME = 256  # longer than any label people write; an index of 4,300 digits would not even parse
+
+
 def parse_classes(model: HasClassifier, values: Sequence[str]) -> tuple[int, ...]:
     """Classes as people name them (``class=`` of a request): an index, or a label of the model; in the
     order given, each once. ``BadRequest`` naming the value that is neither; ``NoClassifier`` for a model
@@ -109,6 +112,8 @@ def parse_classes(model: HasClassifier, values: Sequence[str]) -> tuple[int, ...
     chosen: list[int] = []
     for value in values:
         text = value.strip()
+        if len(text) > MAX_CLASS_NAME:
+            raise BadRequest(f"a class is named by an index or a label of at most {MAX_CLASS_NAME} characters")
         if text.lstrip("-").isdigit():
             index = int(text)
             if not 0 <= index < model.num_classes:

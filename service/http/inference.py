@@ -13,9 +13,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from pydantic import StringConstraints
 
 from service.asgi import access_record, disconnect_watcher, require_api_key
-from service.core.cam import CamWish, overlay_png, parse_classes
+from service.core.cam import MAX_CLASS_NAME, CamWish, overlay_png, parse_classes
 from service.core.errors import BadRequest
 from service.core.outputs import check_top_k, embedding, softmax, top_classes
 from service.core.runtime import InferenceRequest, Outputs, ServedModel
@@ -130,7 +131,7 @@ def inference_router(*, require_auth: bool = False) -> APIRouter:
         request: Request,
         model: ModelDep,
         top_k: Annotated[int, Query(ge=1, description="Classes to return per image (at most the model's).")] = 5,
-        classes: Annotated[list[str] | None, Query(
+        classes: Annotated[list[Annotated[str, StringConstraints(max_length=MAX_CLASS_NAME)]] | None, Query(
             alias="class", description="A class to explain, by index or label (repeatable; default: the top_k "
                                        "classes). At most 10.", max_length=64)] = None,
         format: Annotated[Literal["json", "png"], Query(  # noqa: A002 - the query parameter's name

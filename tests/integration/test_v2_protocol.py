@@ -160,6 +160,7 @@ def test_http_health_and_metadata(server, http_client):
         ("logits", (-1, 1000)),
         ("probabilities", (-1, 1000)),
         ("features", (-1, 1280)),
+        ("cam", (-1, 7, 7)),  # the class activation map on the 7 x 7 feature map, only when named
     }
     assert httpx.get(f"{server.url}/v2/health/live").json() == {"live": True}
     assert httpx.get(f"{server.url}/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True}
@@ -181,7 +182,7 @@ def test_grpc_health_and_metadata(server, grpc_client):
     model = grpc_client.get_model_metadata(MODEL, as_json=True)
     assert [t["name"] for t in model["inputs"]] == ["image", "input"]
     assert {t["name"]: [int(d) for d in t["shape"]] for t in model["outputs"]} == {
-        "logits": [-1, 1000], "probabilities": [-1, 1000], "features": [-1, 1280]
+        "logits": [-1, 1000], "probabilities": [-1, 1000], "features": [-1, 1280], "cam": [-1, 7, 7]
     }
     with pytest.raises(InferenceServerException) as info:
         grpc_client.get_model_metadata("resnet50")

@@ -244,11 +244,23 @@ def test_no_route_takes_a_path_or_a_free_form_string_parameter():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):
                 assert parameter["in"] != "path", (route, parameter)
-                parameters.append((route, parameter["name"], parameter["schema"].get("type")))
+                parameters.append((route, parameter["name"], parameter["schema"]))
     # Every query parameter is a number or a flag, except ``model``: a name only looked up among the served
-    # models (a dict, service/core/registry.py) and at most 64 characters; nothing names a file.
-    strings = [(route, name) for route, name, kind in parameters if kind not in ("integer", "boolean")]
-    assert parameters and all(name == "model" for _, name in strings), parameters
+    # models (a dict, service/core/registry.py) and at most 64 characters; ``format``, one of a fixed set;
+    # and /explain's ``class``: at most 64 values of at most 256 characters, each only compared with the
+    # model's labels or parsed as an index (service/core/cam.py, parse_classes). Nothing names a file.
+    strings = [(route, name, schema) for route, name, schema in parameters
+               if schema.get("type") not in ("integer", "boolean")]
+    assert parameters and strings
+    for route, name, schema in strings:
+        if name == "model":
+            assert {"type": "string", "maxLength": 64} in schema["anyOf"], (route, schema)
+        elif name == "format":
+            assert schema["type"] == "string" and schema["enum"], (route, schema)
+        else:
+            assert (route, name) == ("/explain", "class"), (route, name, schema)
+            listed = schema["anyOf"][0]
+            assert listed["maxItems"] <= 64 and listed["items"] == {"type": "string", "maxLength": 256}, schema
     # Outside the document, the only templated routes are the Open Inference Protocol's (its spec puts the
     # model name and version in the path): they are only compared with the served models' names and "1"
     # (service/v2/protocol.py, V2Model.check), or, for the repository API, matched against a strict name
