@@ -321,13 +321,36 @@ def add_feature_map_output(onnx_model: bytes) -> bytes:
         if node.op_type in ("GlobalAveragePool", "ReduceMean"):
             pooled = node.input[0]
             graph.node.append(onnx.helper.make_node("Identity", [pooled], [FEATURE_MAP], name="effnet_feature_map"))
-            output = onnx.helper.make_tensor_value_info(FEATURE_MAP, onnx.TensorProto.FLOAT, None)
+            # A graph output needs a shape for the checker: the pooled tensor's, where the model records it,
+            # else four named dimensions (the map is N x C x H x W).
+            known = {info.name: info for info in list(graph.value_info) + list(graph.output)}
+            if pooled in known and known[pooled].type.tensor_type.HasField("shape"):
+                output = onnx.ValueInfoProto()
+                output.CopyFrom(known[pooled])
+                output.name = FEATURE_MAP
+            else:
+                output = onnx.helper.make_tensor_value_info(
+                    FEATURE_MAP, onnx.TensorProto.FLOAT, ["batch", "channels", "height", "width"])
             graph.output.append(output)
             return model.SerializeToString()
         if node.op_type not in _PASS_THROUGH:
             break
         tensor = node.input[0]
     raise ExportError("the model's 'features' output is not a global average pooling of one feature map")
+
+
+def without_feature_map_output(onnx_model: bytes) -> bytes:
+    """``onnx_model`` without its ``feature_map`` output (and the Identity that only fed it): for a runtime
+    that computes every output of a compiled model (OpenVINO), the graph of the passes that ask for no map."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_model)
+    graph = model.graph
+    for output in [o for o in graph.output if o.name == FEATURE_MAP]:
+        graph.output.remove(output)
+    for node in [n for n in graph.node if n.op_type == "Identity" and list(n.output) == [FEATURE_MAP]]:
+        graph.node.remove(node)
+    return model.SerializeToString()
 
 
 def float_input_graph(onnx_model: bytes) -> bytes:
