@@ -13,7 +13,7 @@ import torch
 from model.export import ExportError, add_feature_map_output
 from service.core.engines.base import Engine, FloatInputGraph, as_engine_batch
 from service.core.engines.onnx_engine import session_runner
-from service.core.engines.openvino_engine import SlotRequests
+from service.core.engines.openvino_engine import MapTwin, SlotRequests
 from service.core.errors import StartupError
 
 
@@ -82,17 +82,17 @@ class Int8Engine(Engine):
             import openvino as ov
 
             core = ov.Core()
-            self._requests = SlotRequests(core.compile_model(core.read_model(model), "CPU", {
-                "INFERENCE_NUM_THREADS": num_threads,
-                # The operators left in float stay float32 (not bf16, which OpenVINO would pick here).
-                "INFERENCE_PRECISION_HINT": "f32",
-                "PERFORMANCE_HINT": "LATENCY",
-            }))
-            self._run = self._requests.infer
+            # The operators left in float stay float32 (not bf16, which OpenVINO would pick here).
             config = {"INFERENCE_NUM_THREADS": num_threads, "INFERENCE_PRECISION_HINT": "f32",
                       "PERFORMANCE_HINT": "LATENCY"}
-            self._float = FloatInputGraph(model, lambda graph: SlotRequests(
-                core.compile_model(core.read_model(graph), "CPU", config)).infer)
+
+            def compiled(graph: bytes) -> SlotRequests:
+                return SlotRequests(core.compile_model(core.read_model(graph), "CPU", config))
+
+            # Passes without a map run the model without the feature_map output (see MapTwin).
+            self._requests = MapTwin(model, compiled)
+            self._run = self._requests.infer
+            self._float = FloatInputGraph(model, lambda graph: MapTwin(graph, compiled).infer)
         else:
             raise StartupError(f"EFFNET_DTYPE=int8 runs with onnxruntime or openvino, not {backend}")
 

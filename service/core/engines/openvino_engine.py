@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-from model.export import FEATURE_MAP, export_onnx_bytes
+from model.export import FEATURE_MAP, export_onnx_bytes, without_feature_map_output
 from service.core.engines.base import Engine, FloatInputGraph, as_engine_batch
 from service.core.errors import StartupError
 
@@ -16,15 +19,15 @@ def cpu_has_bf16(core) -> bool:
 
 
 class SlotRequests:
-    """One OpenVINO infer request per inference slot over a compiled model with outputs ``features``,
-    ``logits`` and ``feature_map``. An infer request is not thread-safe, and batches in different slots may
-    run at once. OpenVINO computes every output of a compiled model; the feature map is copied out of the
-    request's own tensor only for a batch that asks for it."""
+    """One OpenVINO infer request per inference slot over a compiled model with outputs ``features`` and
+    ``logits`` (and ``feature_map``, if it has it). An infer request is not thread-safe, and batches in
+    different slots may run at once."""
 
     def __init__(self, compiled) -> None:
         self._compiled = compiled
         self._requests: dict[int, object] = {0: compiled.create_infer_request()}
-        self._outputs = [compiled.output("features"), compiled.output("logits"), compiled.output(FEATURE_MAP)]
+        names = {name for output in compiled.outputs for name in output.get_names()}
+        self._outputs = [compiled.output(name) for name in ("features", "logits", FEATURE_MAP) if name in names]
 
     def infer(self, x: np.ndarray, slot: int, feature_map: bool = False) -> tuple[np.ndarray, ...]:
         request = self._requests.get(slot)
@@ -33,6 +36,32 @@ class SlotRequests:
         result = request.infer({0: x})  # type: ignore[attr-defined]
         wanted = self._outputs if feature_map else self._outputs[:2]
         return tuple(np.array(result[output]) for output in wanted)
+
+
+class MapTwin:
+    """OpenVINO computes every output of a compiled model, and an output on the head's feature map cost its
+    passes 1.5-2% here even when nobody read it (docs/benchmarks.md). So the passes that ask for no map run a
+    model without that output, and the model with it is compiled when the first batch asks for a map: its
+    memory and compile time (about a second for Lite0 on 2 cores) are paid only by a server asked for maps.
+    ``infer(x, slot, feature_map)``, thread-safe."""
+
+    def __init__(self, onnx_with_map: bytes, compile_model: Callable[[bytes], SlotRequests]) -> None:
+        self._with_map_model = onnx_with_map
+        self._compile = compile_model
+        self._plain = compile_model(without_feature_map_output(onnx_with_map))
+        self._with_map: SlotRequests | None = None
+        self._lock = threading.Lock()
+
+    def infer(self, x: np.ndarray, slot: int, feature_map: bool = False) -> tuple[np.ndarray, ...]:
+        if not feature_map:
+            return self._plain.infer(x, slot)
+        requests = self._with_map
+        if requests is None:
+            with self._lock:
+                if self._with_map is None:
+                    self._with_map = self._compile(self._with_map_model)
+                requests = self._with_map
+        return requests.infer(x, slot, True)
 
 
 class OpenVinoEngine(Engine):
@@ -64,11 +93,13 @@ class OpenVinoEngine(Engine):
             "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32",
             "PERFORMANCE_HINT": "LATENCY",
         }
-        self._requests = SlotRequests(core.compile_model(core.read_model(onnx_bytes), "CPU", config))
+        def compiled(graph: bytes) -> SlotRequests:
+            return SlotRequests(core.compile_model(core.read_model(graph), "CPU", config))
+
+        self._requests = MapTwin(onnx_bytes, compiled)
         # Float tensors (already normalised): the same export without its normalisation, compiled when
         # the first one comes.
-        self._float = FloatInputGraph(onnx_bytes, lambda graph: SlotRequests(
-            core.compile_model(core.read_model(graph), "CPU", config)).infer)
+        self._float = FloatInputGraph(onnx_bytes, lambda graph: MapTwin(graph, compiled).infer)
         self.device = str(device)
         self.dtype = "bfloat16" if bfloat16 else "float32"
         self.image_size = int(image_size or net.image_size or net.variant.resolution)
