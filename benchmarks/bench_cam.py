@@ -1,7 +1,7 @@
 """What class activation maps cost (issue 29), in one run so each ratio compares like with like:
 
 1. Engines (Lite0, uint8 batches of the test photos, batch 1 and 8): per engine, three runners take turns
-   in rounds: "before" (the engine as it was before maps: an ONNX export / int8 model without the
+   call by call: "before" (the engine as it was before maps: an ONNX export / int8 model without the
    ``feature_map`` output, the torch network's ``forward_features_and_logits``), "plain" (this engine, no map
    asked: what every request without maps now costs) and "maps" (this engine asked for the feature map, and
    each image's top-1 class activation map made from it, as ``ServedModel._run_batch`` does). Reported:
@@ -143,23 +143,33 @@ def engines(net: EfficientNet, threads: int, names: list[str], calibration: str 
 
 
 def measure_engines(net: EfficientNet, args: argparse.Namespace) -> list[dict]:
+    """Call by call, the three runners of an engine take turns (in a rotating order) for about
+    ``rounds * seconds`` each: drift in the machine's load then hits all three alike, and each ratio is the
+    median of the ratios of calls made side by side (paired), not of two separate best cases."""
     runners = engines(net, args.threads, args.engines.split(","), args.calibration)
     rows = []
     for batch_size in (1, 8):
         batch = _photos(net, batch_size)
         for name, kinds in runners.items():
+            for fn in kinds.values():
+                fn(batch)  # warm
             seen: dict[str, list[float]] = {kind: [] for kind in kinds}
-            for _ in range(args.rounds):  # interleaved: drift in the machine's load hits all three alike
-                for kind, fn in kinds.items():
-                    seen[kind].append(_median_call(lambda fn=fn, batch=batch: fn(batch), args.seconds))
-            best = {kind: min(times) for kind, times in seen.items()}
-            rows.append({"engine": name, "batch": batch_size, **{f"{k}_ms": v * 1e3 for k, v in best.items()},
-                         "plain_vs_before": best["plain"] / best["before"],
-                         "maps_vs_plain": best["maps"] / best["plain"],
-                         "rounds": {k: [t * 1e3 for t in v] for k, v in seen.items()}})
-            print(f"{name:18s} batch {batch_size}: before {best['before'] * 1e3:7.2f} ms, plain "
-                  f"{best['plain'] * 1e3:7.2f} ms ({best['plain'] / best['before']:.3f}x), maps "
-                  f"{best['maps'] * 1e3:7.2f} ms ({best['maps'] / best['plain']:.3f}x)", flush=True)
+            order = list(kinds.items())
+            end, turn = time.perf_counter() + args.rounds * args.seconds * len(kinds), 0
+            while time.perf_counter() < end or turn < 10:
+                for kind, fn in order[turn % 3:] + order[: turn % 3]:
+                    t0 = time.perf_counter()
+                    fn(batch)
+                    seen[kind].append(time.perf_counter() - t0)
+                turn += 1
+            median = {kind: statistics.median(times) for kind, times in seen.items()}
+            plain_vs_before = statistics.median(p / b for p, b in zip(seen["plain"], seen["before"], strict=True))
+            maps_vs_plain = statistics.median(m / p for m, p in zip(seen["maps"], seen["plain"], strict=True))
+            rows.append({"engine": name, "batch": batch_size, **{f"{k}_ms": v * 1e3 for k, v in median.items()},
+                         "plain_vs_before": plain_vs_before, "maps_vs_plain": maps_vs_plain, "turns": turn})
+            print(f"{name:18s} batch {batch_size}: before {median['before'] * 1e3:7.2f} ms, plain "
+                  f"{median['plain'] * 1e3:7.2f} ms ({plain_vs_before:.3f}x), maps "
+                  f"{median['maps'] * 1e3:7.2f} ms ({maps_vs_plain:.3f}x), {turn} turns", flush=True)
     return rows
 
 
@@ -237,7 +247,8 @@ def main() -> None:
               "service": service}
     save_json("cam", result)
     print(SUMMARY_MARKER)
-    print(f"Lite0, {args.threads} threads, best of {args.rounds} interleaved rounds; load average "
+    print(f"Lite0, {args.threads} threads; engines: medians of calls taking turns, ratios the medians of "
+          f"side-by-side calls; load average "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after ({machine()}).\n")
     print(markdown_table(rows, [("engine", "engine", ""), ("batch", "batch", ""),
                                 ("before_ms", "before maps, ms", ".2f"), ("plain_ms", "no map asked, ms", ".2f"),
