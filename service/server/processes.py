@@ -4,9 +4,9 @@ and N front-end workers.
 - The **engine process** loads the models and owns their batchers and engines (``ModelRegistry``), and
   answers the workers over abstract Unix sockets (``service.core.engine_host``). It is the one exporter
   of the metrics.
-- Each **worker** serves every door (HTTP and V2 REST on the one listening socket this process binds and
-  hands to all of them, gRPC on its port with ``SO_REUSEPORT``, the page) and decodes; its models are the
-  engine process's (``service.core.engine_client``). A worker imports no torch.
+- Each **worker** serves every door (HTTP and V2 REST, gRPC on its port, the page: each worker listens on
+  the ports with ``SO_REUSEPORT``, so the kernel spreads new connections over the workers) and decodes;
+  its models are the engine process's (``service.core.engine_client``). A worker imports no torch.
 - This **supervisor** starts them with ``spawn`` (never forked: CUDA and threads cannot be forked), restarts
   a worker that dies (only its requests in flight fail) or hangs (its event loop's heartbeat stops for
   ``EFFNET_WORKER_TIMEOUT_S``: killed, then restarted) and the engine process if it dies (every worker
@@ -55,6 +55,11 @@ FAILED_AFTER_START = 3
 # EFFNET_WORKER_TIMEOUT_S (a loop blocked, a deadlock: the probes would reach another worker and never see
 # it) is killed and started again.
 HEARTBEAT_S = 1.0
+# A worker whose loop has not ticked once this long after its start (or EFFNET_WORKER_TIMEOUT_S, if longer)
+# hung while starting: killed and started again too. Starting takes 1-5 s here, more on a crowded host.
+WORKER_START_S = 120.0
+# Each worker's HTTP socket's queue of connections not yet accepted (uvicorn's default).
+LISTEN_BACKLOG = 2048
 # Blocked while a child is started (the mask is inherited through spawn's exec), so a SIGTERM passed on
 # while the child still imports its modules waits for the child's own handler instead of killing it.
 STARTING_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -81,6 +86,16 @@ def die_with_parent(parent: int, name: str) -> None:
         pass
     if os.getppid() != parent:
         os._exit(1)
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """Where the workers listen for HTTP (``socket.getaddrinfo``'s answer for the host and port)."""
+
+    family: int
+    kind: int
+    proto: int
+    address: tuple
 
 
 @dataclass(frozen=True)
@@ -153,7 +168,7 @@ async def _serve_engine(server: ServerSettings, startup: Any, addresses: Address
 
 
 # -- a front-end worker ---------------------------------------------------------------------------------------------
-def worker_main(number: int, sock: socket.socket, addresses: Addresses, args: argparse.Namespace,
+def worker_main(number: int, listen: ListenSpec, addresses: Addresses, args: argparse.Namespace,
                 grpc_address: str | None, heartbeat: multiprocessing.connection.Connection, parent: int) -> None:
     die_with_parent(parent, f"effnet-worker-{number}")
     # The supervisor passes SIGTERM on at any moment, also while this worker still imports its modules:
@@ -186,9 +201,24 @@ def worker_main(number: int, sock: socket.socket, addresses: Addresses, args: ar
                            follow_sigint=False)
     worker.early_signals = early
     worker.heartbeat = heartbeat
-    worker.run(sockets=[sock])
+    worker.run(sockets=[_listening_socket(listen)])
     logging.shutdown()
     os._exit(worker.exit_code if worker.started else 1)
+
+
+def _listening_socket(spec: ListenSpec) -> socket.socket:
+    """A worker's own listening socket on the server's HTTP port. With one socket shared by every worker,
+    asyncio accepts every connection waiting each time the socket is readable, and on a busy host the
+    first worker to run took a whole burst: the 16 kept-alive connections of a client pool landed on one
+    worker while the other idled (measured: 4 bursts in 6). With ``SO_REUSEPORT`` the kernel gives each
+    new connection to one of the workers' sockets by a hash of its addresses: spread evenly on average,
+    and a worker that is not (or no longer) listening gets none."""
+    sock = socket.socket(spec.family, spec.kind, spec.proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(spec.address)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
 
 
 def _worker_server_class():  # noqa: ANN202 - DrainingServer is imported in the worker only
@@ -220,6 +250,7 @@ class _Child:
     started: float = field(default_factory=time.monotonic)
     heartbeat: multiprocessing.connection.Connection | None = None
     last_beat: float | None = None  # None until it first serves
+    killed: bool = False  # by the watchdog: its exit, seen through its sentinel, restarts it
 
 
 class Supervisor:
@@ -240,7 +271,8 @@ class Supervisor:
         self.engine_status: multiprocessing.connection.Connection | None = None
         self.workers: dict[int, _Child] = {}
         self.restarts: dict[str, list[float]] = {}
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = None  # holds the HTTP port (see _bind)
+        self.listen: ListenSpec | None = None
         self.signals = 0
         self.exit_code = 0
         self._wake_read, self._wake_write = os.pipe()
@@ -261,7 +293,7 @@ class Supervisor:
         assert self.listener is not None
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(target=worker_main, name=f"effnet-worker-{number}",
-                                       args=(number, self.listener, self.addresses, self.args, self.grpc_address,
+                                       args=(number, self.listen, self.addresses, self.args, self.grpc_address,
                                              send, os.getpid()))
         with _signals_blocked():
             process.start()
@@ -287,18 +319,26 @@ class Supervisor:
                 return "signal", None
 
     def _bind(self) -> socket.socket | None:
+        """The HTTP port, held for the server's life by a socket that never listens (so it is given no
+        connection): each worker listens beside it with ``SO_REUSEPORT``. It is first bound without that
+        option, which fails if anything holds the port, another server of this kind included (two servers
+        sharing a port would split its connections silently)."""
         host, port = self.args.host, self.args.port
         try:
             infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family, kind, proto, _, address = infos[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+                address = probe.getsockname()  # port 0: the one the kernel chose
             sock = socket.socket(family, kind, proto)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
-            sock.listen(2048)
         except OSError as exc:
             log.error("startup failed: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
             return None
-        sock.set_inheritable(True)
+        self.listen = ListenSpec(family, kind, proto, address)
         return sock
 
     # -- running ----------------------------------------------------------------------------------------------
@@ -386,6 +426,8 @@ class Supervisor:
         try:
             while child.heartbeat is not None and child.heartbeat.poll():
                 child.heartbeat.recv_bytes()
+                if child.last_beat is None:
+                    log.info("worker %d (pid %d) is serving", number, child.process.pid)
                 child.last_beat = time.monotonic()
         except (EOFError, OSError):  # the worker is gone: its exit is seen through its sentinel
             if child.heartbeat is not None:
@@ -394,12 +436,21 @@ class Supervisor:
 
     def _kill_hung(self) -> None:
         now = time.monotonic()
+        timeout = self.server.worker_timeout_s
         for number, child in self.workers.items():
-            if child.last_beat is not None and now - child.last_beat > self.server.worker_timeout_s:
+            if child.killed:
+                continue
+            if child.last_beat is not None and now - child.last_beat > timeout:
                 log.error("worker %d (pid %d) has not answered its supervisor for %.0f s: killing it to start "
                           "it again", number, child.process.pid, now - child.last_beat)
-                child.last_beat = None
-                _signal(child.process, signal.SIGKILL)
+            elif child.last_beat is None and now - child.started > max(WORKER_START_S, timeout):
+                # Hung before its loop first ticked (an import that never returns, a stopped process).
+                log.error("worker %d (pid %d) has not started serving in %.0f s: killing it to start it again",
+                          number, child.process.pid, now - child.started)
+            else:
+                continue
+            child.killed = True
+            _signal(child.process, signal.SIGKILL)
 
     def _engine_word(self, status: multiprocessing.connection.Connection) -> None:
         try:

@@ -13,6 +13,7 @@ No pytest here: ``benchmarks/`` imports this module too.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -125,6 +126,20 @@ class ServiceProcess:
             return Path(self._log.name).read_text(errors="replace")
         except FileNotFoundError:  # closed without stop()
             return ""
+
+    def serving_workers(self) -> dict[int, int]:
+        """With EFFNET_WORKERS > 1: worker number -> pid of each worker the supervisor has seen serve (its
+        event loop's first heartbeat; the latest pid of a restarted one)."""
+        return {int(n): int(pid) for n, pid in re.findall(r"worker (\d+) \(pid (\d+)\) is serving", self.logs())}
+
+    def wait_workers_serving(self, count: int, timeout: float = 60.0) -> dict[int, int]:
+        """Wait until workers 0..count-1 all serve (/readyz is 200 once the first one does)."""
+        deadline = time.monotonic() + timeout
+        while len(serving := self.serving_workers()) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only workers {sorted(serving)} of {count} serve after {timeout:.0f} s")
+            time.sleep(0.05)
+        return serving
 
     def rss_bytes(self) -> int:
         """The server's resident set size now."""

@@ -15,6 +15,7 @@ import signal
 import struct
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -22,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.loadgen import run_load
 from service.v2.pb import grpc_predict_v2_pb2 as pb
 from service.v2.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.helpers.metrics import metric
@@ -46,6 +48,7 @@ def one():
 @pytest.fixture(scope="module")
 def two():
     with ServiceProcess({**SETTINGS, **_grpc_env(), "EFFNET_WORKERS": "2"}) as server:
+        server.wait_workers_serving(2)
         yield server
 
 
@@ -144,6 +147,22 @@ def test_metrics_on_either_worker_count_the_whole_server(two, photos):
         assert metric(two.url, "effnet_images_total") - images_before == count
 
 
+def test_a_burst_of_kept_alive_connections_is_shared_by_the_workers(two, photos):
+    """16 kept-alive connections opened at once, as a client's pool does: both workers serve a fair part of
+    their requests. (With one listening socket shared by the workers, asyncio accepted the whole burst in
+    the first worker to wake, and the other served none of them: 4 bursts in 6 on this machine. Each
+    worker now listens with SO_REUSEPORT and the kernel spreads the connections; one worker is left 1
+    connection of 16 or none with a chance of 1 in 2,000.)"""
+    for _ in range(3):
+        mark = len(two.logs())
+        result = run_load(two.url, [photos["coffee.jpg"]], seconds=1.0, connections=16)
+        assert result["ok"] > 50 and set(result["codes"]) == {"200"}, result
+        time.sleep(0.2)  # the access log lines are written after the answers
+        served = Counter(json.loads(line)["worker"] for line in two.logs()[mark:].splitlines()
+                         if '"path": "/predict"' in line and '"message": "request"' in line)
+        assert set(served) == {0, 1} and min(served.values()) >= 0.1 * sum(served.values()), served
+
+
 def test_statistics_are_the_whole_servers(two, photos):
     stats = httpx.get(f"{two.url}/v2/models/{MODEL}/stats", timeout=10).json()["model_stats"][0]
     assert stats["name"] == MODEL and stats["inference_count"] >= 1
@@ -172,13 +191,17 @@ def test_kill_9_of_a_worker_fails_at_most_its_requests_and_it_is_restarted(photo
     before_shm = shm_entries()
     server = ServiceProcess({**SETTINGS, "EFFNET_WORKERS": "2"})
     with server:
+        # Both serve before the load starts: else every kept-alive client connection may be accepted by the
+        # first one to serve, and the kill would hit a worker holding none of them.
+        serving = server.wait_workers_serving(2)
         family = children(server.pid)
         assert {"effnet-engine", "effnet-worker-0", "effnet-worker-1"} <= set(family), family
+        assert serving == {0: family["effnet-worker-0"], 1: family["effnet-worker-1"]}, (serving, family)
         stop, outcomes = threading.Event(), []
-        threads = _load(server.url, photos["coffee.jpg"], stop, outcomes)
+        threads = _load(server.url, photos["coffee.jpg"], stop, outcomes, clients=6)
         time.sleep(2)
         os.kill(family["effnet-worker-0"], signal.SIGKILL)
-        wait_until(lambda: children(server.pid).get("effnet-worker-0") not in (None, family["effnet-worker-0"]),
+        wait_until(lambda: server.serving_workers().get(0) not in (None, family["effnet-worker-0"]),
                    "worker 0 was not restarted", timeout=60)
         time.sleep(3)
         stop.set()
@@ -186,7 +209,7 @@ def test_kill_9_of_a_worker_fails_at_most_its_requests_and_it_is_restarted(photo
             thread.join(30)
         logs = server.logs()
     failed = [o for o in outcomes if o[2] != 200]
-    assert len(outcomes) > 20 and len(failed) <= 4, failed  # at most one in flight per client
+    assert len(outcomes) > 20 and len(failed) <= 6, failed  # at most one in flight per client
     assert all(isinstance(o[2], str) for o in failed), failed  # connections cut, no error answered
     lines = [json.loads(line) for line in logs.splitlines() if '"message": "request"' in line]
     predicts = [line for line in lines if line["path"] == "/predict"]
@@ -203,6 +226,7 @@ def test_kill_9_of_the_engine_answers_503_at_once_and_serving_resumes(photos):
     before_shm = shm_entries()
     server = ServiceProcess({**SETTINGS, "EFFNET_WORKERS": "2"})
     with server:
+        server.wait_workers_serving(2)
         engine = children(server.pid)["effnet-engine"]
         stop, outcomes = threading.Event(), []
         threads = _load(server.url, photos["coffee.jpg"], stop, outcomes)
@@ -224,10 +248,12 @@ def test_kill_9_of_the_engine_answers_503_at_once_and_serving_resumes(photos):
         assert children(server.pid)["effnet-engine"] != engine
     assert unavailable.status_code == 503 and unavailable.json()["error"]["code"] in ("engine_unavailable",
                                                                                         "not_ready")
-    # Every request in flight when the engine died was answered 503 within a second, none hung.
+    # Every request in flight when the engine died was answered within a second, none hung: 503, or 200
+    # when its batch had been answered before the kill and only the reply was still on its way.
     during = [o for o in outcomes if o[0] <= killed <= o[1]]
     assert during, "no request was in flight when the engine was killed"
-    assert all(o[2] == 503 and o[1] - killed < 1.0 for o in during), during
+    assert all(o[2] in (200, 503) and o[1] - killed < 1.0 for o in during), during
+    assert any(o[2] == 503 and o[1] - killed < 1.0 for o in outcomes if o[1] >= killed), during
     assert all(o[2] in (200, 503) for o in outcomes), [o for o in outcomes if o[2] not in (200, 503)]
     assert server.stopped.exit_code == 0
     assert shm_entries() <= before_shm
@@ -239,9 +265,9 @@ def test_a_hung_worker_is_killed_and_started_again(photos):
     other worker) is killed after EFFNET_WORKER_TIMEOUT_S and replaced; the server keeps serving."""
     server = ServiceProcess({**SETTINGS, "EFFNET_WORKERS": "2", "EFFNET_WORKER_TIMEOUT_S": "3"})
     with server:
-        hung = children(server.pid)["effnet-worker-1"]
+        hung = server.wait_workers_serving(2)[1]
         os.kill(hung, signal.SIGSTOP)
-        wait_until(lambda: children(server.pid).get("effnet-worker-1") not in (None, hung),
+        wait_until(lambda: server.serving_workers().get(1) not in (None, hung),
                    "the hung worker was not replaced", timeout=60)
         for _ in range(4):
             r = httpx.post(f"{server.url}/predict", content=photos["coffee.jpg"],
