@@ -177,6 +177,7 @@ def test_retry_after_is_honoured(stand_in, tmp_path):
     assert first_200 - first_503 >= 1.9
 
 
+@pytest.mark.slow  # kept out of `make test-fast`, which must stay under a minute
 def test_dropped_connections_are_retried(stand_in, tmp_path, capsys):
     """Connections closed without an answer (a restarting replica) are retried with backoff."""
     server = stand_in(drop_first=4)
@@ -198,6 +199,7 @@ def test_never_more_than_n_requests_in_flight(stand_in, tmp_path, concurrency):
     assert server.max_inflight == concurrency
 
 
+@pytest.mark.slow  # kept out of `make test-fast`, which must stay under a minute
 def test_a_server_that_stays_down_stops_the_run_resumably(stand_in, tmp_path, capsys):
     """When an image's retries run out the run stops (exit 1) instead of writing an error row for every
     image left; what was written stays valid, and --resume against a healthy server finishes the job."""

@@ -63,6 +63,7 @@ def test_variant_names_are_exactly_the_fifteen():
     assert sorted(model.VARIANTS) == sorted(ALL_NAMES)
 
 
+@pytest.mark.slow  # kept out of `make test-fast`, which must stay under a minute
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_parameter_count_is_the_published_one(name):
     net = meta_net(name)
@@ -90,6 +91,7 @@ def test_num_classes_and_in_channels_change_only_stem_and_classifier():
     assert {k for k in base.state_dict()} == {k for k in other.state_dict()}
 
 
+@pytest.mark.slow  # kept out of `make test-fast`, which must stay under a minute
 def test_head_and_stem_widths():
     # TF num_features of each variant (timm/tf reference): 1280 scaled by the width coefficient.
     widths = {"efficientnet-b0": 1280, "efficientnet-b1": 1280, "efficientnet-b2": 1408,
@@ -107,6 +109,7 @@ def test_head_and_stem_widths():
         assert meta_net(name)._conv_stem.out_channels == width, name
 
 
+@pytest.mark.slow  # kept out of `make test-fast`, which must stay under a minute
 def test_lite_keeps_first_and_last_stage_repeats():
     # lite4 (depth 1.8): stages 1 and 7 keep one block; stages in between are scaled (ceil(1.8 * r)).
     net = meta_net("efficientnet-lite4")

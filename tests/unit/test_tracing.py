@@ -328,6 +328,7 @@ except StartupError as exc:
 """
 
 
+@pytest.mark.slow  # kept out of `make test-fast`, which must stay under a minute
 def test_the_service_runs_without_the_sdk_while_tracing_is_off():
     import os
     import subprocess
