@@ -54,6 +54,9 @@ def test_classes_by_index_or_label_each_once_and_every_refusal_names_it():
         parse_classes(Model, ["3"])
     with pytest.raises(BadRequest, match="class -1 is out of range"):
         check_wish(Model, CamWish(classes=(-1,)))
+    # A value too long to be a label, or an index int() would refuse to parse (V2's cam_class too).
+    with pytest.raises(BadRequest, match="at most 256 characters"):
+        parse_classes(Model, ["9" * 5000])
     with pytest.raises(BadRequest, match=f"too many classes to explain \\(11\\); the limit is {MAX_CAM_CLASSES}"):
         check_wish(Model, CamWish(top=11))
 
@@ -261,6 +264,7 @@ def test_explain_answers_top_k_maps_and_the_crop(client, jpeg):
     ({"top_k": 11}, 1, 400, "too many classes to explain (11); the limit is 10"),
     ({"format": "png"}, 2, 400, "format=png draws one image"),
     ({}, 3, 413, "too many images in one request"),
+    ({"class": "9" * 5000}, 1, 422, "at most 256 characters"),
 ])
 def test_explain_refusals_name_what_is_wrong(client, jpeg, params, files, status, message):
     r = _explain(client, jpeg, files, **params)
@@ -348,3 +352,20 @@ def test_onnxruntime_is_asked_for_the_feature_map_only_when_a_map_is_wanted(phot
     assert len(engine.run(photos[:1])) == 2
     assert len(engine.run(photos[:1], feature_map=True)) == 3
     assert asked == [["features", "logits"], ["features", "logits", "feature_map"]]
+
+
+@pytest.mark.slow
+def test_openvino_passes_without_a_map_run_a_model_without_that_output(photos):
+    """OpenVINO computes every output of a compiled model: a pass that asks for no map runs the export
+    without ``feature_map``, and the model with it is compiled only when a map is first asked for."""
+    from model.export import FEATURE_MAP
+
+    engine = build_engine("openvino", _lite0(), torch.device("cpu"), torch.float32, num_threads=2, image_size=224)
+    twin = engine._requests
+    names = {name for output in twin._plain._compiled.outputs for name in output.get_names()}
+    assert FEATURE_MAP not in names and {"features", "logits"} <= names
+    plain = engine.run(photos[:1])
+    assert len(plain) == 2 and twin._with_map is None
+    with_map = engine.run(photos[:1], feature_map=True)
+    assert len(with_map) == 3 and twin._with_map is not None
+    np.testing.assert_allclose(with_map[1], plain[1], rtol=0, atol=1e-4)  # the same logits either way
