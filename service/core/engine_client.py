@@ -43,6 +43,11 @@ log = logging.getLogger("service.core.engine_client")
 # its own (the engine enforces the deadline; this only covers an engine that stopped answering).
 ANSWER_GRACE_S = 1.0
 RECONNECT_EVERY_S = 0.1
+# How long a starting worker waits for its first connection to the engine process before it accepts
+# connections anyway (answering 503 engine_unavailable until the engine is back). Its listening socket
+# takes its share of the port's new connections from the start (SO_REUSEPORT): accepting them before the
+# engine is reachable would answer a share of the traffic 503 while the other workers serve.
+FIRST_CONNECT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -446,6 +451,9 @@ class RemoteRegistry(ServedModels):
         # This process's own exporter, from the OTEL_* variables (as load_startup does).
         tracing.setup(detail=self.server.trace_detail)
         await self.link.start()
+        if not await self.link.wait_connected(FIRST_CONNECT_S):
+            log.warning("worker %s: the engine process is not reachable after %.0f s; serving anyway "
+                        "(503 engine_unavailable until it is)", self.link.worker, FIRST_CONNECT_S)
         self.lifecycle.set(State.READY)  # running: the state is now the engine's
 
     async def close(self) -> None:

@@ -133,3 +133,38 @@ def test_a_lost_engine_fails_every_waiting_request_at_once():
         await _close(registry, host, [w0])
 
     asyncio.run(main())
+
+
+def test_a_starting_worker_finishes_its_start_only_once_it_reaches_the_engine(monkeypatch):
+    """Its listening socket already takes its share of the port's connections (SO_REUSEPORT): uvicorn
+    accepts them once the start is done, so the start waits for the engine, and only so long."""
+    import service.core.engine_client as engine_client
+
+    async def main():
+        server, model_settings = split_settings()
+        name = f"effnet-test-{secrets.token_hex(4)}"
+        address = (socket_address(name + "-c"), socket_address(name + "-s"), secrets.token_hex(8))
+        remote = RemoteRegistry(server, EngineAddress(*address, worker=0), decode_threads=1)
+        starting = asyncio.ensure_future(remote.start())
+        await asyncio.sleep(0.5)
+        assert not starting.done()  # no engine yet: not accepting
+        metrics = Metrics(8, process_metrics=False)
+        registry = ModelRegistry(server, metrics, Startup(None, [fake_model(FakeEngine(), warmup=False)]))
+        host = EngineHost(registry, metrics, address[2], address[0], address[1])
+        await host.start()
+        await registry.start()
+        await asyncio.wait_for(starting, 5)
+        assert remote.link.connected and remote.names  # the welcome's snapshot came with the connection
+        assert await remote.get().serve(pixels(1))
+        await _close(registry, host, [remote])
+
+        # An engine that stays away: the start ends after FIRST_CONNECT_S, and the worker answers 503.
+        monkeypatch.setattr(engine_client, "FIRST_CONNECT_S", 0.3)
+        alone = RemoteRegistry(server, EngineAddress(*address, worker=1), decode_threads=1)
+        await asyncio.wait_for(alone.start(), 5)
+        assert not alone.ready
+        with pytest.raises(EngineUnavailable):
+            alone.get()
+        await alone.close()
+
+    asyncio.run(main())
