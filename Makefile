@@ -53,8 +53,18 @@ lint: $(VENV)/.stamp-dev .venv-checkov/.stamp
 	$(BIN)/ruff check model service tests benchmarks
 	bash scripts/validate_deploy.sh
 
-test: lint gpu-rehearsal-quick .venv-kserve/.stamp
-	$(BIN)/python -m pytest
+# The set-up steps are independent (this project's venv and the linters, the GPU rehearsal's venv and its
+# check, KServe's venv): side by side. Then the in-process unit tests over two processes (pytest-xdist, a
+# file to a process), and the tests that start servers, containers and load balancers one at a time: their
+# latency bounds and process checks want the machine to themselves. The schemathesis file goes with the
+# second part: its cases share one test id per function, which xdist cannot tell apart (it would run one
+# operation of each). Both parts run even if the first fails.
+FUZZ := tests/unit/test_fuzz_openapi.py
+test:
+	$(MAKE) --no-print-directory -j3 --output-sync=target lint gpu-rehearsal-quick .venv-kserve/.stamp
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests/unit --ignore=$(FUZZ); unit=$$?; \
+	$(BIN)/python -m pytest $(FUZZ) tests/container tests/deploy tests/integration; rest=$$?; \
+	[ $$unit -eq 0 ] && [ $$rest -eq 0 ]
 
 # The GPU check (benchmarks/gpu_check.sh) rehearsed on the CPU in a venv holding only what the GPU machine
 # has plus the wheels benchmarks/gpu_wheels.sh fetches: a dependency the wheel list misses fails here, not
