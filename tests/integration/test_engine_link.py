@@ -26,16 +26,26 @@ def pixels(n: int = 1) -> InferenceRequest:
     return InferenceRequest(pixels=np.zeros((n, 3, 224, 224), dtype=np.uint8))
 
 
-async def _engine_and_workers(engine: FakeEngine, workers: int = 2, **settings):
+def _address() -> tuple[str, str, str]:
+    name = f"effnet-test-{secrets.token_hex(4)}"
+    return socket_address(name + "-c"), socket_address(name + "-s"), secrets.token_hex(8)
+
+
+async def _engine(engine: FakeEngine, address: tuple[str, str, str], **settings):
+    """The engine process's side: a registry around ``engine`` and the host that listens at ``address``."""
     server, model_settings = split_settings(**settings)
     metrics = Metrics(8, process_metrics=False)
     values = model_settings.model_dump(include=model_settings.model_fields_set)
     registry = ModelRegistry(server, metrics, Startup(None, [fake_model(engine, warmup=False, **values)]))
-    name = f"effnet-test-{secrets.token_hex(4)}"
-    address = (socket_address(name + "-c"), socket_address(name + "-s"), secrets.token_hex(8))
     host = EngineHost(registry, metrics, address[2], address[0], address[1])
     await host.start()
     await registry.start()
+    return server, registry, host
+
+
+async def _engine_and_workers(engine: FakeEngine, workers: int = 2, **settings):
+    address = _address()
+    server, registry, host = await _engine(engine, address, **settings)
     remotes = [RemoteRegistry(server, EngineAddress(*address, worker=i), decode_threads=1) for i in range(workers)]
     for remote in remotes:
         await remote.start()
@@ -141,18 +151,13 @@ def test_a_starting_worker_finishes_its_start_only_once_it_reaches_the_engine(mo
     import service.core.engine_client as engine_client
 
     async def main():
-        server, model_settings = split_settings()
-        name = f"effnet-test-{secrets.token_hex(4)}"
-        address = (socket_address(name + "-c"), socket_address(name + "-s"), secrets.token_hex(8))
+        server, _ = split_settings()
+        address = _address()
         remote = RemoteRegistry(server, EngineAddress(*address, worker=0), decode_threads=1)
         starting = asyncio.ensure_future(remote.start())
         await asyncio.sleep(0.5)
         assert not starting.done()  # no engine yet: not accepting
-        metrics = Metrics(8, process_metrics=False)
-        registry = ModelRegistry(server, metrics, Startup(None, [fake_model(FakeEngine(), warmup=False)]))
-        host = EngineHost(registry, metrics, address[2], address[0], address[1])
-        await host.start()
-        await registry.start()
+        _, registry, host = await _engine(FakeEngine(), address)
         await asyncio.wait_for(starting, 5)
         assert remote.link.connected and remote.names  # the welcome's snapshot came with the connection
         assert await remote.get().serve(pixels(1))

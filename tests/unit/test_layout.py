@@ -15,13 +15,12 @@ def _parse(source: str, filename: str = "<unknown>") -> ast.Module:
     """``ast.parse``, asked again when CPython 3.11 raises its spurious "AST constructor recursion depth
     mismatch" SystemError (python/cpython#106905, fixed in 3.12: the depth it checks can be moved by
     another thread while the tree is built; seen once in a full run here). Any other error stands."""
-    for attempt in range(3):
-        try:
-            return ast.parse(source, filename=filename)
-        except SystemError as exc:
-            if "recursion depth mismatch" not in str(exc) or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return ast.parse(source, filename=filename)
+    except SystemError as exc:
+        if "recursion depth mismatch" not in str(exc):
+            raise
+        return ast.parse(source, filename=filename)
 
 
 def _module_name(path: Path) -> str:
